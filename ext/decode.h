@@ -1,0 +1,985 @@
+/* The feed's abbreviated JSON -> fixed-layout rows, in one pass.
+ *
+ * A tiny recursive-descent scanner for exactly the three message shapes of
+ * PROTOCOL.md section 3.  It validates JSON fully (grammar, UTF-8, escapes),
+ * so anything it accepts json.loads accepts too, and it never builds a
+ * Python object on the data path: keys are matched by length and bytes,
+ * numbers are converted in place, symbol codes are interned to int32 ids.
+ *
+ * Rows are appended to growable arrays whose element layout is exactly the
+ * NumPy dtype the Python layer exposes (aligned structs).  A frame that fails
+ * rolls the three arrays back to where they stood at the frame's start, so a
+ * bad frame contributes no rows.
+ */
+#ifndef FF_DECODE_H
+#define FF_DECODE_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#include "symtab.h"
+
+#define FF_LIKELY(x) __builtin_expect(!!(x), 1)
+#define FF_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* Deep enough for any real message (the deepest is frame > array > series >
+ * bar), shallow enough that recursion cannot exhaust the C stack. */
+#define FF_MAX_DEPTH 64
+#define FF_NAT INT64_MIN
+
+typedef struct {
+    int32_t sym;
+    int32_t _pad;
+    int64_t ts;
+    double price;
+    double volume;
+    int64_t recv_ts;
+} ff_tick;
+
+typedef struct {
+    int32_t sym;
+    uint8_t status;
+    uint8_t _pad[3];
+    int64_t ts;
+    double last, volume, bid, ask, bid_size, ask_size;
+    int64_t recv_ts;
+} ff_quote;
+
+typedef struct {
+    int32_t sym;
+    int16_t bar_type;
+    int16_t _pad;
+    int64_t ts, bar_end, last_update;
+    double open, high, low, close, volume;
+    int64_t recv_ts;
+} ff_bar;
+
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+    size_t itemsize;
+} ff_vec;
+
+typedef struct {
+    const uint8_t *start; /* first byte of the current frame */
+    const uint8_t *p;
+    const uint8_t *end;
+    ff_vec ticks, quotes, bars;
+    ff_symtab symbols, statuses, bar_types;
+    char *scratch; /* unescaped strings */
+    size_t scratch_cap;
+    int64_t recv_ts;
+    int saw_control; /* the frame holds a valid non-market message */
+    int bar_bad_field; /* which bar key held a wrong type; -1: an `s` element was no object */
+    char err[200];
+} ff_dec;
+
+/* ---- growable row arrays ------------------------------------------------ */
+
+static int ff_vec_reserve(ff_vec *v, size_t extra)
+{
+    if (FF_LIKELY(v->len + extra <= v->cap)) return 0;
+    size_t cap = v->cap ? v->cap : 1024;
+    while (cap < v->len + extra) cap *= 2;
+    char *d = (char *)realloc(v->data, cap * v->itemsize);
+    if (!d) return -1;
+    v->data = d;
+    v->cap = cap;
+    return 0;
+}
+
+static inline void *ff_vec_push(ff_vec *v)
+{
+    if (FF_UNLIKELY(v->len == v->cap) && ff_vec_reserve(v, 1) < 0) return NULL;
+    return v->data + (v->len++) * v->itemsize;
+}
+
+/* ---- errors ------------------------------------------------------------- */
+
+static int ff_fail(ff_dec *d, const uint8_t *at, const char *what)
+{
+    size_t pos = (size_t)((at > d->end ? d->end : at) - d->start);
+    if (at >= d->end)
+        snprintf(d->err, sizeof d->err, "input truncated: %s (byte %zu)", what, pos);
+    else
+        snprintf(d->err, sizeof d->err, "JSON is malformed: %s (byte %zu)", what, pos);
+    return -1;
+}
+
+static int ff_fail_type(ff_dec *d, size_t pos, const char *key, const char *want, const char *got)
+{
+    snprintf(d->err, sizeof d->err, "expected %s for `%s`, got %s (byte %zu)", want, key, got, pos);
+    return -1;
+}
+
+static int ff_fail_msg(ff_dec *d, const uint8_t *at, const char *what)
+{
+    snprintf(d->err, sizeof d->err, "%s (byte %zu)", what, (size_t)(at - d->start));
+    return -1;
+}
+
+/* ---- lexical pieces ----------------------------------------------------- */
+
+static inline void ff_ws(ff_dec *d)
+{
+    const uint8_t *p = d->p, *e = d->end;
+    while (p < e && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
+    d->p = p;
+}
+
+typedef struct {
+    const uint8_t *s; /* bytes between the quotes, raw */
+    uint32_t n;
+    int escaped;
+} ff_str;
+
+static inline int ff_hex4(const uint8_t *p, uint32_t *out)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++) {
+        uint8_t c = p[i];
+        v <<= 4;
+        if (c >= '0' && c <= '9') v |= c - '0';
+        else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
+        else return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Length of a valid UTF-8 sequence starting at p (lead byte >= 0x80), 0 if invalid. */
+static inline int ff_utf8_len(const uint8_t *p, const uint8_t *e)
+{
+    uint8_t c = p[0];
+    if (c >= 0xC2 && c <= 0xDF) {
+        if (e - p < 2 || (p[1] & 0xC0) != 0x80) return 0;
+        return 2;
+    }
+    if (c >= 0xE0 && c <= 0xEF) {
+        if (e - p < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
+        if (c == 0xE0 && p[1] < 0xA0) return 0; /* overlong */
+        if (c == 0xED && p[1] > 0x9F) return 0; /* UTF-16 surrogate */
+        return 3;
+    }
+    if (c >= 0xF0 && c <= 0xF4) {
+        if (e - p < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80)
+            return 0;
+        if (c == 0xF0 && p[1] < 0x90) return 0; /* overlong */
+        if (c == 0xF4 && p[1] > 0x8F) return 0; /* above U+10FFFF */
+        return 4;
+    }
+    return 0;
+}
+
+/* d->p at the opening quote.  Validates escapes and UTF-8; leaves d->p after the closing quote. */
+static int ff_string(ff_dec *d, ff_str *out)
+{
+    const uint8_t *p = d->p + 1, *e = d->end;
+    out->s = p;
+    out->escaped = 0;
+    for (;;) {
+        /* Plain printable ASCII is the common case: run through it first. */
+        while (p < e && *p >= 0x20 && *p != '"' && *p != '\\' && *p < 0x80) p++;
+        if (FF_UNLIKELY(p >= e)) return ff_fail(d, p, "unterminated string");
+        uint8_t c = *p;
+        if (c == '"') break;
+        if (c == '\\') {
+            out->escaped = 1;
+            if (e - p < 2) return ff_fail(d, e, "unterminated escape");
+            uint8_t x = p[1];
+            if (x == 'u') {
+                uint32_t cp, lo;
+                if (e - p < 6) return ff_fail(d, e, "unterminated \\u escape");
+                if (ff_hex4(p + 2, &cp) < 0) return ff_fail(d, p, "invalid \\u escape");
+                p += 6;
+                if (cp >= 0xD800 && cp <= 0xDBFF) {
+                    if (e - p < 6 || p[0] != '\\' || p[1] != 'u' || ff_hex4(p + 2, &lo) < 0 ||
+                        lo < 0xDC00 || lo > 0xDFFF)
+                        return ff_fail_msg(d, p, "string holds a lone UTF-16 surrogate");
+                    p += 6;
+                } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+                    return ff_fail_msg(d, p - 6, "string holds a lone UTF-16 surrogate");
+                }
+            } else if (x == '"' || x == '\\' || x == '/' || x == 'b' || x == 'f' || x == 'n' ||
+                       x == 'r' || x == 't') {
+                p += 2;
+            } else {
+                return ff_fail(d, p, "invalid escape in string");
+            }
+        } else if (c < 0x20) {
+            return ff_fail(d, p, "control character in string");
+        } else {
+            int n = ff_utf8_len(p, e);
+            if (!n) return ff_fail_msg(d, p, "invalid UTF-8 in string");
+            p += n;
+        }
+    }
+    out->n = (uint32_t)(p - out->s);
+    d->p = p + 1;
+    return 0;
+}
+
+static int ff_scratch_reserve(ff_dec *d, size_t n)
+{
+    if (n <= d->scratch_cap) return 0;
+    size_t cap = d->scratch_cap ? d->scratch_cap : 256;
+    while (cap < n) cap *= 2;
+    char *s = (char *)realloc(d->scratch, cap);
+    if (!s) return -1;
+    d->scratch = s;
+    d->scratch_cap = cap;
+    return 0;
+}
+
+static inline char *ff_put_utf8(char *o, uint32_t cp)
+{
+    if (cp < 0x80) {
+        *o++ = (char)cp;
+    } else if (cp < 0x800) {
+        *o++ = (char)(0xC0 | (cp >> 6));
+        *o++ = (char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        *o++ = (char)(0xE0 | (cp >> 12));
+        *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *o++ = (char)(0x80 | (cp & 0x3F));
+    } else {
+        *o++ = (char)(0xF0 | (cp >> 18));
+        *o++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+        *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *o++ = (char)(0x80 | (cp & 0x3F));
+    }
+    return o;
+}
+
+/* The string's UTF-8 text, unescaped into scratch when it had escapes.
+ * Already validated by ff_string, so this cannot fail but for memory. */
+static int ff_text(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
+{
+    if (FF_LIKELY(!s->escaped)) {
+        *p = (const char *)s->s;
+        *n = s->n;
+        return 0;
+    }
+    if (ff_scratch_reserve(d, s->n) < 0) return -1; /* unescaping never grows the text */
+    const uint8_t *i = s->s, *e = s->s + s->n;
+    char *o = d->scratch;
+    while (i < e) {
+        if (*i != '\\') {
+            *o++ = (char)*i++;
+            continue;
+        }
+        uint8_t x = i[1];
+        uint32_t cp = 0, lo = 0xDC00;
+        switch (x) {
+        case 'b': *o++ = '\b'; i += 2; break;
+        case 'f': *o++ = '\f'; i += 2; break;
+        case 'n': *o++ = '\n'; i += 2; break;
+        case 'r': *o++ = '\r'; i += 2; break;
+        case 't': *o++ = '\t'; i += 2; break;
+        case 'u':
+            ff_hex4(i + 2, &cp);
+            i += 6;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                ff_hex4(i + 2, &lo);
+                i += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            o = ff_put_utf8(o, cp);
+            break;
+        default: *o++ = (char)x; i += 2; break; /* " \ / */
+        }
+    }
+    *p = d->scratch;
+    *n = (uint32_t)(o - d->scratch);
+    return 0;
+}
+
+/* ---- numbers ------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *start, *end; /* the whole token */
+    const uint8_t *ip;          /* integer digits */
+    const uint8_t *fp;          /* fraction digits */
+    uint32_t ilen, flen;
+    int neg;
+    int64_t exp;   /* saturated at +-1e9 */
+    uint64_t mant; /* significant digits, valid when nsig <= 19 */
+    uint32_t nsig;
+} ff_num;
+
+/* d->p at '-' or a digit.  JSON's number grammar, exactly. */
+static int ff_number(ff_dec *d, ff_num *n)
+{
+    const uint8_t *p = d->p, *e = d->end;
+    uint64_t m = 0;
+    uint32_t nsig = 0;
+    n->start = p;
+    n->neg = 0;
+    if (*p == '-') {
+        n->neg = 1;
+        p++;
+    }
+    n->ip = p;
+    if (p < e && *p == '0') {
+        p++;
+    } else if (p < e && *p >= '1' && *p <= '9') {
+        while (p < e && (unsigned)(*p - '0') < 10) {
+            if (nsig < 19) m = m * 10 + (*p - '0');
+            nsig++;
+            p++;
+        }
+    } else {
+        return ff_fail(d, p, "invalid number");
+    }
+    n->ilen = (uint32_t)(p - n->ip);
+    n->fp = p;
+    n->flen = 0;
+    if (p < e && *p == '.') {
+        p++;
+        n->fp = p;
+        while (p < e && (unsigned)(*p - '0') < 10) {
+            if (nsig || *p != '0') {
+                if (nsig < 19) m = m * 10 + (*p - '0');
+                nsig++;
+            }
+            p++;
+        }
+        n->flen = (uint32_t)(p - n->fp);
+        if (!n->flen) return ff_fail(d, p, "expected a digit after the decimal point");
+    }
+    n->exp = 0;
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        int eneg = 0;
+        int64_t x = 0;
+        p++;
+        if (p < e && (*p == '+' || *p == '-')) eneg = *p++ == '-';
+        if (p >= e || (unsigned)(*p - '0') >= 10) return ff_fail(d, p, "expected a digit in the exponent");
+        while (p < e && (unsigned)(*p - '0') < 10) {
+            if (x < 1000000000) x = x * 10 + (*p - '0');
+            p++;
+        }
+        n->exp = eneg ? -x : x;
+    }
+    n->end = p;
+    n->mant = m;
+    n->nsig = nsig;
+    d->p = p;
+    return 0;
+}
+
+static const double ff_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                  1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                  1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* Bit-exact with Python's float() of the same text. */
+static double ff_to_double(ff_num *n)
+{
+    if (n->nsig == 0) return n->neg ? -0.0 : 0.0;
+    /* Clinger's fast path: mantissa and power of ten both exact in a double,
+     * so one correctly rounded IEEE multiply or divide gives the exact result.
+     * Prices like 243.08 and sizes like 520.0 all land here. */
+    if (n->nsig <= 19 && n->mant <= (1ULL << 53)) {
+        /* digits after the first significant one that are fraction digits */
+        int64_t e10 = n->exp - (int64_t)n->flen;
+        /* trailing digits beyond nsig only occur when nsig > 19, so mant is whole */
+        if (e10 >= -22 && e10 <= 22) {
+            double v = (double)n->mant;
+            v = e10 < 0 ? v / ff_pow10[-e10] : v * ff_pow10[e10];
+            return n->neg ? -v : v;
+        }
+    }
+    /* Everything else goes to CPython's own correctly rounded strtod. */
+    char buf[64];
+    size_t len = (size_t)(n->end - n->start);
+    char *s = len < sizeof buf ? buf : (char *)malloc(len + 1);
+    if (!s) return NAN;
+    memcpy(s, n->start, len);
+    s[len] = 0;
+    double v = PyOS_string_to_double(s, NULL, NULL);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        v = NAN;
+    }
+    if (s != buf) free(s);
+    return v;
+}
+
+/* The number times 10**scale as an exact int64, rounding half to even.
+ * Works from the decimal digits, never through a binary float. */
+static int ff_to_fixed(const ff_num *n, int scale, int64_t *out)
+{
+    uint32_t L = n->ilen + n->flen;
+    int64_t k = n->exp - (int64_t)n->flen + scale; /* value = D * 10**k, D the digit string */
+#define FF_DIGIT(i) ((i) < n->ilen ? n->ip[i] - '0' : n->fp[(i) - n->ilen] - '0')
+    unsigned __int128 q = 0;
+    const unsigned __int128 lim = (unsigned __int128)INT64_MAX;
+    int64_t cut = k >= 0 ? (int64_t)L : (int64_t)L + k; /* digits that stay whole */
+    for (int64_t i = 0; i < cut; i++) {
+        q = q * 10 + FF_DIGIT(i);
+        if (q > lim) return -1;
+    }
+    if (k > 0 && q) {
+        if (k > 19) return -1;
+        for (int64_t i = 0; i < k; i++) {
+            q *= 10;
+            if (q > lim) return -1;
+        }
+    } else if (k < 0 && cut >= 0 && cut < (int64_t)L) {
+        int first = FF_DIGIT(cut);
+        int up = first > 5;
+        if (first == 5) {
+            int rest = 0;
+            for (uint32_t i = (uint32_t)cut + 1; i < L && !rest; i++) rest = FF_DIGIT(i) != 0;
+            up = rest || (q & 1);
+        }
+        if (up && ++q > lim) return -1;
+    }
+#undef FF_DIGIT
+    *out = n->neg ? -(int64_t)q : (int64_t)q;
+    return 0;
+}
+
+/* ---- skipping values we do not use -------------------------------------- */
+
+static int ff_skip(ff_dec *d, int depth);
+
+static int ff_skip_literal(ff_dec *d, const char *lit, size_t n)
+{
+    size_t left = (size_t)(d->end - d->p);
+    if (FF_UNLIKELY(left < n || memcmp(d->p, lit, n) != 0)) {
+        /* a cut-off "nul" is truncation; "nul!" is a bad literal */
+        if (left < n && memcmp(d->p, lit, left) == 0) return ff_fail(d, d->end, "incomplete literal");
+        return ff_fail(d, d->p, "invalid literal");
+    }
+    d->p += n;
+    return 0;
+}
+
+static int ff_skip_container(ff_dec *d, int depth, uint8_t close)
+{
+    if (depth >= FF_MAX_DEPTH) return ff_fail_msg(d, d->p, "nesting too deep");
+    d->p++;
+    ff_ws(d);
+    if (d->p < d->end && *d->p == close) {
+        d->p++;
+        return 0;
+    }
+    for (;;) {
+        if (close == '}') {
+            ff_str k;
+            if (d->p >= d->end || *d->p != '"') return ff_fail(d, d->p, "expected a string key");
+            if (ff_string(d, &k) < 0) return -1;
+            ff_ws(d);
+            if (d->p >= d->end || *d->p != ':') return ff_fail(d, d->p, "expected ':'");
+            d->p++;
+            ff_ws(d);
+        }
+        if (ff_skip(d, depth + 1) < 0) return -1;
+        ff_ws(d);
+        if (d->p >= d->end) return ff_fail(d, d->p, "unclosed container");
+        if (*d->p == ',') {
+            d->p++;
+            ff_ws(d);
+            continue;
+        }
+        if (*d->p == close) {
+            d->p++;
+            return 0;
+        }
+        return ff_fail(d, d->p, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+/* d->p at the first byte of a value (whitespace already skipped). */
+static int ff_skip(ff_dec *d, int depth)
+{
+    if (d->p >= d->end) return ff_fail(d, d->p, "expected a value");
+    ff_str s;
+    ff_num n;
+    switch (*d->p) {
+    case '"': return ff_string(d, &s);
+    case '{': return ff_skip_container(d, depth, '}');
+    case '[': return ff_skip_container(d, depth, ']');
+    case 't': return ff_skip_literal(d, "true", 4);
+    case 'f': return ff_skip_literal(d, "false", 5);
+    case 'n': return ff_skip_literal(d, "null", 4);
+    default:
+        if (*d->p == '-' || (unsigned)(*d->p - '0') < 10) return ff_number(d, &n);
+        return ff_fail(d, d->p, "expected a value");
+    }
+}
+
+static const char *ff_kind_name(uint8_t c)
+{
+    switch (c) {
+    case '"': return "string";
+    case 't': case 'f': return "boolean";
+    case '{': return "object";
+    case '[': return "array";
+    case 'n': return "null";
+    default: return "number";
+    }
+}
+
+/* ---- the messages -------------------------------------------------------- */
+
+/* Field ids; also the bits of a message's "wrong type" mask. */
+enum {
+    F_C, F_T, F_P, F_V, F_LT, F_LP, F_A, F_B, F_AS, F_BS, F_SS, F_BE, F_LU, F_BT, F_S, F_N,
+    F_O = F_N, F_H, F_L, F_NBAR /* bar-only keys reuse the tail of the id space */
+};
+static const char *const ff_field_name[] = {"c",  "t",  "p",  "v",  "lt", "lp", "a",  "b",  "as",
+                                            "bs", "ss", "be", "lu", "bt", "s",  "o",  "h",  "l"};
+
+/* Key bytes to field id, -1 for keys we skip.  `bar` selects the bar object's keys. */
+static inline int ff_key(const char *k, uint32_t n, int bar)
+{
+    if (n == 1) {
+        switch (k[0]) {
+        case 'c': return F_C;
+        case 't': return F_T;
+        case 'v': return F_V;
+        case 'p': return bar ? -1 : F_P;
+        case 'a': return bar ? -1 : F_A;
+        case 'b': return bar ? -1 : F_B;
+        case 's': return bar ? -1 : F_S;
+        case 'o': return bar ? F_O : -1;
+        case 'h': return bar ? F_H : -1;
+        case 'l': return bar ? F_L : -1;
+        }
+        return -1;
+    }
+    if (n == 2 && !bar) {
+        switch (((unsigned)(uint8_t)k[0] << 8) | (uint8_t)k[1]) {
+        case ('l' << 8) | 't': return F_LT;
+        case ('l' << 8) | 'p': return F_LP;
+        case ('a' << 8) | 's': return F_AS;
+        case ('b' << 8) | 's': return F_BS;
+        case ('s' << 8) | 's': return F_SS;
+        case ('b' << 8) | 'e': return F_BE;
+        case ('l' << 8) | 'u': return F_LU;
+        case ('b' << 8) | 't': return F_BT;
+        }
+    }
+    return -1;
+}
+
+/* Reads "key" : and leaves d->p at the value. */
+static inline int ff_member_key(ff_dec *d, ff_str *k)
+{
+    if (FF_UNLIKELY(d->p >= d->end || *d->p != '"')) return ff_fail(d, d->p, "expected a string key");
+    if (ff_string(d, k) < 0) return -1;
+    if (FF_LIKELY(d->p < d->end && *d->p == ':')) {
+        d->p++;
+    } else {
+        ff_ws(d);
+        if (d->p >= d->end || *d->p != ':') return ff_fail(d, d->p, "expected ':'");
+        d->p++;
+    }
+    ff_ws(d);
+    return 0;
+}
+
+/* After a member: 1 = another member follows, 0 = the object closed. */
+static inline int ff_member_next(ff_dec *d)
+{
+    if (FF_UNLIKELY(d->p >= d->end || (*d->p != ',' && *d->p != '}'))) ff_ws(d);
+    if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "unclosed object");
+    uint8_t c = *d->p++;
+    if (c == ',') {
+        ff_ws(d);
+        return 1;
+    }
+    if (c == '}') return 0;
+    d->p--;
+    return ff_fail(d, d->p, "expected ',' or '}'");
+}
+
+/* A number field: a number or null; anything else marks the field bad
+ * (decided at the message's end, because the last of repeated keys wins).
+ * kind: 0 float, else the decimal scale of a fixed-point timestamp. */
+static inline int ff_value_num(ff_dec *d, int field, int kind, double *dv, int64_t *iv,
+                               uint32_t *bad, size_t *badpos)
+{
+    uint8_t c = *d->p;
+    if (FF_LIKELY(c == '-' || (unsigned)(c - '0') < 10)) {
+        ff_num n;
+        if (ff_number(d, &n) < 0) return -1;
+        if (kind == 0) {
+            *dv = ff_to_double(&n);
+        } else if (ff_to_fixed(&n, kind, iv) < 0) {
+            d->p = n.start;
+            return ff_fail_msg(d, n.start, "timestamp out of range");
+        }
+        *bad &= ~(1u << field);
+        return 0;
+    }
+    if (c == 'n') {
+        if (ff_skip_literal(d, "null", 4) < 0) return -1;
+        if (kind == 0) *dv = NAN;
+        else *iv = FF_NAT;
+        *bad &= ~(1u << field);
+        return 0;
+    }
+    if (!(*bad & (1u << field))) badpos[field] = (size_t)(d->p - d->start);
+    *bad |= 1u << field;
+    return ff_skip(d, 2);
+}
+
+/* A string field (c, ss, bt): string, or null when nullable.
+ * *kind records what was there: 0 absent/null, 1 string. */
+static inline int ff_value_str(ff_dec *d, int field, ff_str *s, int *kind, uint32_t *bad,
+                               size_t *badpos)
+{
+    uint8_t c = *d->p;
+    if (FF_LIKELY(c == '"')) {
+        if (ff_string(d, s) < 0) return -1;
+        *kind = 1;
+        *bad &= ~(1u << field);
+        return 0;
+    }
+    *kind = 0;
+    if (c == 'n' && field != F_C) {
+        *bad &= ~(1u << field);
+        return ff_skip_literal(d, "null", 4);
+    }
+    if (!(*bad & (1u << field))) badpos[field] = (size_t)(d->p - d->start);
+    *bad |= 1u << field;
+    return ff_skip(d, 2);
+}
+
+static int ff_type_error(ff_dec *d, uint32_t bad, const size_t *badpos, int nfields)
+{
+    for (int f = 0; f < nfields; f++) {
+        if (!(bad & (1u << f))) continue;
+        if (f == F_S && d->bar_bad_field >= 0) {
+            char key[16];
+            snprintf(key, sizeof key, "s[].%s", ff_field_name[d->bar_bad_field]);
+            return ff_fail_type(d, badpos[f], key, "number or null",
+                                ff_kind_name(d->start[badpos[f]]));
+        }
+        const char *want = (f == F_C)                ? "string"
+                           : (f == F_SS || f == F_BT) ? "string or null"
+                           : (f == F_S)               ? "array of bar objects"
+                                                      : "number or null";
+        return ff_fail_type(d, badpos[f], ff_field_name[f], want,
+                            ff_kind_name(d->start[badpos[f]]));
+    }
+    return -1;
+}
+
+static int ff_intern(ff_dec *d, ff_symtab *t, const ff_str *s, int32_t limit, const char *what,
+                     int32_t *id)
+{
+    const char *p;
+    uint32_t n;
+    if (ff_text(d, s, &p, &n) < 0) {
+        snprintf(d->err, sizeof d->err, "out of memory");
+        return -1;
+    }
+    int32_t v = ff_symtab_intern(t, p, n);
+    if (FF_UNLIKELY(v < 0 || v > limit)) {
+        snprintf(d->err, sizeof d->err, "%s table full or code too long (%u bytes, byte %zu)",
+                 what, n, (size_t)(s->s - d->start));
+        return -1;
+    }
+    *id = v;
+    return 0;
+}
+
+/* One bar of a series' `s` array; d->p at '{'.  Appends a row whose message-level
+ * fields are filled in when the enclosing message ends. */
+static int ff_bar_obj(ff_dec *d, uint32_t *msg_bad, size_t *msg_badpos)
+{
+    ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
+    if (!row) return ff_fail_msg(d, d->p, "out of memory");
+    size_t row_index = d->bars.len - 1;
+    double o = NAN, h = NAN, l = NAN, c = NAN, v = NAN;
+    int64_t t = FF_NAT;
+    uint32_t bad = 0;
+    size_t badpos[F_NBAR];
+    d->p++;
+    ff_ws(d);
+    if (d->p < d->end && *d->p == '}') {
+        d->p++;
+    } else {
+        for (;;) {
+            ff_str k;
+            if (ff_member_key(d, &k) < 0) return -1;
+            const char *kp = (const char *)k.s;
+            uint32_t kn = k.n;
+            if (FF_UNLIKELY(k.escaped) && ff_text(d, &k, &kp, &kn) < 0) return -1;
+            if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
+            int f = ff_key(kp, kn, 1);
+            int rc;
+            switch (f) {
+            case F_T: rc = ff_value_num(d, f, 6, NULL, &t, &bad, badpos); break;
+            case F_O: rc = ff_value_num(d, f, 0, &o, NULL, &bad, badpos); break;
+            case F_H: rc = ff_value_num(d, f, 0, &h, NULL, &bad, badpos); break;
+            case F_L: rc = ff_value_num(d, f, 0, &l, NULL, &bad, badpos); break;
+            case F_C: rc = ff_value_num(d, f, 0, &c, NULL, &bad, badpos); break;
+            case F_V: rc = ff_value_num(d, f, 0, &v, NULL, &bad, badpos); break;
+            default: rc = ff_skip(d, 3);
+            }
+            if (rc < 0) return -1;
+            rc = ff_member_next(d);
+            if (rc < 0) return -1;
+            if (!rc) break;
+        }
+    }
+    if (bad) {
+        /* Report the bar's own field, but through the message's `s` bit so that a
+         * later `s` key (last wins) can still clear it. */
+        int f = __builtin_ctz(bad);
+        if (!(*msg_bad & (1u << F_S))) {
+            msg_badpos[F_S] = badpos[f];
+            d->bar_bad_field = f;
+        }
+        *msg_bad |= 1u << F_S;
+        return 0;
+    }
+    row = (ff_bar *)(d->bars.data + row_index * sizeof(ff_bar)); /* push may have moved it */
+    row->ts = t;
+    row->open = o;
+    row->high = h;
+    row->low = l;
+    row->close = c;
+    row->volume = v;
+    return 0;
+}
+
+/* The `s` value; d->p at its first byte. */
+static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *badpos)
+{
+    d->bars.len = bars_start; /* a repeated `s`: the last one wins */
+    *bad &= ~(1u << F_S);
+    uint8_t c = *d->p;
+    if (c == 'n') return ff_skip_literal(d, "null", 4);
+    if (c != '[') {
+        badpos[F_S] = (size_t)(d->p - d->start);
+        d->bar_bad_field = -1;
+        *bad |= 1u << F_S;
+        return ff_skip(d, 2);
+    }
+    d->p++;
+    ff_ws(d);
+    if (d->p < d->end && *d->p == ']') {
+        d->p++;
+        return 0;
+    }
+    for (;;) {
+        if (d->p < d->end && *d->p == '{') {
+            if (ff_bar_obj(d, bad, badpos) < 0) return -1;
+        } else {
+            if (!(*bad & (1u << F_S))) {
+                badpos[F_S] = (size_t)(d->p - d->start);
+                d->bar_bad_field = -1;
+            }
+            *bad |= 1u << F_S;
+            if (ff_skip(d, 3) < 0) return -1;
+        }
+        ff_ws(d);
+        if (d->p >= d->end) return ff_fail(d, d->p, "unclosed array");
+        if (*d->p == ',') {
+            d->p++;
+            ff_ws(d);
+            continue;
+        }
+        if (*d->p == ']') {
+            d->p++;
+            return 0;
+        }
+        return ff_fail(d, d->p, "expected ',' or ']'");
+    }
+}
+
+#define FF_QUOTE_KEYS ((1u << F_LT) | (1u << F_LP) | (1u << F_A) | (1u << F_B) | (1u << F_AS) | (1u << F_BS) | (1u << F_SS))
+#define FF_SERIES_KEYS ((1u << F_S) | (1u << F_BT))
+
+/* One message object; d->p at '{'.  Classifies it at its end by the keys it held. */
+static int ff_message(ff_dec *d, int depth)
+{
+    const uint8_t *obj_start = d->p;
+    uint32_t seen = 0, bad = 0;
+    size_t badpos[F_N];
+    ff_str c_str = {0}, ss_str = {0}, bt_str = {0};
+    int c_kind = 0, ss_kind = 0, bt_kind = 0;
+    int64_t t = FF_NAT, lt = FF_NAT, be = FF_NAT, lu = FF_NAT;
+    double p = NAN, v = NAN, lp = NAN, a = NAN, b = NAN, as = NAN, bs = NAN;
+    size_t bars_start = d->bars.len;
+    (void)depth;
+
+    d->p++;
+    ff_ws(d);
+    if (d->p < d->end && *d->p == '}') {
+        d->p++;
+    } else {
+        for (;;) {
+            ff_str k;
+            if (ff_member_key(d, &k) < 0) return -1;
+            const char *kp = (const char *)k.s;
+            uint32_t kn = k.n;
+            if (FF_UNLIKELY(k.escaped) && ff_text(d, &k, &kp, &kn) < 0) return -1;
+            if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
+            int f = ff_key(kp, kn, 0);
+            int rc;
+            switch (f) {
+            case F_C: rc = ff_value_str(d, f, &c_str, &c_kind, &bad, badpos); break;
+            case F_T: rc = ff_value_num(d, f, 6, NULL, &t, &bad, badpos); break;
+            case F_P: rc = ff_value_num(d, f, 0, &p, NULL, &bad, badpos); break;
+            case F_V: rc = ff_value_num(d, f, 0, &v, NULL, &bad, badpos); break;
+            case F_LT: rc = ff_value_num(d, f, 6, NULL, &lt, &bad, badpos); break;
+            case F_LP: rc = ff_value_num(d, f, 0, &lp, NULL, &bad, badpos); break;
+            case F_A: rc = ff_value_num(d, f, 0, &a, NULL, &bad, badpos); break;
+            case F_B: rc = ff_value_num(d, f, 0, &b, NULL, &bad, badpos); break;
+            case F_AS: rc = ff_value_num(d, f, 0, &as, NULL, &bad, badpos); break;
+            case F_BS: rc = ff_value_num(d, f, 0, &bs, NULL, &bad, badpos); break;
+            case F_SS: rc = ff_value_str(d, f, &ss_str, &ss_kind, &bad, badpos); break;
+            case F_BE: rc = ff_value_num(d, f, 6, NULL, &be, &bad, badpos); break;
+            case F_LU: rc = ff_value_num(d, f, 3, NULL, &lu, &bad, badpos); break;
+            case F_BT: rc = ff_value_str(d, f, &bt_str, &bt_kind, &bad, badpos); break;
+            case F_S: rc = ff_series_array(d, bars_start, &bad, badpos); break;
+            default: rc = ff_skip(d, 2);
+            }
+            if (rc < 0) return -1;
+            if (f >= 0) seen |= 1u << f;
+            rc = ff_member_next(d);
+            if (rc < 0) return -1;
+            if (!rc) break;
+        }
+    }
+
+    int kind; /* 1 series, 2 tick, 3 quote, 0 control */
+    if (seen & FF_SERIES_KEYS) kind = 1;
+    else if (seen & (1u << F_P)) kind = 2;
+    else if (seen & FF_QUOTE_KEYS) kind = 3;
+    else kind = 0;
+    if (!kind) {
+        d->saw_control = 1;
+        return 0;
+    }
+    if (FF_UNLIKELY(!c_kind)) {
+        if (bad & (1u << F_C)) return ff_type_error(d, 1u << F_C, badpos, F_N);
+        return ff_fail_msg(d, obj_start, "data message without a string `c` (symbol code)");
+    }
+    if (FF_UNLIKELY(bad)) return ff_type_error(d, bad, badpos, F_N);
+
+    int32_t sym;
+    if (ff_intern(d, &d->symbols, &c_str, INT32_MAX, "symbol", &sym) < 0) return -1;
+    if (kind == 2) {
+        ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
+        if (!r) return ff_fail_msg(d, obj_start, "out of memory");
+        r->sym = sym;
+        r->_pad = 0;
+        r->ts = t;
+        r->price = p;
+        r->volume = v;
+        r->recv_ts = d->recv_ts;
+    } else if (kind == 3) {
+        int32_t st = 0;
+        if (ss_kind && ff_intern(d, &d->statuses, &ss_str, 255, "status", &st) < 0) return -1;
+        ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
+        if (!r) return ff_fail_msg(d, obj_start, "out of memory");
+        r->sym = sym;
+        r->status = (uint8_t)st;
+        r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+        r->ts = lt;
+        r->last = lp;
+        r->volume = v;
+        r->bid = b;
+        r->ask = a;
+        r->bid_size = bs;
+        r->ask_size = as;
+        r->recv_ts = d->recv_ts;
+    } else {
+        int32_t bt = 0;
+        if (bt_kind && ff_intern(d, &d->bar_types, &bt_str, INT16_MAX, "bar type", &bt) < 0)
+            return -1;
+        ff_bar *r = (ff_bar *)(d->bars.data) + bars_start;
+        ff_bar *e = (ff_bar *)(d->bars.data) + d->bars.len;
+        for (; r < e; r++) {
+            r->sym = sym;
+            r->bar_type = (int16_t)bt;
+            r->_pad = 0;
+            r->bar_end = be;
+            r->last_update = lu;
+            r->recv_ts = d->recv_ts;
+        }
+    }
+    return 0;
+}
+
+/* One frame.  0: decoded (rows appended, or d->saw_control set); -1: d->err says why,
+ * and no row of this frame remains. */
+static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
+{
+    size_t t0 = d->ticks.len, q0 = d->quotes.len, b0 = d->bars.len;
+    d->start = d->p = p;
+    d->end = p + n;
+    d->recv_ts = recv_ts;
+    d->saw_control = 0;
+    ff_ws(d);
+    int rc;
+    if (d->p >= d->end) {
+        rc = ff_fail(d, d->p, "empty frame");
+    } else if (*d->p == '{') {
+        rc = ff_message(d, 0);
+    } else if (*d->p == '[') {
+        /* An array of messages; anything in it that is not a message object is control. */
+        d->p++;
+        ff_ws(d);
+        rc = 0;
+        if (d->p < d->end && *d->p == ']') {
+            d->p++;
+            d->saw_control = 1;
+        } else {
+            for (;;) {
+                if (d->p < d->end && *d->p == '{') {
+                    rc = ff_message(d, 1);
+                } else {
+                    d->saw_control = 1;
+                    rc = ff_skip(d, 1);
+                }
+                if (rc < 0) break;
+                ff_ws(d);
+                if (d->p >= d->end) {
+                    rc = ff_fail(d, d->p, "unclosed array");
+                    break;
+                }
+                if (*d->p == ',') {
+                    d->p++;
+                    ff_ws(d);
+                    continue;
+                }
+                if (*d->p == ']') {
+                    d->p++;
+                    break;
+                }
+                rc = ff_fail(d, d->p, "expected ',' or ']'");
+                break;
+            }
+        }
+    } else {
+        d->saw_control = 1;
+        rc = ff_skip(d, 0);
+    }
+    if (rc == 0) {
+        ff_ws(d);
+        if (d->p < d->end) rc = ff_fail(d, d->p, "trailing characters after the JSON value");
+    }
+    if (rc < 0) {
+        d->ticks.len = t0;
+        d->quotes.len = q0;
+        d->bars.len = b0;
+        d->saw_control = 0;
+    }
+    return rc;
+}
+
+#endif

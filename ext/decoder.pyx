@@ -1,0 +1,430 @@
+# The Python face of ext/decode.h: configure a Decoder once, decode many batches.
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free
+from libc.string cimport memchr, memcpy, memset
+
+cimport numpy as cnp
+
+import collections
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_REALTIME
+
+cdef extern from "symtab.h" nogil:
+    ctypedef struct ff_symtab_hdr:
+        unsigned long long magic
+        uint32_t version
+        uint32_t capacity
+    ctypedef struct ff_symtab_entry:
+        uint32_t off
+        uint32_t len
+    ctypedef struct ff_symtab:
+        ff_symtab_hdr *hdr
+        ff_symtab_entry *entries
+        char *arena
+    unsigned long long FF_SYMTAB_MAGIC
+    uint32_t FF_SYMTAB_VERSION
+    uint32_t FF_SYMTAB_MAX_CODE
+    size_t ff_symtab_nbytes(uint32_t capacity)
+    void ff_symtab_bind(ff_symtab *t, void *block)
+    void ff_symtab_init(void *block, uint32_t capacity)
+    int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
+    uint32_t ff_symtab_count(const ff_symtab *t)
+
+cdef extern from "decode.h":
+    ctypedef struct ff_vec:
+        char *data
+        size_t len
+        size_t cap
+        size_t itemsize
+    ctypedef struct ff_tick:
+        pass
+    ctypedef struct ff_quote:
+        pass
+    ctypedef struct ff_bar:
+        pass
+    ctypedef struct ff_dec:
+        ff_vec ticks, quotes, bars
+        ff_symtab symbols, statuses, bar_types
+        char *scratch
+        size_t scratch_cap
+        int saw_control
+        int bar_bad_field
+        char err[200]
+    int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
+
+
+TICK_DTYPE = np.dtype(
+    [("sym", "<i4"), ("ts", "<i8"), ("price", "<f8"), ("volume", "<f8"), ("recv_ts", "<i8")],
+    align=True,
+)
+QUOTE_DTYPE = np.dtype(
+    [
+        ("sym", "<i4"), ("status", "u1"), ("ts", "<i8"), ("last", "<f8"), ("volume", "<f8"),
+        ("bid", "<f8"), ("ask", "<f8"), ("bid_size", "<f8"), ("ask_size", "<f8"),
+        ("recv_ts", "<i8"),
+    ],
+    align=True,
+)
+BAR_DTYPE = np.dtype(
+    [
+        ("sym", "<i4"), ("bar_type", "<i2"), ("ts", "<i8"), ("bar_end", "<i8"),
+        ("last_update", "<i8"), ("open", "<f8"), ("high", "<f8"), ("low", "<f8"),
+        ("close", "<f8"), ("volume", "<f8"), ("recv_ts", "<i8"),
+    ],
+    align=True,
+)
+
+# The C structs are written to match these dtypes byte for byte; a mismatch
+# would corrupt every row, so refuse to import rather than decode garbage.
+if (TICK_DTYPE.itemsize != sizeof(ff_tick) or QUOTE_DTYPE.itemsize != sizeof(ff_quote)
+        or BAR_DTYPE.itemsize != sizeof(ff_bar)):
+    raise ImportError("fastfeed._decoder: row struct layout does not match the NumPy dtypes")
+
+NAT = -(2**63)
+"""The int64 value of a missing timestamp (NumPy's NaT)."""
+
+
+cdef inline int64_t _now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+def now_us() -> int:
+    """The current CLOCK_REALTIME time in int64 microseconds, as stamped on frames."""
+    return _now_us()
+
+
+cdef class SymbolTable:
+    """An append-only table of codes (symbols, statuses or bar types) to int ids.
+
+    ``SymbolTable()`` is private to one process.  ``SymbolTable(buf)`` lays the
+    table over a writable buffer of ``SymbolTable.nbytes(capacity)`` bytes, for
+    example a shared-memory segment: every process that lays a table over the same
+    memory sees the same ids (inserts take a spinlock inside the buffer, lookups are
+    lock-free).  A zeroed buffer is formatted by the first table laid over it; do
+    that in one process before others attach.
+    """
+
+    cdef ff_symtab t
+    cdef object _owner          # keeps the memory alive
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef list _cache            # id -> str, filled lazily
+
+    def __cinit__(self, buffer=None, *, uint32_t capacity=65536, bint reserve_empty=False):
+        cdef size_t need
+        self._has_view = False
+        self._cache = []
+        if capacity < 1 or capacity > 16_000_000:
+            raise ValueError(f"capacity must be in 1..16000000, got {capacity}")
+        if buffer is None:
+            buffer = bytearray(ff_symtab_nbytes(capacity))
+        PyObject_GetBuffer(buffer, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        self._has_view = True
+        self._owner = buffer
+        cdef ff_symtab_hdr *hdr = <ff_symtab_hdr *>self._view.buf
+        if self._view.len < <Py_ssize_t>sizeof(ff_symtab_hdr):
+            raise ValueError("buffer too small for a SymbolTable header")
+        if hdr.magic == 0:
+            need = ff_symtab_nbytes(capacity)
+            if <size_t>self._view.len < need:
+                raise ValueError(
+                    f"buffer of {self._view.len} bytes is too small for capacity {capacity} "
+                    f"(needs SymbolTable.nbytes({capacity}) = {need})")
+            ff_symtab_init(self._view.buf, capacity)
+            ff_symtab_bind(&self.t, self._view.buf)
+            if reserve_empty:
+                ff_symtab_intern(&self.t, "", 0)
+        elif hdr.magic != FF_SYMTAB_MAGIC or hdr.version != FF_SYMTAB_VERSION:
+            raise ValueError("buffer holds something other than a fastfeed SymbolTable "
+                             f"(magic {hdr.magic:#x}, version {hdr.version})")
+        elif <size_t>self._view.len < ff_symtab_nbytes(hdr.capacity):
+            raise ValueError("buffer is smaller than the SymbolTable it holds")
+        else:
+            ff_symtab_bind(&self.t, self._view.buf)
+
+    def __dealloc__(self):
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+
+    @staticmethod
+    def nbytes(uint32_t capacity=65536) -> int:
+        """Bytes of memory a table of this capacity needs."""
+        return ff_symtab_nbytes(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.t.hdr.capacity
+
+    def __len__(self) -> int:
+        return ff_symtab_count(&self.t)
+
+    def __getitem__(self, Py_ssize_t i) -> str:
+        cdef uint32_t n = ff_symtab_count(&self.t)
+        if i < 0:
+            i += n
+        if i < 0 or i >= n:
+            raise IndexError(f"id {i} not in table of {n} codes")
+        while len(self._cache) < n:
+            j = len(self._cache)
+            self._cache.append(PyUnicode_DecodeUTF8(
+                self.t.arena + self.t.entries[j].off, self.t.entries[j].len, "strict"))
+        return self._cache[i]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def intern(self, code: str) -> int:
+        """The id of ``code``, adding it if new."""
+        b = code.encode("utf-8")
+        cdef int32_t r = ff_symtab_intern(&self.t, b, <uint32_t>len(b))
+        if r == -1:
+            raise OverflowError(f"SymbolTable is full ({self.capacity} codes)")
+        if r == -2:
+            raise ValueError(f"code longer than {FF_SYMTAB_MAX_CODE} bytes")
+        return r
+
+    def to_list(self) -> list:
+        return list(self)
+
+    def __repr__(self):
+        return f"SymbolTable({len(self)} of {self.capacity})"
+
+
+cdef class Batch:
+    """What one ``decode`` call produced.
+
+    ``ticks``, ``quotes``, ``bars``: NumPy structured arrays (TICK_DTYPE, QUOTE_DTYPE,
+    BAR_DTYPE) owned by the batch.  ``errors``: ``(frame_index, reason)`` per failed
+    frame, in input order.  ``control``: the raw bytes of each valid JSON frame that
+    was not market data.  ``frames``: how many frames went in.
+    """
+
+    cdef readonly object ticks
+    cdef readonly object quotes
+    cdef readonly object bars
+    cdef readonly list errors
+    cdef readonly list control
+    cdef readonly Py_ssize_t frames
+
+    @property
+    def rows(self) -> int:
+        return len(self.ticks) + len(self.quotes) + len(self.bars)
+
+    def __repr__(self):
+        return (f"Batch(frames={self.frames}, ticks={len(self.ticks)}, quotes={len(self.quotes)}, "
+                f"bars={len(self.bars)}, errors={len(self.errors)}, control={len(self.control)})")
+
+
+cdef object _take(ff_vec *v, object dtype):
+    cdef cnp.ndarray a = np.empty(v.len, dtype=dtype)
+    if v.len:
+        memcpy(cnp.PyArray_DATA(a), v.data, v.len * v.itemsize)
+    v.len = 0
+    return a
+
+
+cdef class Decoder:
+    """Decodes the feed's JSON frames into NumPy rows.  Reuse one for a whole stream.
+
+    ``symbols``, ``statuses``, ``bar_types``: optional :class:`SymbolTable` objects to
+    intern into (pass tables over shared memory so that ids agree across processes);
+    by default the decoder makes private ones.  Id 0 of ``statuses`` and
+    ``bar_types`` is ``""``, the value of an absent field.  ``error_store``: how many
+    failed frames (reason and raw bytes) ``last_errors`` keeps for inspection.
+    """
+
+    cdef ff_dec d
+    cdef readonly SymbolTable symbols
+    cdef readonly SymbolTable statuses
+    cdef readonly SymbolTable bar_types
+    cdef readonly object last_errors
+    cdef readonly unsigned long long frames_total
+    cdef readonly unsigned long long errors_total
+    cdef readonly unsigned long long control_total
+    cdef readonly unsigned long long rows_total
+
+    def __cinit__(self, *, SymbolTable symbols=None, SymbolTable statuses=None,
+                  SymbolTable bar_types=None, int error_store=100):
+        memset(&self.d, 0, sizeof(ff_dec))
+        self.d.ticks.itemsize = sizeof(ff_tick)
+        self.d.quotes.itemsize = sizeof(ff_quote)
+        self.d.bars.itemsize = sizeof(ff_bar)
+        self.symbols = symbols if symbols is not None else SymbolTable()
+        self.statuses = statuses if statuses is not None else SymbolTable(
+            capacity=256, reserve_empty=True)
+        self.bar_types = bar_types if bar_types is not None else SymbolTable(
+            capacity=4096, reserve_empty=True)
+        self.d.symbols = self.symbols.t
+        self.d.statuses = self.statuses.t
+        self.d.bar_types = self.bar_types.t
+        if error_store < 0:
+            raise ValueError("error_store must be >= 0")
+        self.last_errors = collections.deque(maxlen=error_store)
+
+    def __dealloc__(self):
+        free(self.d.ticks.data)
+        free(self.d.quotes.data)
+        free(self.d.bars.data)
+        free(self.d.scratch)
+
+    cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts, Py_ssize_t index,
+                         list errors, list control) except -1:
+        if ff_decode_frame(&self.d, p, n, recv_ts) == 0:
+            if self.d.saw_control:
+                control.append(PyBytes_FromStringAndSize(<const char *>p, n))
+            return 0
+        reason = (<bytes>self.d.err).decode("utf-8", "replace")
+        errors.append((index, reason))
+        if self.last_errors.maxlen:
+            self.last_errors.append((reason, PyBytes_FromStringAndSize(<const char *>p, n)))
+        return 0
+
+    cdef Batch _finish(self, Py_ssize_t frames, list errors, list control):
+        cdef Batch b = Batch.__new__(Batch)
+        b.ticks = _take(&self.d.ticks, TICK_DTYPE)
+        b.quotes = _take(&self.d.quotes, QUOTE_DTYPE)
+        b.bars = _take(&self.d.bars, BAR_DTYPE)
+        b.errors = errors
+        b.control = control
+        b.frames = frames
+        self.frames_total += frames
+        self.errors_total += len(errors)
+        self.control_total += len(control)
+        self.rows_total += len(b.ticks) + len(b.quotes) + len(b.bars)
+        return b
+
+    def decode(self, frames, recv_ts=None) -> Batch:
+        """Decode a sequence of frames (``bytes`` or any bytes-like object).
+
+        ``recv_ts``: the receive time stamped on every row, int64 µs since the
+        epoch: ``None`` for now, one int for all frames, or one per frame.
+        """
+        cdef list errors = []
+        cdef list control = []
+        cdef Py_ssize_t i, n
+        cdef Py_buffer view
+        cdef int64_t ts
+        cdef const int64_t[::1] per = None
+        frames = frames if isinstance(frames, (list, tuple)) else list(frames)
+        n = len(frames)
+        ts, arr = _resolve_ts(recv_ts, n)
+        if arr is not None:
+            per = arr
+        for i in range(n):
+            if per is not None:
+                ts = per[i]
+            f = frames[i]
+            if PyBytes_CheckExact(f):
+                self._one(<const uint8_t *>PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f), ts, i,
+                          errors, control)
+            else:
+                if isinstance(f, str):
+                    raise TypeError(f"frame {i} is a str; frames must be bytes-like (UTF-8)")
+                PyObject_GetBuffer(f, &view, PyBUF_SIMPLE)
+                try:
+                    self._one(<const uint8_t *>view.buf, view.len, ts, i, errors, control)
+                finally:
+                    PyBuffer_Release(&view)
+        return self._finish(n, errors, control)
+
+    def decode_buffer(self, data, recv_ts=None) -> Batch:
+        """Decode newline-delimited JSON (one frame per line; blank lines skipped).
+
+        Frame indices in ``errors`` count the non-blank lines from 0.
+        """
+        cdef list errors = []
+        cdef list control = []
+        cdef Py_buffer view
+        cdef const uint8_t *p
+        cdef const uint8_t *e
+        cdef const uint8_t *nl
+        cdef const uint8_t *q
+        cdef Py_ssize_t index = 0
+        cdef int64_t ts = _resolve_ts(recv_ts, -1)[0]
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t *>view.buf
+            e = p + view.len
+            while p < e:
+                nl = <const uint8_t *>memchr(p, b'\n', e - p)
+                if nl == NULL:
+                    nl = e
+                q = p
+                while q < nl and (q[0] == b' ' or q[0] == b'\t' or q[0] == b'\r'):
+                    q += 1
+                if q < nl:
+                    self._one(p, nl - p, ts, index, errors, control)
+                    index += 1
+                p = nl + 1
+        finally:
+            PyBuffer_Release(&view)
+        return self._finish(index, errors, control)
+
+    def decode_region(self, buffer, offsets, lengths, recv_ts, Py_ssize_t count=-1) -> Batch:
+        """Decode frames that lie in one memory region, with no object per frame.
+
+        Frame ``i`` is ``buffer[offsets[i]:offsets[i] + lengths[i]]``, received at
+        ``recv_ts[i]`` (µs); the first ``count`` entries are used (all when -1).
+        This is the entry point for workers reading straight out of a ring.
+        """
+        cdef list errors = []
+        cdef list control = []
+        cdef Py_buffer view
+        cdef const int64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.int64)
+        cdef const int64_t[::1] ln = np.ascontiguousarray(lengths, dtype=np.int64)
+        cdef const int64_t[::1] ts = np.ascontiguousarray(recv_ts, dtype=np.int64)
+        cdef Py_ssize_t i
+        if count < 0:
+            count = off.shape[0]
+        if count > off.shape[0] or count > ln.shape[0] or count > ts.shape[0]:
+            raise ValueError(f"count {count} exceeds the offsets/lengths/recv_ts arrays")
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+        try:
+            for i in range(count):
+                if off[i] < 0 or ln[i] < 0 or off[i] + ln[i] > view.len:
+                    raise ValueError(
+                        f"frame {i} ({off[i]}+{ln[i]}) lies outside the buffer of {view.len} bytes")
+                self._one(<const uint8_t *>view.buf + off[i], ln[i], ts[i], i, errors, control)
+        finally:
+            PyBuffer_Release(&view)
+        return self._finish(count, errors, control)
+
+    def stats(self) -> dict:
+        """Totals since the decoder was made."""
+        return {
+            "frames": self.frames_total,
+            "errors": self.errors_total,
+            "control": self.control_total,
+            "rows": self.rows_total,
+            "symbols": len(self.symbols),
+        }
+
+
+cdef tuple _resolve_ts(object recv_ts, Py_ssize_t n):
+    """(one stamp for all frames, or None and an int64 array of one per frame)"""
+    if recv_ts is None:
+        return _now_us(), None
+    if isinstance(recv_ts, int):
+        return recv_ts, None
+    if n < 0:
+        raise TypeError("recv_ts must be None or an int here")
+    arr = np.ascontiguousarray(recv_ts, dtype=np.int64)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"recv_ts has {arr.size} entries for {n} frames")
+    return 0, arr

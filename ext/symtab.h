@@ -1,0 +1,158 @@
+/* An append-only string -> int32 id table that lives in one flat memory block.
+ *
+ * The block may be private (a bytearray) or a shared-memory segment mapped by
+ * several processes: lookups are lock-free (entries are published with a
+ * release store of their slot, read with acquire), inserts take a spinlock
+ * word inside the block.  That is what keeps symbol ids identical in every
+ * worker of one feed without routing every new symbol through one process.
+ *
+ * Layout:  header (64 B) | entries[capacity] {u32 off, u32 len}
+ *          | slots[nslots] u32 (id + 1, 0 = empty) | arena[arena_size]
+ */
+#ifndef FF_SYMTAB_H
+#define FF_SYMTAB_H
+
+#include <stdint.h>
+#include <string.h>
+#include <sched.h>
+
+#define FF_SYMTAB_MAGIC 0x3142415453464646ULL /* "FFFSTAB1" */
+#define FF_SYMTAB_VERSION 1u
+/* Average bytes reserved per code: exchange-qualified codes such as
+ * "NASDAQ:AAPL" are ~12 bytes, so 48 leaves ample room for long ones. */
+#define FF_SYMTAB_BYTES_PER_CODE 48u
+#define FF_SYMTAB_MAX_CODE 1024u
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t capacity;
+    uint32_t nslots;
+    uint32_t arena_size;
+    uint32_t count;      /* entries published; release/acquire */
+    uint32_t arena_used; /* only touched under the lock */
+    uint32_t lock;       /* 0 free, 1 held */
+    uint32_t _reserved[7];
+} ff_symtab_hdr;
+
+typedef struct {
+    uint32_t off;
+    uint32_t len;
+} ff_symtab_entry;
+
+typedef struct {
+    ff_symtab_hdr *hdr;
+    ff_symtab_entry *entries;
+    uint32_t *slots;
+    char *arena;
+    uint32_t mask;
+} ff_symtab;
+
+static inline uint32_t ff_symtab_nslots(uint32_t capacity)
+{
+    uint32_t n = 16;
+    while (n < capacity * 2u) n <<= 1; /* load factor <= 0.5 keeps probes short */
+    return n;
+}
+
+static inline size_t ff_symtab_nbytes(uint32_t capacity)
+{
+    return sizeof(ff_symtab_hdr) + (size_t)capacity * sizeof(ff_symtab_entry) +
+           (size_t)ff_symtab_nslots(capacity) * 4u +
+           (size_t)capacity * FF_SYMTAB_BYTES_PER_CODE;
+}
+
+static inline void ff_symtab_bind(ff_symtab *t, void *block)
+{
+    t->hdr = (ff_symtab_hdr *)block;
+    t->entries = (ff_symtab_entry *)((char *)block + sizeof(ff_symtab_hdr));
+    t->slots = (uint32_t *)(t->entries + t->hdr->capacity);
+    t->arena = (char *)(t->slots + t->hdr->nslots);
+    t->mask = t->hdr->nslots - 1u;
+}
+
+/* Format a zeroed block.  The creator does this once, before other processes attach. */
+static inline void ff_symtab_init(void *block, uint32_t capacity)
+{
+    ff_symtab_hdr *h = (ff_symtab_hdr *)block;
+    memset(block, 0, ff_symtab_nbytes(capacity));
+    h->version = FF_SYMTAB_VERSION;
+    h->capacity = capacity;
+    h->nslots = ff_symtab_nslots(capacity);
+    h->arena_size = capacity * FF_SYMTAB_BYTES_PER_CODE;
+    __atomic_store_n(&h->magic, FF_SYMTAB_MAGIC, __ATOMIC_RELEASE);
+}
+
+static inline uint64_t ff_hash_bytes(const char *p, size_t n)
+{
+    /* Word-at-a-time multiply-xorshift: symbol codes are short, and a byte
+     * loop such as FNV costs a dependent multiply per byte. */
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+    uint64_t w;
+    while (n >= 8) {
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 29;
+        p += 8;
+        n -= 8;
+    }
+    if (n) {
+        w = 0;
+        memcpy(&w, p, n);
+        h = (h ^ w) * 0x94D049BB133111EBULL;
+        h ^= h >> 31;
+    }
+    h *= 0xD6E8FEB86659FD93ULL;
+    return h ^ (h >> 32);
+}
+
+/* -1 when absent. */
+static inline int32_t ff_symtab_find(const ff_symtab *t, const char *p, uint32_t n, uint64_t h)
+{
+    uint32_t i = (uint32_t)h & t->mask;
+    for (;;) {
+        uint32_t s = __atomic_load_n(&t->slots[i], __ATOMIC_ACQUIRE);
+        if (s == 0) return -1;
+        const ff_symtab_entry *e = &t->entries[s - 1];
+        if (e->len == n && memcmp(t->arena + e->off, p, n) == 0) return (int32_t)(s - 1);
+        i = (i + 1) & t->mask;
+    }
+}
+
+/* The id of the code, inserting it if new.  -1: table full, -2: code too long. */
+static inline int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
+{
+    uint64_t h = ff_hash_bytes(p, n);
+    int32_t id = ff_symtab_find(t, p, n, h);
+    if (__builtin_expect(id >= 0, 1)) return id;
+    if (n > FF_SYMTAB_MAX_CODE) return -2;
+
+    ff_symtab_hdr *hdr = t->hdr;
+    while (__atomic_exchange_n(&hdr->lock, 1u, __ATOMIC_ACQUIRE)) sched_yield();
+    id = ff_symtab_find(t, p, n, h); /* another process may have won the race */
+    if (id < 0) {
+        uint32_t count = hdr->count;
+        if (count >= hdr->capacity || hdr->arena_used + n > hdr->arena_size) {
+            id = -1;
+        } else {
+            memcpy(t->arena + hdr->arena_used, p, n);
+            t->entries[count].off = hdr->arena_used;
+            t->entries[count].len = n;
+            hdr->arena_used += n;
+            __atomic_store_n(&hdr->count, count + 1u, __ATOMIC_RELEASE);
+            uint32_t i = (uint32_t)h & t->mask;
+            while (t->slots[i]) i = (i + 1) & t->mask;
+            __atomic_store_n(&t->slots[i], count + 1u, __ATOMIC_RELEASE);
+            id = (int32_t)count;
+        }
+    }
+    __atomic_store_n(&hdr->lock, 0u, __ATOMIC_RELEASE);
+    return id;
+}
+
+static inline uint32_t ff_symtab_count(const ff_symtab *t)
+{
+    return __atomic_load_n(&t->hdr->count, __ATOMIC_ACQUIRE);
+}
+
+#endif
