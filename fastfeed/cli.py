@@ -1,0 +1,208 @@
+"""The ``fastfeed`` command: ``fastfeed sim`` and ``fastfeed login`` (more subcommands to come).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that defines its arguments and
+sets ``func``; adding a command is adding one such function to ``_COMMANDS``. Errors the user
+can act on (bad settings, a refused login) print as one line, ``fastfeed: error: ...``, and
+exit non-zero, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["add_settings_arguments", "main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """An error to print as one line, with the exit status it maps to."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """The connection and login options shared by every command that talks to a feed.
+
+    Each defaults to ``None`` so that unset options fall through to ``FASTFEED_*`` variables
+    and the TOML file (see :func:`fastfeed.config.load_settings`).
+    """
+    g = p.add_argument_group("feed and login settings (also FASTFEED_* variables or --config)")
+    g.add_argument("--config", metavar="PATH", help="TOML settings file")
+    g.add_argument("--host", metavar="URL",
+                   help="feed host: a name (HTTPS/WSS) or http://HOST:PORT (the simulator)")
+    g.add_argument("--authority", metavar="URL",
+                   help="Azure AD authority (default https://login.microsoftonline.com)")
+    g.add_argument("--tenant", metavar="ID", help="Azure AD tenant id")
+    g.add_argument("--client-id", metavar="ID")
+    g.add_argument("--client-secret", metavar="SECRET",
+                   help="prefer FASTFEED_CLIENT_SECRET or the config file: "
+                        "arguments are visible to other local users")
+    g.add_argument("--scope", metavar="SCOPE", help="e.g. api://<app-id>/.default")
+    g.add_argument("--token-cache", metavar="PATH",
+                   help="token cache file (default ~/.cache/fastfeed/token.json)")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .config import load_settings
+    return load_settings(vars(args), config_file=getattr(args, "config", None))
+
+
+# -- sim --------------------------------------------------------------------------------------
+
+def _mix(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected three numbers, e.g. 0.7,0.25,0.05") from None
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError("expected three non-negative shares, e.g. 0.7,0.25,0.05")
+    return parts  # type: ignore[return-value]
+
+
+def _add_sim(sub: Any) -> None:
+    from .sim.server import _FAULT_HELP
+    faults = "; ".join(f"{k}: {v}" for k, v in _FAULT_HELP.items())
+    p = sub.add_parser(
+        "sim", help="run the feed simulator (token endpoint, /.auth/login/aad, /ws)",
+        description="Serve a synthetic feed on one port: the Azure AD token endpoint, the "
+                    "feed's token exchange and the WebSocket. The first line printed is "
+                    "'listening on http://HOST:PORT'.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    p.add_argument("--rate", type=float, default=1000.0, metavar="MSGS_PER_S",
+                   help="data frames per second per connection; 0 = as fast as possible")
+    p.add_argument("--symbols", type=int, default=100, metavar="N")
+    p.add_argument("--count", type=int, default=None, metavar="FRAMES",
+                   help="stop sending data after FRAMES frames (connections stay open)")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="exit after S seconds (default: run until interrupted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-id", default="fastfeed-sim", metavar="ID")
+    p.add_argument("--client-secret", default="fastfeed-sim-secret", metavar="S")
+    p.add_argument("--tenant", default="fastfeed-sim", metavar="T")
+    p.add_argument("--token-lifetime", type=float, default=30 * 24 * 3600.0, metavar="S",
+                   help="lifetime of issued feed tokens (default 30 days)")
+    p.add_argument("--mix", type=_mix, default=(0.7, 0.25, 0.05), metavar="T,Q,B",
+                   help="shares of tick, quote and series frames (default 0.7,0.25,0.05)")
+    p.add_argument("--start-time", type=float, default=None, metavar="EPOCH_S",
+                   help="timestamp of the first frame at rate 0 (default: now)")
+    p.add_argument("--fault", action="append", default=[], metavar="NAME[=V]",
+                   help=f"inject a fault (repeatable). {faults}")
+    p.add_argument("--json", action="store_true",
+                   help="print the counters as one JSON object on exit")
+    p.set_defaults(func=_cmd_sim)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from .sim.server import SimConfig, parse_faults, run
+    try:
+        faults = parse_faults(args.fault)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    for name in ("rate", "duration", "token_lifetime"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise CommandError(f"--{name.replace('_', '-')} must not be negative", EXIT_USAGE)
+    if args.symbols < 1:
+        raise CommandError("--symbols must be at least 1", EXIT_USAGE)
+    if args.count is not None and args.count < 0:
+        raise CommandError("--count must not be negative", EXIT_USAGE)
+    if not 0 <= args.port <= 65535:
+        raise CommandError("--port must be between 0 and 65535", EXIT_USAGE)
+    config = SimConfig(host=args.host, port=args.port, rate=args.rate, symbols=args.symbols,
+                       count=args.count, seed=args.seed, tenant=args.tenant,
+                       client_id=args.client_id, client_secret=args.client_secret,
+                       token_lifetime=args.token_lifetime, mix=args.mix,
+                       start_time=args.start_time, faults=faults)
+    try:
+        import uvloop
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
+        import asyncio
+        runner = asyncio.run
+    try:
+        runner(run(config, duration=args.duration, json_stats=args.json))
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
+            from None
+    return 0
+
+
+# -- login ------------------------------------------------------------------------------------
+
+def _add_login(sub: Any) -> None:
+    p = sub.add_parser(
+        "login", help="log in (Azure AD, then the feed host) and cache the feed token",
+        description="Run both login steps, write the token cache (mode 0600) and print the "
+                    "user id and expiry. The token itself is never printed.")
+    add_settings_arguments(p)
+    p.set_defaults(func=_cmd_login)
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    from .auth import Authenticator
+    settings = _settings(args)
+    settings.require("host", "tenant_id", "client_id", "client_secret", "scope")
+    auth = Authenticator(settings)
+    token = auth.renew()
+    left = token.remaining() / 86400.0
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at))
+    print(f"logged in as {token.user_id or '(unknown user)'}")
+    print(f"token {token.fingerprint} expires {expires} (in {left:.1f} days)")
+    print(f"cached in {auth.cache.path}")
+    return 0
+
+
+# -- main -------------------------------------------------------------------------------------
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_sim, _add_login]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastfeed`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fastfeed", description="Market-data feed client: WebSocket to NumPy arrays.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastfeed`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .auth import AuthError
+    from .config import ConfigError
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        print(f"fastfeed: error: {exc}", file=sys.stderr)
+        return exc.status
+    except ConfigError as exc:
+        print(f"fastfeed: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthError as exc:
+        # The message already names the step, the status and the server's reason, in one
+        # line; the description from Azure AD carries CRLFs, which are folded here.
+        print(f"fastfeed: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
