@@ -688,6 +688,57 @@ cdef class Ring:
                 return bool(ff_ring_available(base, head))
 
     # -------------------------------------------------------------------------------------
+    # testing hooks (aeron's tests force wraps the same way)
+
+    def _set_positions(self, uint64_t pos):
+        """Move an empty ring's head and tail to byte position ``pos`` (8-aligned), e.g. just
+        before the end of the data region to force a wrap. Tests only: no one else may use the
+        ring meanwhile."""
+        self._live()
+        cdef ff_ring_header *h = self._h
+        if ff_ld_u64(&h.tail) != ff_ld_u64(&h.head) or self._pending is not None:
+            raise RingError("ring must be empty")
+        if pos % FF_REC_ALIGN:
+            raise ValueError("position must be 8-aligned")
+        ff_st_u64(&h.tail, pos)
+        ff_st_u64(&h.cached_head, pos)
+        ff_st_u64(&h.head, pos)
+
+    @property
+    def _consumer_waiting(self):
+        """True while a consumer sleeps on the futex (tests use it to prove the wake-up)."""
+        self._live()
+        return ff_ld_u32(&self._h.consumer_waiting) != 0
+
+    @property
+    def _producer_waiting(self):
+        self._live()
+        return ff_ld_u32(&self._h.producer_waiting) != 0
+
+    def _claim_commit(self, data, Py_ssize_t reserve, *, bint commit=True, int32_t type=1,
+                      int64_t recv_ts=0, int32_t route=0):
+        """Write through ff_ring_claim + ff_ring_commit (or abort): the zero-copy C path, for
+        tests. Reserves ``reserve`` bytes, copies ``data`` (<= reserve) into them. Returns True
+        if committed, False if the claim failed (dropped and counted) or was aborted."""
+        cdef void *base = self._live()
+        cdef const unsigned char[::1] mv = data
+        cdef Py_ssize_t n = mv.shape[0]
+        cdef void *p
+        if n > reserve or reserve > 0xffffffff:
+            raise ValueError("data longer than the reservation")
+        self._as_producer()
+        with nogil:
+            p = ff_ring_claim(base, <uint32_t>reserve)
+        if p == NULL:
+            return False
+        if n:
+            memcpy(p, &mv[0], n)
+        if not commit:
+            ff_ring_abort(base)
+            return False
+        return ff_ring_commit(base, <uint32_t>n, type, recv_ts, route) == 1
+
+    # -------------------------------------------------------------------------------------
     # lifecycle
 
     def wake(self):
