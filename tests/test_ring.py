@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from fastfeed._ring import HEADER_SIZE, RECORD_HEADER_SIZE, Ring, RingError, cleanup_stale
 
 from fastfeed import shm
-from fastfeed._ring import HEADER_SIZE, RECORD_HEADER_SIZE, Ring, RingError, cleanup_stale
 
 CTX = mp.get_context("spawn")
 # Generous bound for a child to finish; only reached when something is broken.
