@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)
+    # -v also after the subcommand (fastfeed sim -v); SUPPRESS keeps the top-level count
+    # when it is given before the subcommand instead.
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="log more (-v info, -vv debug)")
     return parser
 
 

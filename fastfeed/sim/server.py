@@ -548,7 +548,10 @@ class _Conn(asyncio.Protocol):
         if opcode == 0x8:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
             self._send_close(code if code in (1000, 1001) else 1000, b"")
-            self._half_close()
+            # RFC 6455 7.1.1: after the closing handshake the server closes TCP first.
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
         elif opcode == 0x9:
             if not self.stalled:
                 self._send(0xA, payload)

@@ -1,0 +1,250 @@
+"""The simulator on its own, checked with an independent client (the ``websockets`` library)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from fastfeed.auth import login
+from fastfeed.config import load_settings
+from fastfeed.sim import Market, parse_faults
+from fastfeed.sim.server import POOL_FRAMES
+
+START = 1749462520.0
+
+
+def feed_token(sim, tmp_path) -> str:
+    s = load_settings(sim.settings_args(token_cache=str(tmp_path / "t.json")), env={})
+    return login(s).value
+
+
+def open_ws(sim, token, **kw):
+    # max_queue=None: the sync client stops reading when its queue is full, which would
+    # also keep it from seeing the server's close frame.
+    return connect(sim.ws_url, additional_headers={"X-ZUMO-AUTH": token}, max_size=None,
+                   max_queue=None, open_timeout=10, **kw)
+
+
+def receive(ws, n, timeout=10.0):
+    """The next ``n`` data frames (``pong`` texts are left out)."""
+    out = []
+    while len(out) < n:
+        msg = ws.recv(timeout=timeout)
+        if msg != "pong":
+            out.append(msg if isinstance(msg, bytes) else msg.encode())
+    return out
+
+
+def expected_pool(seed=0, symbols=100, **faults):
+    return Market(symbols, seed=seed, **faults).block(POOL_FRAMES, int(START * 1e6), 1).payloads
+
+
+def test_first_line_json_counts_and_deterministic_frames(start_sim, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "5000", "--seed", "7", "--symbols", "20",
+                    "--start-time", str(START))
+    token = feed_token(sim, tmp_path)
+    with open_ws(sim, token) as ws:
+        ws.send(json.dumps({"email": "support@example.com"}))
+        frames = receive(ws, 5000)
+        # --count: no more data, but the connection stays up and answers pings.
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "pong"
+    assert frames == expected_pool(seed=7, symbols=20)[:5000]
+    kinds = {"ticks": 0, "quotes": 0, "bars": 0}
+    for f in frames:
+        obj = json.loads(f)
+        if "p" in obj:
+            kinds["ticks"] += 1
+        elif "s" in obj:
+            kinds["bars"] += len(obj["s"])
+        else:
+            kinds["quotes"] += 1
+    stats = sim.stop()
+    assert stats["frames_sent"] == 5000 and stats["malformed"] == 0
+    assert {k: stats[k] for k in kinds} == kinds
+    assert stats["connections"] == 1 and stats["emails"] == 1
+    assert stats["last_email"] == "support@example.com"
+    assert stats["pings"] == 1 and stats["pongs_sent"] == 1
+
+
+def test_frames_follow_the_protocol_formats(start_sim, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "3000", "--start-time", str(START))
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        frames = [json.loads(f) for f in receive(ws, 3000)]
+    seen = set()
+    for obj in frames:
+        assert isinstance(obj["c"], str) and ":" in obj["c"]
+        if "p" in obj:
+            seen.add("tick")
+            # six fraction digits, exactly as the provider sends them
+            assert isinstance(obj["t"], float)
+        elif "s" in obj:
+            seen.add("bar")
+            assert obj["bt"] == "1m" and isinstance(obj["lu"], int)
+            assert all(set(b) == {"t", "o", "h", "l", "c", "v"} for b in obj["s"])
+            assert all(b["l"] <= b["c"] <= b["h"] for b in obj["s"])
+        else:
+            seen.add("quote")
+            assert obj["b"] <= obj["a"]
+            if "ss" in obj:
+                seen.add("ss")
+                assert "lt" not in obj and "lp" not in obj
+    assert seen == {"tick", "bar", "quote", "ss"}
+
+
+def test_upgrade_without_valid_token_is_401(sim, tmp_path):
+    for headers in ({}, {"X-ZUMO-AUTH": "garbage"}):
+        with pytest.raises(InvalidStatus) as info:
+            connect(sim.ws_url, additional_headers=headers, open_timeout=10)
+        assert info.value.response.status_code == 401
+    assert sim.stats()["upgrades_refused"] == 2
+
+
+def test_refuse_tokens_fault_refuses_only_first_n(start_sim, tmp_path):
+    sim = start_sim("--fault", "refuse-tokens=1")
+    token = feed_token(sim, tmp_path)
+    with pytest.raises(InvalidStatus):
+        open_ws(sim, token)
+    with open_ws(sim, token) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        assert len(receive(ws, 3)) == 3
+
+
+def test_email_must_come_first(sim, tmp_path):
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send("ping")
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert sim.stats()["protocol_errors"] == 1
+
+
+def test_no_pong_fault_and_subscription(start_sim, tmp_path):
+    sim = start_sim("--rate", "200", "--fault", "no-pong")
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        ws.send(json.dumps({"subscriptions": [{"code": "NASDAQ:AAPL", "type": "quote"}]}))
+        ws.send("ping")
+        msgs = [ws.recv(timeout=10) for _ in range(40)]
+    assert "pong" not in msgs
+    stats = sim.stats()
+    assert stats["pings"] == 1 and stats["pongs_sent"] == 0
+    assert stats["subscriptions"] == 1 and "NASDAQ:AAPL" in stats["last_subscription"]
+
+
+def test_stall_fault_goes_silent(start_sim, tmp_path):
+    sim = start_sim("--rate", "0", "--fault", "stall=100")
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        assert len(receive(ws, 100)) == 100
+        ws.send("ping")
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.5)
+    stats = sim.stats()
+    assert stats["frames_sent"] == 100 and stats["stalls"] == 1 and stats["pongs_sent"] == 0
+
+
+def test_drop_fault_loses_nothing(start_sim, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "2500", "--fault", "drop=1000",
+                    "--start-time", str(START))
+    token = feed_token(sim, tmp_path)
+    got: list[bytes] = []
+    for _ in range(3):
+        with open_ws(sim, token) as ws:
+            ws.send(json.dumps({"email": "a@example.com"}))
+            try:
+                while len(got) < 2500:
+                    got.append(ws.recv(timeout=10).encode())
+            except ConnectionClosed:
+                pass
+    assert got == expected_pool()[:2500]
+    stats = sim.stop()
+    assert stats["drops"] == 2 and stats["connections"] == 3 and stats["frames_sent"] == 2500
+
+
+def test_fragment_malformed_arrays_and_rfc_pings(start_sim, tmp_path):
+    faults = ("fragment=16", "malformed=0.1", "arrays=0.1", "ping-every=100")
+    args = [a for f in faults for a in ("--fault", f)]
+    sim = start_sim("--rate", "0", "--count", "2000", "--start-time", str(START), *args)
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        frames = receive(ws, 2000)
+        ws.send("ping")  # by now the client has answered the RFC pings it received
+        assert ws.recv(timeout=10) == "pong"
+    assert frames == expected_pool(fragment=16, malformed=0.1, arrays=0.1,
+                                   ping_every=100)[:2000]
+    bad = arrays = 0
+    for f in frames:
+        try:
+            obj = json.loads(f)
+        except ValueError:
+            bad += 1
+            continue
+        arrays += isinstance(obj, list)
+    stats = sim.stop()
+    assert bad == stats["malformed"] > 0 and arrays > 0
+    assert stats["rfc_pongs"] == 20
+
+
+def test_paced_rate_sends_count_frames(start_sim, tmp_path):
+    sim = start_sim("--rate", "5000", "--count", "300")
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        frames = receive(ws, 300)
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.3)
+    now = time.time()
+    ts = [json.loads(f).get("t") for f in frames]
+    # Paced frames carry the wall clock, not a replayed pool.
+    assert all(now - 60 < t <= now + 1 for t in ts if t is not None)
+    assert sim.stop()["frames_sent"] == 300
+
+
+def test_http_routes(sim):
+    import urllib.error
+    import urllib.request
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(sim.url + "/nope", timeout=10)
+    info.value.close()
+    assert info.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(sim.url + "/.auth/login/aad", timeout=10)
+    info.value.close()
+    assert info.value.code == 405
+
+
+def test_parse_faults():
+    f = parse_faults(["drop=10", "no-pong", "stall", "refuse-tokens", "malformed=0.5"])
+    assert (f.drop, f.no_pong, f.stall, f.refuse_tokens, f.malformed) == (10, True, 0, -1, 0.5)
+    with pytest.raises(ValueError, match="unknown fault 'bogus'"):
+        parse_faults(["bogus"])
+    with pytest.raises(ValueError, match="bad value for fault 'malformed'"):
+        parse_faults(["malformed=2"])
+
+
+def test_cli_sim_errors_are_one_line():
+    r = subprocess.run([sys.executable, "-m", "fastfeed", "sim", "--fault", "bogus=1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        r.stderr.strip()] and r.stderr.startswith("fastfeed: error: unknown fault 'bogus'")
+
+
+def test_cli_sim_duration_exits_with_json():
+    r = subprocess.run([sys.executable, "-m", "fastfeed", "sim", "--port", "0",
+                        "--duration", "0.2", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("listening on http://127.0.0.1:")
+    stats = json.loads(lines[-1])
+    for key in ("frames_sent", "ticks", "quotes", "bars", "malformed", "connections"):
+        assert stats[key] == 0
