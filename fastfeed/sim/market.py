@@ -20,9 +20,9 @@ import numpy as np
 
 __all__ = ["KINDS", "Block", "Market", "ws_header"]
 
-#: Row kinds, in the order of :attr:`Block.cum`'s rows.
-KINDS = ("ticks", "quotes", "bars", "malformed")
-_TICK, _QUOTE, _BAR, _BAD = range(4)
+#: Row kinds, in the order of :attr:`Block.cum`'s rows (``control_sent``: status messages).
+KINDS = ("ticks", "quotes", "bars", "malformed", "control_sent")
+_TICK, _QUOTE, _BAR, _BAD, _CONTROL = range(5)
 
 _EXCHANGES = ("NASDAQ", "NYSE", "ARCA", "BATS")
 _WELL_KNOWN = ("AAPL", "TSLA", "MSFT", "NVDA", "AMZN", "GOOG", "META", "AMD", "NFLX", "INTC")
@@ -71,10 +71,9 @@ class Block:
     def __len__(self) -> int:
         return len(self.payloads)
 
-    def rows(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """Rows of each kind (ticks, quotes, bars, malformed frames) in frames ``i..j-1``."""
-        d = self.cum[:, j] - self.cum[:, i]
-        return int(d[0]), int(d[1]), int(d[2]), int(d[3])
+    def rows(self, i: int, j: int) -> tuple[int, ...]:
+        """Rows of each of :data:`KINDS` in frames ``i..j-1``."""
+        return tuple(int(x) for x in self.cum[:, j] - self.cum[:, i])
 
 
 class Market:
@@ -83,7 +82,9 @@ class Market:
     ``mix`` is the share of (ticks, quotes, series) frames; ``malformed`` the share of frames
     replaced by broken JSON; ``arrays`` the share of frames that carry a JSON array of several
     messages for one symbol; ``fragment`` > 0 splits every message into frames of that many
-    payload bytes; ``ping_every`` > 0 puts an RFC 6455 ping after every that many messages.
+    payload bytes; ``ping_every`` > 0 puts an RFC 6455 ping after every that many messages;
+    ``status_every`` > 0 puts a status object (a control message, not data) after every that
+    many.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Market:
         arrays: float = 0.0,
         fragment: int = 0,
         ping_every: int = 0,
+        status_every: int = 0,
     ) -> None:
         if symbols < 1:
             raise ValueError("symbols must be at least 1")
@@ -112,6 +114,8 @@ class Market:
         self.fragment = fragment
         self.ping_every = ping_every
         self._since_ping = 0
+        self.status_every = status_every
+        self._since_status = 0
         self.codes = self._make_codes(symbols)
         self.price = [self.rng.uniform(5.0, 500.0) for _ in self.codes]
         self.volume = [float(self.rng.randrange(1000, 1_000_000)) for _ in self.codes]
@@ -188,8 +192,8 @@ class Market:
         wire: list[bytes] = []
         payloads: list[bytes] = []
         offsets = np.zeros(n + 1, dtype=np.int64)
-        cum = np.zeros((4, n + 1), dtype=np.int64)
-        counts = [0, 0, 0, 0]
+        cum = np.zeros((len(KINDS), n + 1), dtype=np.int64)
+        counts = [0] * len(KINDS)
         pos = 0
         for i in range(n):
             us = t0_us + i * step_us
@@ -220,6 +224,13 @@ class Market:
                 if self._since_ping >= self.ping_every:
                     self._since_ping = 0
                     framed += ws_header(0x9, 4) + b"sim!"
+            if self.status_every:
+                self._since_status += 1
+                if self._since_status >= self.status_every:
+                    self._since_status = 0
+                    status = b'{"status":"ok","message":"simulator status"}'
+                    framed += ws_header(0x1, len(status)) + status
+                    counts[_CONTROL] += 1
             wire.append(framed)
             payloads.append(payload)
             pos += len(framed)

@@ -71,6 +71,8 @@ class Faults:
     fragment: int = 0
     #: Send an RFC 6455 ping after every this many data frames.
     ping_every: int = 0
+    #: Send a status object (a control message) after every this many data frames.
+    status_every: int = 0
 
 
 _FAULT_HELP = {
@@ -84,6 +86,7 @@ _FAULT_HELP = {
     "throttle=N": "answer the first N token requests with 429 Retry-After: 1",
     "fragment=N": "split every data message into frames of N payload bytes",
     "ping-every=N": "send an RFC 6455 ping after every N data frames",
+    "status-every=N": "send a status object (control message) after every N data frames",
 }
 
 
@@ -100,7 +103,7 @@ def parse_faults(specs: Iterable[str]) -> Faults:
                 faults.stall = int(value) if value else 0
             elif key == "refuse_tokens":
                 faults.refuse_tokens = int(value) if value else -1
-            elif key in ("drop", "throttle", "fragment", "ping_every"):
+            elif key in ("drop", "throttle", "fragment", "ping_every", "status_every"):
                 setattr(faults, key, int(value))
             elif key in ("malformed", "arrays"):
                 share = float(value)
@@ -116,7 +119,8 @@ def parse_faults(specs: Iterable[str]) -> Faults:
             if exc.args:
                 raise
             raise ValueError(f"bad value for fault {name!r}: {value!r}") from None
-    if min(faults.drop, faults.throttle, faults.fragment, faults.ping_every) < 0:
+    if min(faults.drop, faults.throttle, faults.fragment, faults.ping_every,
+           faults.status_every) < 0:
         raise ValueError("fault counts must not be negative")
     return faults
 
@@ -165,7 +169,7 @@ class Simulator:
         f = self.config.faults
         self.market = Market(self.config.symbols, seed=self.config.seed, mix=self.config.mix,
                              malformed=f.malformed, arrays=f.arrays, fragment=f.fragment,
-                             ping_every=f.ping_every)
+                             ping_every=f.ping_every, status_every=f.status_every)
         self.signer = TokenSigner()
         self.counters: dict[str, int] = dict.fromkeys(
             ("frames_sent", *KINDS, "bytes_sent", "connections", "open_connections",
@@ -233,12 +237,9 @@ class Simulator:
 
     def account(self, block: Block, i: int, j: int, nbytes: int) -> None:
         c = self.counters
-        ticks, quotes, bars, bad = block.rows(i, j)
+        for kind, rows in zip(KINDS, block.rows(i, j), strict=True):
+            c[kind] += rows
         c["frames_sent"] += j - i
-        c["ticks"] += ticks
-        c["quotes"] += quotes
-        c["bars"] += bars
-        c["malformed"] += bad
         c["bytes_sent"] += nbytes
 
     # -- HTTP endpoints -----------------------------------------------------------------------

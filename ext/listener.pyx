@@ -1,0 +1,260 @@
+# cython: language_level=3
+"""The network process's hot path: a picows listener that copies each data frame into a ring.
+
+picows calls ``on_ws_frame`` through its C vtable with a pointer into its receive buffer.
+For a data frame this listener does, in C and without creating a Python object:
+
+1. stamp the receive time (CLOCK_REALTIME, microseconds) once per socket read: every frame
+   that came out of one read arrived at the same instant, and one clock read per read rather
+   than per frame keeps the cost off the 60-byte frames;
+2. find the symbol code (the first ``"c"`` key whose value is a string) and hash it (FNV-1a)
+   to a non-negative route; ring = route % number of rings, so one symbol always goes to the
+   same ring and its order is kept;
+3. ``ff_ring_write`` the payload straight from picows' buffer into that ring (the only copy
+   between the socket and the decoder).
+
+Everything else is the control path (cold): the text ``pong`` updates the heartbeat clock,
+other texts (status and error objects, anything without a symbol) are counted and handed to a
+Python callback. Fragmented messages are reassembled in a private buffer first.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcpy
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+
+from ff_ring cimport ff_ring_write
+
+cdef enum:
+    # Record type of a data frame in the ring (the decoder reads every record as JSON text).
+    _DATA_TYPE = 1
+    # Largest reassembled message accepted; picows already bounds a single frame.
+    _MAX_MESSAGE = 64 * 1024 * 1024
+
+__all__ = ["FeedListener", "route_of"]
+
+
+cdef inline int64_t _realtime_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+cdef inline int64_t _monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline bint _is_ws(char c) noexcept nogil:
+    return c == b' ' or c == b'\n' or c == b'\r' or c == b'\t'
+
+
+cdef int32_t _route(const char *p, Py_ssize_t n) noexcept nogil:
+    """FNV-1a hash (31 bits) of the first string value of a "c" key, or -1 if there is none.
+
+    Inside a bar, "c" is the close price, a number: it is skipped, so key order does not
+    matter. The raw bytes are hashed: a code written with JSON escapes would route apart from
+    its plain spelling (the provider does not escape codes).
+    """
+    cdef Py_ssize_t i = 0, k
+    cdef const char *q
+    cdef uint32_t h
+    while i < n:
+        q = <const char *>memchr(p + i, b'"', n - i)
+        if q == NULL:
+            return -1
+        i = q - p
+        if i + 2 < n and p[i + 1] == b'c' and p[i + 2] == b'"':
+            k = i + 3
+            while k < n and _is_ws(p[k]):
+                k += 1
+            if k < n and p[k] == b':':
+                k += 1
+                while k < n and _is_ws(p[k]):
+                    k += 1
+                if k < n and p[k] == b'"':
+                    k += 1
+                    h = 2166136261u
+                    while k < n and p[k] != b'"':
+                        h = (h ^ <unsigned char>p[k]) * 16777619u
+                        k += 1
+                    if k >= n:
+                        return -1
+                    return <int32_t>(h & 0x7fffffffu)
+            i += 3
+        else:
+            i += 1
+    return -1
+
+
+def route_of(code) -> int:
+    """The route of a symbol code (``bytes`` or ``str``): its ring is ``route % n_rings``."""
+    if isinstance(code, str):
+        code = code.encode()
+    cdef bytes frame = b'{"c":"' + bytes(code) + b'"}'
+    return _route(frame, len(frame))
+
+
+cdef class FeedListener(WSListener):
+    """Writes data frames into shared-memory rings; see the module docstring.
+
+    ``ring_addresses``: base addresses (``Ring.address``) of the rings, in order.
+    ``keepalive``: objects that own those mappings (kept referenced while the listener lives).
+    ``on_control(payload: bytes)``: called for every control message except ``pong``.
+    The counters are cumulative over every connection the listener serves.
+    """
+
+    cdef void **_bases
+    cdef int _n
+    cdef object _keepalive
+    cdef object _on_control
+    cdef char *_frag
+    cdef Py_ssize_t _frag_len, _frag_cap
+    cdef bint _frag_active
+    cdef bint _need_ts
+    cdef int64_t _ts
+
+    cdef readonly uint64_t frames
+    """Data frames written into a ring."""
+    cdef readonly uint64_t bytes
+    """Payload bytes written into rings."""
+    cdef readonly uint64_t ring_drops
+    """Data frames a ring refused (full past its policy, or larger than its max payload)."""
+    cdef readonly uint64_t control
+    """Control messages other than pong (status/error objects, texts without a symbol)."""
+    cdef readonly uint64_t pongs
+    """Text pong messages."""
+    cdef readonly uint64_t fragmented
+    """Messages that arrived in several frames and were reassembled."""
+    cdef readonly uint64_t too_big
+    """Reassembled messages dropped for exceeding the size limit."""
+    cdef readonly int64_t last_pong_ns
+    """CLOCK_MONOTONIC time (ns, as time.monotonic_ns) of the last pong; 0 before any."""
+    cdef readonly uint64_t connections
+    """Connections opened (on_ws_connected calls)."""
+    cdef readonly object transport
+    """The current connection's WSTransport, or None."""
+
+    def __cinit__(self):
+        self._bases = NULL
+        self._frag = NULL
+
+    def __init__(self, ring_addresses, keepalive=None, on_control=None):
+        addrs = [int(a) for a in ring_addresses]
+        if not addrs:
+            raise ValueError("FeedListener needs at least one ring")
+        if any(a == 0 for a in addrs):
+            raise ValueError("ring address must not be 0")
+        self._bases = <void **>malloc(len(addrs) * sizeof(void *))
+        if self._bases == NULL:
+            raise MemoryError()
+        for i, a in enumerate(addrs):
+            self._bases[i] = <void *><size_t>a
+        self._n = len(addrs)
+        self._keepalive = keepalive
+        self._on_control = on_control
+        self._need_ts = True
+
+    def __dealloc__(self):
+        free(self._bases)
+        free(self._frag)
+
+    @property
+    def n_rings(self) -> int:
+        """Number of rings frames are routed over."""
+        return self._n
+
+    def stats(self) -> dict:
+        """The counters as a dict."""
+        return {"frames": self.frames, "bytes": self.bytes, "ring_drops": self.ring_drops,
+                "control": self.control, "pongs": self.pongs, "fragmented": self.fragmented,
+                "too_big": self.too_big, "connections": self.connections}
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        self.connections += 1
+        self._frag_active = False
+        self._frag_len = 0
+        self._need_ts = True
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        if self.transport is transport:
+            self.transport = None
+        self._frag_active = False
+        self._frag_len = 0
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType t = frame.msg_type
+        if self._need_ts:
+            self._ts = _realtime_us()
+        # The next frame starts a new socket read when this one is the last of this one.
+        self._need_ts = frame.last_in_buffer
+        if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
+            if frame.fin:
+                self._message(frame.payload_ptr, frame.payload_size)
+            else:
+                self._frag_active = True
+                self._frag_len = 0
+                self._append(frame.payload_ptr, frame.payload_size)
+        elif t == WSMsgType.CONTINUATION:
+            if not self._frag_active:
+                return  # picows rejects a stray continuation before it gets here
+            self._append(frame.payload_ptr, frame.payload_size)
+            if frame.fin:
+                self._frag_active = False
+                if self._frag_len < 0:
+                    self.too_big += 1
+                else:
+                    self.fragmented += 1
+                    self._message(self._frag, self._frag_len)
+                self._frag_len = 0
+        elif t == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    cdef inline void _append(self, const char *p, Py_ssize_t n) noexcept:
+        # _frag_len < 0 marks a message that already overflowed: drop the rest of it.
+        cdef Py_ssize_t need, cap
+        cdef char *grown
+        if self._frag_len < 0:
+            return
+        need = self._frag_len + n
+        if need > _MAX_MESSAGE:
+            self._frag_len = -1
+            return
+        if need > self._frag_cap:
+            cap = max(need, 2 * self._frag_cap)
+            if cap < 4096:
+                cap = 4096
+            grown = <char *>realloc(self._frag, cap)
+            if grown == NULL:
+                self._frag_len = -1
+                return
+            self._frag = grown
+            self._frag_cap = cap
+        memcpy(self._frag + self._frag_len, p, n)
+        self._frag_len = need
+
+    cdef inline void _message(self, const char *p, Py_ssize_t n) noexcept:
+        cdef int32_t route = _route(p, n)
+        if route >= 0:
+            if ff_ring_write(self._bases[route % self._n], p, <uint32_t>n, _DATA_TYPE,
+                             self._ts, route):
+                self.frames += 1
+                self.bytes += n
+            else:
+                self.ring_drops += 1
+        elif n == 4 and p[0] == b'p' and p[1] == b'o' and p[2] == b'n' and p[3] == b'g':
+            self.pongs += 1
+            self.last_pong_ns = _monotonic_ns()
+        else:
+            self.control += 1
+            if self._on_control is not None:
+                try:
+                    self._on_control(p[:n])
+                except Exception:
+                    # A failing callback must not tear down the feed connection.
+                    pass
