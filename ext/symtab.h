@@ -83,11 +83,40 @@ static inline void ff_symtab_init(void *block, uint32_t capacity)
     __atomic_store_n(&h->magic, FF_SYMTAB_MAGIC, __ATOMIC_RELEASE);
 }
 
+static inline uint64_t ff_mix(uint64_t h)
+{
+    h *= 0xD6E8FEB86659FD93ULL;
+    return h ^ (h >> 32);
+}
+
+/* Symbol codes are short: up to 16 bytes they are hashed (and compared) from two
+ * overlapping fixed-size loads, with no byte loop and no library call. */
+static inline uint64_t ff_load_u64(const char *p)
+{
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
+static inline uint32_t ff_load_u32(const char *p)
+{
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return w;
+}
+
 static inline uint64_t ff_hash_bytes(const char *p, size_t n)
 {
-    /* Word-at-a-time multiply-xorshift: symbol codes are short, and a byte
-     * loop such as FNV costs a dependent multiply per byte. */
     uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+    if (n >= 8 && n <= 16) {
+        h = (h ^ ff_load_u64(p)) * 0xBF58476D1CE4E5B9ULL;
+        h = (h ^ (h >> 29) ^ ff_load_u64(p + n - 8)) * 0x94D049BB133111EBULL;
+        return ff_mix(h);
+    }
+    if (n >= 4 && n < 8) {
+        uint64_t w = ((uint64_t)ff_load_u32(p) << 32) | ff_load_u32(p + n - 4);
+        return ff_mix((h ^ w) * 0xBF58476D1CE4E5B9ULL);
+    }
     uint64_t w;
     while (n >= 8) {
         memcpy(&w, p, 8);
@@ -102,8 +131,14 @@ static inline uint64_t ff_hash_bytes(const char *p, size_t n)
         h = (h ^ w) * 0x94D049BB133111EBULL;
         h ^= h >> 31;
     }
-    h *= 0xD6E8FEB86659FD93ULL;
-    return h ^ (h >> 32);
+    return ff_mix(h);
+}
+
+static inline int ff_same_bytes(const char *a, const char *b, size_t n)
+{
+    if (n >= 8 && n <= 16)
+        return ff_load_u64(a) == ff_load_u64(b) && ff_load_u64(a + n - 8) == ff_load_u64(b + n - 8);
+    return memcmp(a, b, n) == 0;
 }
 
 /* -1 when absent. */
@@ -114,7 +149,7 @@ static inline int32_t ff_symtab_find(const ff_symtab *t, const char *p, uint32_t
         uint32_t s = __atomic_load_n(&t->slots[i], __ATOMIC_ACQUIRE);
         if (s == 0) return -1;
         const ff_symtab_entry *e = &t->entries[s - 1];
-        if (e->len == n && memcmp(t->arena + e->off, p, n) == 0) return (int32_t)(s - 1);
+        if (e->len == n && ff_same_bytes(t->arena + e->off, p, n)) return (int32_t)(s - 1);
         i = (i + 1) & t->mask;
     }
 }
