@@ -895,7 +895,8 @@ static int ff_type_error(ff_dec *d, uint32_t bad, const size_t *badpos, int nfie
             key = bar_key;
         }
         uint8_t at = d->start[badpos[f]];
-        if (at == '-' || (unsigned)(at - '0') < 10) {
+        int numeric_field = (f == F_S) ? d->bar_bad_field >= 0 : (f != F_C && f != F_SS && f != F_BT);
+        if (numeric_field && (at == '-' || (unsigned)(at - '0') < 10)) {
             snprintf(d->err, sizeof d->err, "timestamp `%s` out of int64 range (byte %zu)", key,
                      badpos[f]);
             return -1;

@@ -1,0 +1,569 @@
+"""The decoder against PROTOCOL.md section 3, rule by rule, and against a reference."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import random
+import struct
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastfeed
+from fastfeed import BAR_DTYPE, NAT, QUOTE_DTYPE, TICK_DTYPE, Decoder, SymbolTable
+
+from . import framegen, reference
+
+# The provider's examples, as its documentation prints them (pretty-printed).
+QUOTE_DOC = b"""{
+"c": "NASDAQ:AAPL",
+"lt": 1733432340.0,
+"v": 533779.0,
+"lp": 243.08,
+"a": 243.09,
+"b": 243.08,
+"as": 520.0,
+"bs": 430.0
+}"""
+SERIES_DOC = b"""{
+"c": "NASDAQ:AAPL",
+"be": 1733432399.0,
+"lu": 1733432399820,
+"bt": "1m",
+"s": [
+{
+"t": 1733432340.0,
+"o": 242.89,
+"h": 243.09,
+"l": 242.82,
+"c": 243.08,
+"v": 533779.0
+}
+]
+}"""
+TICK_DOC = b"""{
+"c": "NASDAQ:AAPL",
+"t": 1749462520.177003,
+"p": 242.89,
+"v": 200.0
+}"""
+TICK = b'{"c":"NASDAQ:AAPL","t":1749462520.177003,"p":242.89,"v":200.0}'
+QUOTE = b'{"c":"NASDAQ:AAPL","lt":1733432340.0,"v":533779.0,"lp":243.08,"a":243.09,"b":243.08,"as":520.0,"bs":430.0}'
+SERIES = b'{"c":"NASDAQ:AAPL","be":1733432399.0,"lu":1733432399820,"bt":"1m","s":[{"t":1733432340.0,"o":242.89,"h":243.09,"l":242.82,"c":243.08,"v":533779.0}]}'
+
+
+def one(frame: bytes, dec: Decoder | None = None):
+    dec = dec or Decoder()
+    return dec, dec.decode([frame], recv_ts=123)
+
+
+def tick_ts(text: str) -> int:
+    _, b = one(b'{"c":"X","t":%s,"p":1}' % text.encode())
+    assert not b.errors, b.errors
+    return int(b.ticks["ts"][0])
+
+
+# ---- public surface -------------------------------------------------------------
+
+
+def test_dtypes_have_the_documented_fields():
+    assert TICK_DTYPE.names == ("sym", "ts", "price", "volume", "recv_ts")
+    assert QUOTE_DTYPE.names == (
+        "sym", "status", "ts", "last", "volume", "bid", "ask", "bid_size", "ask_size", "recv_ts",
+    )
+    assert BAR_DTYPE.names == (
+        "sym", "bar_type", "ts", "bar_end", "last_update", "open", "high", "low", "close",
+        "volume", "recv_ts",
+    )
+    assert TICK_DTYPE["sym"] == np.int32 and TICK_DTYPE["ts"] == np.int64
+    assert QUOTE_DTYPE["status"] == np.uint8 and BAR_DTYPE["bar_type"] == np.int16
+    assert fastfeed.TICK_DTYPE is TICK_DTYPE
+
+
+@pytest.mark.parametrize("frame", [TICK_DOC, TICK])
+def test_provider_tick(frame):
+    dec, b = one(frame)
+    assert (len(b.ticks), len(b.quotes), len(b.bars), b.errors, b.control) == (1, 0, 0, [], [])
+    t = b.ticks[0]
+    assert dec.symbols[t["sym"]] == "NASDAQ:AAPL"
+    assert t["ts"] == 1749462520177003
+    assert t["price"] == 242.89 and t["volume"] == 200.0 and t["recv_ts"] == 123
+
+
+@pytest.mark.parametrize("frame", [QUOTE_DOC, QUOTE])
+def test_provider_quote(frame):
+    dec, b = one(frame)
+    q = b.quotes[0]
+    assert len(b.quotes) == 1 and not b.errors
+    assert dec.symbols[q["sym"]] == "NASDAQ:AAPL" and q["status"] == 0
+    assert q["ts"] == 1733432340000000
+    assert (q["last"], q["volume"], q["bid"], q["ask"], q["bid_size"], q["ask_size"]) == (
+        243.08, 533779.0, 243.08, 243.09, 430.0, 520.0,
+    )
+
+
+@pytest.mark.parametrize("frame", [SERIES_DOC, SERIES])
+def test_provider_series(frame):
+    dec, b = one(frame)
+    r = b.bars[0]
+    assert len(b.bars) == 1 and not b.errors
+    assert dec.symbols[r["sym"]] == "NASDAQ:AAPL" and dec.bar_types[r["bar_type"]] == "1m"
+    assert r["ts"] == 1733432340000000 and r["bar_end"] == 1733432399000000
+    assert r["last_update"] == 1733432399820000  # lu is milliseconds
+    assert (r["open"], r["high"], r["low"], r["close"], r["volume"]) == (
+        242.89, 243.09, 242.82, 243.08, 533779.0,
+    )
+
+
+def test_tables_start_with_empty_code():
+    dec = Decoder()
+    assert dec.statuses[0] == "" and dec.bar_types[0] == ""
+    assert len(dec.symbols) == 0
+
+
+# ---- timestamps ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,us",
+    [
+        ("1749462520.177003", 1749462520177003),
+        ("1749462520", 1749462520000000),
+        ("1749462520.1", 1749462520100000),
+        ("1749462520.0000005", 1749462520000000),  # tie: to even (0)
+        ("1749462520.0000015", 1749462520000002),  # tie: to even (2)
+        ("1749462520.00000150000000001", 1749462520000002),
+        ("1749462520.0000025", 1749462520000002),
+        ("1749462520.00000250000001", 1749462520000003),
+        ("1749462520.0000024999999999", 1749462520000002),
+        ("1749462520.9999995", 1749462521000000),
+        ("1.749462520177003e9", 1749462520177003),
+        ("1.749462520177003E+9", 1749462520177003),
+        ("1749462520177003e-6", 1749462520177003),
+        ("17494625201770030000000000e-16", 1749462520177003),
+        ("0.000001e15", 1_000_000_000_000_000),
+        ("-1.5", -1500000),
+        ("-0.0000005", 0),
+        ("-0.0000015", -2),
+        ("0", 0),
+        ("-0", 0),
+        ("1e-400", 0),
+        ("0e999999999999", 0),
+        ("9223372036854.775807", 9223372036854775807),
+        ("-9223372036854.775807", -9223372036854775807),
+        ("0.00000000000000000000000000000000000000000000000000000001e50", 1),
+    ],
+)
+def test_timestamp_exact(text, us):
+    assert tick_ts(text) == us
+
+
+def test_timestamp_beyond_float_precision():
+    # a float round trip would lose the last digit at this magnitude
+    text = "9007199254.740993"
+    assert float(text) * 1e6 != 9007199254740993
+    assert tick_ts(text) == 9007199254740993
+
+
+@pytest.mark.parametrize("text", ["9223372036854.775808", "1e19", "-1e30", "1e999999999999"])
+def test_timestamp_out_of_range_is_an_error(text):
+    _, b = one(b'{"c":"X","t":%s,"p":1}' % text.encode())
+    assert len(b.errors) == 1 and "out of int64 range" in b.errors[0][1]
+    assert len(b.ticks) == 0
+
+
+def test_lu_is_milliseconds():
+    _, b = one(b'{"c":"X","bt":"1m","lu":1733432399820.5,"s":[{"t":1}]}')
+    assert b.bars["last_update"][0] == 1733432399820500
+
+
+def test_missing_and_null_times_are_nat():
+    _, b = one(b'{"c":"X","t":null,"p":1}')
+    assert b.ticks["ts"][0] == NAT
+    assert b.ticks["ts"].view("M8[us]")[0] != b.ticks["ts"].view("M8[us]")[0]  # NaT
+    _, b = one(b'{"c":"X","p":1}')
+    assert b.ticks["ts"][0] == NAT
+
+
+# ---- floats ----------------------------------------------------------------------
+
+FLOAT_TEXTS = [
+    "242.89", "0.1", "0.3", "1e23", "8.98846567431158e307", "1e308", "1.7976931348623157e308",
+    "1e400", "-1e400", "4.9e-324", "2.4703282292062327e-324", "2.2250738585072014e-308",
+    "9007199254740993", "9007199254740992.5", "123456789012345678901234567890", "0.000001",
+    "1.00000000000000011102230246251565404236316680908203125", "-0.0", "0", "-0", "1E2",
+    "3.141592653589793238462643383279", "0.30000000000000004", "5e-324", "1e-400",
+    "12345678.1234567", "99999999999999999", "1.5e-7", "7.0e+1",
+]
+
+
+@pytest.mark.parametrize("text", FLOAT_TEXTS)
+def test_float_bit_exact(text):
+    _, b = one(b'{"c":"X","p":%s}' % text.encode())
+    got = struct.pack("<d", b.ticks["price"][0])
+    assert got == struct.pack("<d", float(text)), text
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+@settings(max_examples=3000, deadline=None)
+def test_float_repr_round_trip(x):
+    dec = Decoder()
+    for text in (repr(x), f"{x:.17g}", f"{x:.3e}", f"{x:.2f}" if abs(x) < 1e15 else repr(x)):
+        b = dec.decode([b'{"c":"X","p":%s}' % text.encode()])
+        assert struct.pack("<d", b.ticks["price"][0]) == struct.pack("<d", float(text)), text
+
+
+@given(st.integers(0, 10**18), st.integers(0, 12), st.booleans())
+@settings(max_examples=3000, deadline=None)
+def test_decimal_texts_exact(mant, frac, neg):
+    digits = str(mant).rjust(frac + 1, "0")
+    text = ("-" if neg else "") + (digits[: len(digits) - frac] + "." + digits[len(digits) - frac:] if frac else digits)
+    dec = Decoder()
+    b = dec.decode([b'{"c":"X","t":%s,"p":%s}' % (text.encode(), text.encode())])
+    try:
+        want = reference.fixed(reference.Num(text), 6)
+    except reference.RefError:
+        assert "out of int64 range" in b.errors[0][1]
+        return
+    assert not b.errors
+    assert struct.pack("<d", b.ticks["price"][0]) == struct.pack("<d", float(text))
+    assert b.ticks["ts"][0] == want
+
+
+def test_missing_and_null_numbers_are_nan():
+    _, b = one(b'{"c":"X","lp":null,"b":1.5}')
+    q = b.quotes[0]
+    assert math.isnan(q["last"]) and math.isnan(q["ask"]) and q["bid"] == 1.5
+    assert q["ts"] == NAT
+
+
+# ---- structure -------------------------------------------------------------------
+
+
+def test_key_order_and_whitespace_do_not_matter():
+    frames = [
+        b'{"v":200.0,"p":242.89,"t":1749462520.177003,"c":"NASDAQ:AAPL"}',
+        b' \t\r\n{ "p" :242.89 ,\n"c":\t"NASDAQ:AAPL", "v": 200.0 , "t" : 1749462520.177003 }\n ',
+    ]
+    _, b = one(TICK)
+    for f in frames:
+        _, b2 = one(f)
+        assert b2.ticks.tobytes() == b.ticks.tobytes()
+
+
+def test_unknown_keys_of_any_type_are_skipped():
+    f = (b'{"x":{"a":[1,{"b":[[],{}]},"s"],"c":"inner"},"c":"NASDAQ:AAPL","arr":[1,2,[3]],'
+         b'"n":null,"t":1749462520.177003,"flag":true,"p":242.89,"f":false,"str":"\\u00e9","v":200.0,"num":-1.5e3}')
+    _, b = one(f)
+    _, ref = one(TICK)
+    assert not b.errors and b.ticks.tobytes() == ref.ticks.tobytes()
+
+
+def test_last_repeated_key_wins():
+    dec, b = one(b'{"c":"A","p":"bad","t":1,"p":2.5,"c":"B"}')
+    assert not b.errors and b.ticks["price"][0] == 2.5 and dec.symbols[b.ticks["sym"][0]] == "B"
+    _, b = one(b'{"c":"A","p":1,"p":"bad"}')
+    assert len(b.errors) == 1
+    _, b = one(b'{"c":"A","bt":"1m","s":[{"t":1},{"t":2}],"s":[{"t":3}]}')
+    assert b.bars["ts"].tolist() == [3_000_000]
+
+
+def test_string_escapes_and_unicode():
+    dec, b = one(b'{"c":"NASDAQ\\u003AAAPL","p":1}')
+    assert dec.symbols[b.ticks["sym"][0]] == "NASDAQ:AAPL"
+    dec, b = one('{"c":"\\"Q\\"\\\\/\\/\\u00e9\\ud83d\\ude00東","p":1}'.encode())
+    assert dec.symbols[b.ticks["sym"][0]] == '"Q"\\//é😀東'
+    dec, b = one('{"c":"ÉCOLE:東証","p":1}'.encode())
+    assert dec.symbols[b.ticks["sym"][0]] == "ÉCOLE:東証"
+    dec, b = one(b'{"\\u0063":"X","\\u0070":1}')  # escaped keys
+    assert len(b.ticks) == 1
+
+
+@pytest.mark.parametrize(
+    "frame,what",
+    [
+        (b'{"c":"\xff","p":1}', "invalid UTF-8"),
+        (b'{"c":"\xc3","p":1}', "invalid UTF-8"),
+        (b'{"c":"\xed\xa0\x80","p":1}', "invalid UTF-8"),  # encoded surrogate
+        (b'{"c":"\xc0\xaf","p":1}', "invalid UTF-8"),  # overlong
+        (b'{"c":"\xf4\x90\x80\x80","p":1}', "invalid UTF-8"),  # above U+10FFFF
+        (b'{"c":"X","p":1,"k":"\xe9"}', "invalid UTF-8"),  # in a skipped value too
+        (b'{"c":"\\ud800","p":1}', "surrogate"),
+        (b'{"c":"\\udc00x","p":1}', "surrogate"),
+        (b'{"c":"a\nb","p":1}', "control character"),
+        (b'{"c":"\\x","p":1}', "invalid escape"),
+    ],
+)
+def test_bad_strings_are_errors(frame, what):
+    _, b = one(frame)
+    assert len(b.errors) == 1 and what in b.errors[0][1], b.errors
+    assert len(b.ticks) == 0
+
+
+def test_close_inside_a_bar_is_a_price_and_series_give_a_row_per_bar():
+    dec, b = one(b'{"c":"SYM","bt":"5m","be":10,"lu":5000,"s":[{"t":1,"c":1.5},{"t":2,"c":2.5,"o":2},{"t":3}]}')
+    assert len(b.bars) == 3
+    assert dec.symbols[b.bars["sym"][0]] == "SYM"
+    assert b.bars["close"][:2].tolist() == [1.5, 2.5] and math.isnan(b.bars["close"][2])
+    assert set(b.bars["bar_end"].tolist()) == {10_000_000} and set(b.bars["last_update"].tolist()) == {5_000_000}
+    assert b.bars["ts"].tolist() == [1_000_000, 2_000_000, 3_000_000]
+
+
+def test_series_without_bars_gives_no_rows():
+    _, b = one(b'{"c":"X","bt":"1m","s":[]}')
+    assert (len(b.bars), b.errors, b.control) == (0, [], [])
+    _, b = one(b'{"c":"X","bt":"1m","s":null}')
+    assert (len(b.bars), b.errors) == (0, [])
+
+
+def test_array_frame_gives_every_message():
+    dec, b = one(b"[" + TICK + b"," + QUOTE + b"," + SERIES + b"]")
+    assert (len(b.ticks), len(b.quotes), len(b.bars), b.errors) == (1, 1, 1, [])
+
+
+def test_a_failing_message_fails_its_whole_frame_only():
+    frames = [TICK, b"[" + TICK + b',{"c":"X","p":"oops"}]', QUOTE, b'{"p":1}', SERIES]
+    _, b = Decoder().decode(frames, recv_ts=0), None
+    b = _
+    assert [i for i, _ in b.errors] == [1, 3]
+    assert "expected number or null for `p`, got string" in b.errors[0][1]
+    assert "without a string `c`" in b.errors[1][1]
+    assert (len(b.ticks), len(b.quotes), len(b.bars)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "frame,why",
+    [
+        (b'{"c":7,"p":1}', "expected string for `c`, got number"),
+        (b'{"c":null,"p":1}', "expected string for `c`, got null"),
+        (b'{"p":1}', "without a string `c`"),
+        (b'{"c":"X","p":true}', "`p`, got boolean"),
+        (b'{"c":"X","t":"1","p":1}', "`t`, got string"),
+        (b'{"c":"X","lt":false}', "`lt`, got boolean"),
+        (b'{"c":"X","lp":[1]}', "`lp`, got array"),
+        (b'{"c":"X","ss":5}', "`ss`, got number"),
+        (b'{"c":"X","bt":true,"s":[]}', "`bt`, got boolean"),
+        (b'{"c":"X","bt":"1m","s":{}}', "`s`, got object"),
+        (b'{"c":"X","bt":"1m","s":[1]}', "`s`, got number"),
+        (b'{"c":"X","bt":"1m","s":[{"o":"1"}]}', "`s[].o`, got string"),
+        (b'{"c":"X","bt":"1m","s":[{"t":true}]}', "`s[].t`, got boolean"),
+        (b'{"c":"X","p":1,"lu":"x"}', "`lu`, got string"),
+    ],
+)
+def test_wrong_types_are_errors_that_say_what_and_where(frame, why):
+    _, b = one(frame)
+    assert len(b.errors) == 1 and why in b.errors[0][1], b.errors
+    assert "(byte " in b.errors[0][1]
+    assert len(b.ticks) + len(b.quotes) + len(b.bars) == 0
+
+
+def test_error_names_the_byte():
+    _, b = one(b'{"c":"X","p":1,}')
+    assert b.errors == [(0, "JSON is malformed: expected a string key (byte 15)")]
+    _, b = one(b'{"c":"X","p":1')
+    assert b.errors == [(0, "input truncated: unclosed object (byte 14)")]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b'{"status":"ok"}', b"{}", b"[]", b'"pong"', b"42", b"null", b'[{"email":"a@b"}]', b'{"c":"X","t":"not data"}'],
+)
+def test_valid_non_market_json_is_control(frame):
+    _, b = one(frame)
+    assert b.control == [frame] and not b.errors and b.rows == 0
+
+
+@pytest.mark.parametrize("frame", [b"", b"   ", b"pong", b"{", b"}", b"[1,]", b'{"a":1}x', b"NaN", b"01", b'{"a":01}', b"-", b"1.", b".5", b"1e", b"tru", b"nul"])
+def test_invalid_json_is_an_error(frame):
+    _, b = one(frame)
+    assert len(b.errors) == 1 and not b.control
+
+
+@pytest.mark.parametrize("depth", [10, 63, 64, 65, 1000, 100_000])
+def test_deep_nesting_is_an_error_not_a_crash(depth):
+    for opener, closer in ((b"[", b"]"), (b'{"a":', b"}"), (b'{"a":[', b"]}")):
+        frame = b'{"c":"X","p":1,"x":' + opener * depth + b"1" + closer * depth + b"}"
+        _, b = one(frame)
+        if depth < 60:
+            assert not b.errors and len(b.ticks) == 1
+        else:
+            assert len(b.errors) == 1 and "nesting too deep" in b.errors[0][1]
+
+
+def test_every_truncation_of_valid_frames_is_an_error():
+    dec = Decoder()
+    for frame in (TICK, QUOTE, SERIES, TICK_DOC, b"[" + TICK + b"," + SERIES + b"]"):
+        cuts = [frame[:i] for i in range(len(frame))]
+        b = dec.decode(cuts, recv_ts=0)
+        # a cut that is itself valid JSON is a number prefix at top level: none here
+        assert len(b.errors) == len(cuts), [c for i, c in enumerate(cuts) if i not in {e[0] for e in b.errors}]
+        assert b.rows == 0
+
+
+def test_random_bytes_never_crash():
+    r = random.Random(1234)
+    dec = Decoder()
+    junk = [bytes(r.randrange(256) for _ in range(r.randrange(80))) for _ in range(20000)]
+    junk += [framegen.mutate(r, TICK) for _ in range(20000)]
+    b = dec.decode(junk, recv_ts=0)
+    assert len(b.errors) + len(b.control) + b.rows >= len(junk) - b.rows  # every frame accounted
+    ref = reference.decode(junk, 0)
+    assert [i for i, _ in b.errors] == ref["errors"]
+
+
+# ---- inputs and entry points -------------------------------------------------------
+
+
+def test_bytes_like_inputs():
+    dec = Decoder()
+    b = dec.decode([TICK, bytearray(TICK), memoryview(TICK), np.frombuffer(TICK, np.uint8)], recv_ts=0)
+    assert len(b.ticks) == 4 and len(set(b.ticks.tobytes()[i * 40:(i + 1) * 40] for i in range(4))) == 1
+    with pytest.raises(TypeError, match="frame 0 is a str"):
+        dec.decode([TICK.decode()])
+
+
+def test_recv_ts_forms():
+    dec = Decoder()
+    before = fastfeed.now_us()
+    b = dec.decode([TICK, TICK])
+    assert before <= b.ticks["recv_ts"][0] <= fastfeed.now_us()
+    assert dec.decode([TICK, TICK], recv_ts=[5, 6]).ticks["recv_ts"].tolist() == [5, 6]
+    assert dec.decode([TICK], recv_ts=np.array([9])).ticks["recv_ts"].tolist() == [9]
+    with pytest.raises(ValueError, match="2 entries for 1 frames"):
+        dec.decode([TICK], recv_ts=[1, 2])
+
+
+def test_decode_buffer_ndjson():
+    dec = Decoder()
+    data = TICK + b"\n\n" + QUOTE + b"\r\n  \n" + b"garbage\n" + SERIES
+    b = dec.decode_buffer(data, recv_ts=1)
+    assert (len(b.ticks), len(b.quotes), len(b.bars), b.frames) == (1, 1, 1, 4)
+    assert [i for i, _ in b.errors] == [2]
+
+
+def test_decode_region_reads_frames_in_place():
+    dec = Decoder()
+    region = bytearray(b"....") + TICK + b"xx" + QUOTE + b"!"
+    offsets = [4, 4 + len(TICK) + 2]
+    b = dec.decode_region(region, offsets, [len(TICK), len(QUOTE)], [10, 20], 2)
+    assert (len(b.ticks), len(b.quotes)) == (1, 1)
+    assert (b.ticks["recv_ts"][0], b.quotes["recv_ts"][0]) == (10, 20)
+    b = dec.decode_region(region, offsets, [len(TICK), len(QUOTE)], [10, 20], 1)
+    assert (len(b.ticks), len(b.quotes)) == (1, 0)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        dec.decode_region(region, [len(region)], [1], [0])
+
+
+def test_error_store_is_bounded_and_keeps_raw_bytes():
+    dec = Decoder(error_store=3)
+    dec.decode([b"bad%d" % i for i in range(10)])
+    assert len(dec.last_errors) == 3 and dec.last_errors[-1][1] == b"bad9"
+    assert dec.stats()["errors"] == 10 and dec.stats()["frames"] == 10
+
+
+def test_symbol_ids_are_stable_across_batches():
+    dec = Decoder()
+    a = dec.decode([b'{"c":"A","p":1}', b'{"c":"B","p":1}'])
+    b = dec.decode([b'{"c":"B","p":1}', b'{"c":"C","p":1}', b'{"c":"A","p":1}'])
+    assert a.ticks["sym"].tolist() == [0, 1] and b.ticks["sym"].tolist() == [1, 2, 0]
+    assert list(dec.symbols) == ["A", "B", "C"]
+
+
+def test_status_and_bar_type_interning():
+    dec = Decoder()
+    b = dec.decode([b'{"c":"A","ss":"OPEN"}', b'{"c":"A","ss":"CLOSED"}', b'{"c":"A","ss":"OPEN"}', b'{"c":"A","b":1}'])
+    assert [dec.statuses[i] for i in b.quotes["status"]] == ["OPEN", "CLOSED", "OPEN", ""]
+
+
+def test_status_table_overflow_is_a_clear_error():
+    dec = Decoder()
+    b = dec.decode([b'{"c":"A","ss":"S%d"}' % i for i in range(300)])
+    assert len(b.quotes) == 255 and len(b.errors) == 45
+    assert "status table full" in b.errors[0][1]
+
+
+# ---- symbol tables shared between processes ------------------------------------------
+
+
+def test_symbol_table_over_a_buffer_is_shared():
+    buf = bytearray(SymbolTable.nbytes(1000))
+    t1 = SymbolTable(buf, capacity=1000)
+    d1 = Decoder(symbols=t1)
+    d1.decode([b'{"c":"A","p":1}'])
+    d2 = Decoder(symbols=SymbolTable(buf))
+    b = d2.decode([b'{"c":"B","p":1}', b'{"c":"A","p":1}'])
+    assert b.ticks["sym"].tolist() == [1, 0]
+    assert list(t1) == ["A", "B"]
+    with pytest.raises(ValueError, match="too small"):
+        SymbolTable(bytearray(100), capacity=1000)
+    with pytest.raises(ValueError, match="something other"):
+        SymbolTable(bytearray(b"\x01" * SymbolTable.nbytes(10)), capacity=10)
+
+
+def _intern_in_child(name: str, codes: list[str], out) -> None:
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        t = SymbolTable(shm.buf)
+        dec = Decoder(symbols=t)
+        frames = [b'{"c":"%s","p":1}' % c.encode() for c in codes]
+        b = dec.decode(frames)
+        out.put([t[i] for i in b.ticks["sym"]])
+        del t, dec, b
+    finally:
+        shm.close()
+
+
+def test_symbol_ids_agree_across_processes():
+    ctx = mp.get_context("spawn")
+    shm = shared_memory.SharedMemory(create=True, size=SymbolTable.nbytes(4096))
+    try:
+        table = SymbolTable(shm.buf, capacity=4096)
+        codes = [f"EX:S{i}" for i in range(2000)]
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_intern_in_child, args=(shm.name, random.Random(s).sample(codes, 2000), out)) for s in range(3)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+        # every process saw its own codes back through the shared ids
+        assert all(sorted(r) == sorted(codes) for r in results)
+        assert len(table) == 2000 and sorted(table) == sorted(codes)
+        del table
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+# ---- differential ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_differential_against_reference(seed):
+    """100,000 generated frames in all: valid, reordered, pretty-printed, odd and broken."""
+    frames = framegen.frames(seed, 20_000)
+    dec = Decoder()
+    batch = dec.decode(frames, recv_ts=7)
+    assert reference.mismatches(frames, reference.fast_rows(dec, batch), reference.decode(frames, 7)) == []
+    # the generator must exercise every path, or the comparison proves little
+    assert min(len(batch.ticks), len(batch.quotes), len(batch.bars), len(batch.errors), len(batch.control)) > 500
+
+
+@st.composite
+def frame_lists(draw):
+    seed = draw(st.integers(0, 2**32))
+    n = draw(st.integers(1, 40))
+    return framegen.frames(seed, n, corrupt=0.1)
+
+
+@given(frame_lists())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_differential_hypothesis(frames):
+    dec = Decoder()
+    batch = dec.decode(frames, recv_ts=7)
+    assert reference.mismatches(frames, reference.fast_rows(dec, batch), reference.decode(frames, 7)) == []
