@@ -405,6 +405,8 @@ class WorkerPool:
         self._state: np.ndarray | None = None
         self._tables: list[Any] = []
         self._procs: list[Any] = []
+        self._started_at: list[float] = []
+        self._failures: list[int] = []
         self._specs: list[_WorkerSpec] = []
         self._lock = threading.RLock()
         self._stopping = False
@@ -466,35 +468,52 @@ class WorkerPool:
                 batch_size=self.batch_size, busy_poll=self.busy_poll, handler=self.handler,
                 parent_pid=os.getpid(), fault=self._fault))
             self._procs.append(None)
+            self._started_at.append(0.0)
+            self._failures.append(0)
 
     def _spawn(self, i: int) -> None:
         p = self._ctx.Process(target=_worker_main, args=(self._specs[i],),
                               name=f"fastfeed-{self.name}-w{i}", daemon=True)
         p.start()
         self._procs[i] = p
+        self._started_at[i] = time.monotonic()
 
     def _supervise(self) -> None:
-        """Restart workers that die while the pool runs."""
+        """Restart workers that die while the pool runs. A worker that keeps dying right after
+        it starts (a broken handler import, say) is restarted with an exponential back-off
+        instead of in a tight loop."""
+        due: dict[int, float] = {}  # worker -> time of its next start
         while not self._closed:
             with self._lock:
                 if self._stopping:
                     return
                 live = {p.sentinel: i for i, p in enumerate(self._procs) if p is not None}
-            ready = mp.connection.wait(list(live), timeout=0.2)
+            ready = mp.connection.wait(list(live), timeout=0.05 if due else 0.2) if live else []
+            if not live:
+                time.sleep(0.05)
             with self._lock:
                 if self._stopping or self._closed:
                     return
+                now = time.monotonic()
                 for s in ready:
                     i = live[s]
                     p = self._procs[i]
                     p.join()
+                    self._procs[i] = None
                     assert self._state is not None
                     self._state[1 + i, F_STATE] = S_EXITED
-                    if self.restart:
+                    if not self.restart:
+                        continue
+                    quick = now - self._started_at[i] < 1.0
+                    self._failures[i] = self._failures[i] + 1 if quick else 0
+                    delay = min(5.0, 0.05 * 2 ** self._failures[i]) if self._failures[i] else 0.0
+                    due[i] = now + delay
+                for i, t in list(due.items()):
+                    if t <= now:
+                        del due[i]
+                        assert self._state is not None
                         self._state[1 + i, F_RESTARTS] += 1
                         self._spawn(i)
-                    else:
-                        self._procs[i] = None
 
     def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
         """Stop the workers. With ``drain`` each first handles everything already in its ring
@@ -510,14 +529,33 @@ class WorkerPool:
             r.wake()
         if self._supervisor is not None:
             self._supervisor.join()
+        for i, p in enumerate(self._procs):
+            if p is not None and not p.is_alive() and p.exitcode != 0:
+                # Killed before the supervisor noticed (exit code 0 is a worker that already
+                # drained in answer to the stop flag).
+                p.join()
+                self._procs[i] = None
+        if drain and self.restart:
+            # A worker that died and awaits its restart still has frames in its ring: start it
+            # now; it sees the stop flag and drains.
+            for i, p in enumerate(self._procs):
+                if p is None:
+                    assert self._state is not None
+                    self._state[1 + i, F_RESTARTS] += 1
+                    self._spawn(i)
         deadline = time.monotonic() + timeout
         clean = True
-        for p in self._procs:
+        for i, p in enumerate(self._procs):
             if p is None:
                 continue
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 clean = False
+                if self.outputs:
+                    # It may be blocked on a full output ring nobody reads: release it (its
+                    # remaining output is dropped and counted), then let it go.
+                    self.outputs[i].shutdown()
+                    p.join(1)
                 p.terminate()
                 p.join(5)
                 if p.is_alive():

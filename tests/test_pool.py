@@ -361,3 +361,24 @@ def test_producer_in_a_thread_while_reading_output() -> None:
         assert pool.stop()
         collect(pool, rows)
         check_exactly_once(pool, rows, n)
+
+
+def test_stop_right_after_a_worker_died_still_drains_its_ring(tmp_path: Path) -> None:
+    """A worker killed mid-batch just before stop(): whether or not the supervisor restarted it
+    yet, stop(drain=True) gets its queued frames handled."""
+    n = 5000
+    gate = str(tmp_path / "gate")
+    with WorkerPool(1, handler=functools.partial(gated_handler, gate), full_policy="block",
+                    output=False, batch_size=100) as pool:
+        push(pool, 0, n)
+        deadline = time.monotonic() + JOIN_S
+        while not os.path.exists(gate + ".w0"):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        victim = pool.pids()[0]
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        open(gate, "w").close()
+        assert pool.stop(drain=True)
+        st = pool.stats()[0]
+        assert st.frames == n and st.restarts == 1 and pool.rings[0].used == 0
