@@ -13,12 +13,13 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from fastfeed._ring import HEADER_SIZE, RECORD_HEADER_SIZE, Ring, RingError, cleanup_stale
 
 from fastfeed import shm
+from fastfeed._ring import HEADER_SIZE, RECORD_HEADER_SIZE, Ring, RingError, cleanup_stale
 
 CTX = mp.get_context("spawn")
 # Generous bound for a child to finish; only reached when something is broken.
@@ -528,3 +529,55 @@ def test_liveness_fields() -> None:
         ring.read_batch(timeout=0).release()
         assert ring.consumer_pid == os.getpid() and ring.consumer_heartbeat_ns > before
         assert ring.stats()["written"] == 1
+
+
+_CYTHON_PRODUCER = """
+from libc.stdint cimport uint32_t
+from ff_ring cimport ff_ring_write, ff_ring_claim, ff_ring_commit
+from libc.string cimport memcpy
+
+def produce(size_t address, bytes data, Py_ssize_t n):
+    cdef void *base = <void *>address
+    cdef const char *p = data
+    cdef uint32_t ln = len(data)
+    cdef Py_ssize_t i, w = 0
+    cdef void *slot
+    with nogil:
+        for i in range(n):
+            if i % 2:
+                w += ff_ring_write(base, p, ln, 5, i, 7)
+            else:
+                slot = ff_ring_claim(base, ln + 16)  # reserve more than needed ...
+                if slot != NULL:
+                    memcpy(slot, p, ln)
+                    w += ff_ring_commit(base, ln, 6, i, 8)  # ... commit the real length
+    return w
+"""
+
+
+def test_a_separate_cython_module_produces_knowing_only_the_address(tmp_path) -> None:
+    """The contract the network process relies on: `from ff_ring cimport ff_ring_write` in
+    another extension, the ring's base address, no GIL, no Python call per frame."""
+    import subprocess
+    import sys
+
+    ext = Path(__file__).resolve().parent.parent / "ext"
+    (tmp_path / "ffprod.pyx").write_text(_CYTHON_PRODUCER)
+    (tmp_path / "setup.py").write_text(
+        "from setuptools import setup, Extension\n"
+        "from Cython.Build import cythonize\n"
+        f"setup(ext_modules=cythonize([Extension('ffprod', ['ffprod.pyx'], include_dirs=[{str(ext)!r}])],"
+        f" include_path=[{str(ext)!r}], language_level=3), script_args=['build_ext', '--inplace', '-q'])\n")
+    subprocess.run([sys.executable, "setup.py"], cwd=tmp_path, check=True, capture_output=True)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import ffprod  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+    with Ring.create("cyprod", 1 << 16) as ring:
+        assert ffprod.produce(ring.address, b"frame", 100) == 100
+        got = drain(ring)
+        assert [g[0] for g in got] == list(range(100))
+        assert all(g[4] == b"frame" for g in got)
+        assert [(g[1], g[2], g[3]) for g in got[:2]] == [(6, 0, 8), (5, 1, 7)]
+        assert ring.tail == 100 * 40  # commits shrank the claims to 5 bytes
