@@ -483,7 +483,9 @@ static inline void ff_ring_skip(void *base, uint64_t end)
 /* Gather up to `max` records starting at `*pos` (initially the head) without consuming them.
    Fills the arrays (offsets are relative to the data region and point at the payload), sets
    *pos to the position after the last record gathered, and tracks sequence gaps against
-   *expected / *gaps. Returns the number of records. Padding records are skipped. */
+   *expected / *gaps. Returns the number of records. Padding records are skipped.
+   A record whose header is impossible (only a corrupted segment has one) ends the batch before
+   it: returning 0 with *pos unchanged while records are available means corruption. */
 static inline uint32_t ff_ring_poll(void *base, uint32_t max, uint64_t *pos, uint64_t *expected, uint64_t *gaps,
                                     int64_t *offsets, int64_t *lengths, int64_t *recv_ts, uint64_t *seqs,
                                     int32_t *types, int32_t *routes)
@@ -492,16 +494,23 @@ static inline uint32_t ff_ring_poll(void *base, uint32_t max, uint64_t *pos, uin
     const uint8_t *data = ff_ring_data(base);
     const uint64_t mask = h->capacity - 1;
     const uint64_t tail = FF_LOAD_ACQ(&h->tail);
+    const uint32_t max_payload = h->max_payload;
     uint64_t p = *pos, exp = *expected, g = *gaps;
     uint32_t n = 0;
     while (p < tail && n < max) {
         const uint64_t idx = p & mask;
         const ff_rec_header *r = (const ff_rec_header *)(data + idx);
+        const uint32_t len = r->length;
         if (FF_UNLIKELY(r->type == FF_PAD_TYPE)) {
-            p += r->length;
+            if (FF_UNLIKELY(idx + len != mask + 1)) /* padding always runs to the end */
+                break;
+            p += len;
             continue;
         }
-        const uint32_t len = r->length;
+        /* Only a corrupted segment fails this: stop before the bad record (see ff_ring_poll's
+           comment), never read outside the data region. */
+        if (FF_UNLIKELY(len > max_payload))
+            break;
         const uint64_t seq = r->seq;
         offsets[n] = (int64_t)(idx + FF_REC_HEADER_SIZE);
         lengths[n] = len;

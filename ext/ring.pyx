@@ -633,9 +633,10 @@ cdef class Ring:
             n = ff_ring_poll(base, <uint32_t>max_records, &pos, &expected, &gaps, self._off_p,
                              self._len_p, self._ts_p, self._seq_p, self._type_p, self._route_p)
             if n == 0:
+                if pos == head:
+                    raise RingError("%s: corrupted record header at position %d" % (self.name, head))
                 # Only padding was published: step over it and wait for the record behind it.
-                if pos != head:
-                    ff_ring_skip(base, pos)
+                ff_ring_skip(base, pos)
                 continue
             b = Batch.__new__(Batch)
             b._ring = self

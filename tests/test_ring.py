@@ -581,3 +581,17 @@ def test_a_separate_cython_module_produces_knowing_only_the_address(tmp_path) ->
         assert all(g[4] == b"frame" for g in got)
         assert [(g[1], g[2], g[3]) for g in got[:2]] == [(6, 0, 8), (5, 1, 7)]
         assert ring.tail == 100 * 40  # commits shrank the claims to 5 bytes
+
+
+def test_a_corrupted_record_header_is_reported_not_followed() -> None:
+    with Ring.create("corrupt", 4096) as ring, shm.Segment.attach(ring.name) as raw:
+        assert raw.buf is not None
+        ring.write(b"good")
+        ring.write(b"bad")
+        # Second record's length field -> 1 GiB, as a stray write in another process could.
+        raw.buf[HEADER_SIZE + 40 : HEADER_SIZE + 44] = struct.pack("<I", 1 << 30)
+        b = ring.read_batch(timeout=0)
+        assert [bytes(b.frame(i)) for i in range(len(b))] == [b"good"]
+        b.release()
+        with pytest.raises(RingError, match="corrupted"):
+            ring.read_batch(timeout=0)
