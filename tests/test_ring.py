@@ -561,6 +561,7 @@ def test_a_separate_cython_module_produces_knowing_only_the_address(tmp_path) ->
     import subprocess
     import sys
 
+    pytest.importorskip("Cython")
     ext = Path(__file__).resolve().parent.parent / "ext"
     (tmp_path / "ffprod.pyx").write_text(_CYTHON_PRODUCER)
     (tmp_path / "setup.py").write_text(
