@@ -365,6 +365,51 @@ def test_two_processes_millions_of_records_every_seq_checked() -> None:
         assert ring.read_batch(timeout=0) is None
 
 
+def _flood(name: str, n: int) -> None:
+    """Child: write n 64-byte records as fast as possible, then, once the ring is empty, one
+    last record (so every drop shows up as a sequence gap)."""
+    ring = Ring.attach(name)
+    try:
+        chunk = 1000
+        data = bytes(64 * chunk)
+        for start in range(0, n, chunk):
+            ring.write_many(data, [64] * min(chunk, n - start))
+        while ring.used:
+            time.sleep(0.001)
+        assert ring.write(b"last")
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("policy", ["drop", "wait"])
+def test_overrun_between_processes_every_record_delivered_or_counted(policy: str) -> None:
+    """A fast producer and a slower consumer on a tiny ring: whatever the timing, the records
+    received plus the drops counted equal the records pushed, and the consumer's gap count
+    equals the drops."""
+    n = 200_000
+    with Ring.create("flood", 4096, full_policy=policy, wait_timeout_us=20) as ring:
+        p = CTX.Process(target=_flood, args=(ring.name, n))
+        p.start()
+        received, last, jumps = 0, -1, 0
+        while True:
+            b = ring.read_batch(16, timeout=JOIN_S)
+            assert b is not None
+            seqs = b.seqs.astype(np.int64)
+            assert (np.diff(seqs) > 0).all() and seqs[0] > last
+            jumps += int(seqs[0] - last - 1) + int((np.diff(seqs) - 1).sum())
+            last = int(seqs[-1])
+            received += len(b)
+            final = bytes(b.frame(len(b) - 1)) == b"last"
+            b.release()
+            if final:
+                break
+        p.join(JOIN_S)
+        assert p.exitcode == 0
+        assert received + ring.dropped == n + 1 == ring.next_seq
+        assert ring.written == received and ring.consumed == received
+        assert ring.gaps == ring.dropped == jumps
+
+
 @pytest.mark.parametrize("busy", [False, True])
 def test_consumer_in_another_process_is_woken(busy: bool) -> None:
     """Sleeping mode: the consumer ends up asleep on the futex (flag raised in the header) and
