@@ -174,7 +174,11 @@ def tp_ffifo(n: int, size: int) -> float:
 
 
 def _pace(next_t: int, interval: int) -> int:
+    """Wait until next_t (ns): sleep through most of a long wait, so the GIL is free for the
+    helper threads of Queue and faster-fifo, then spin for precision."""
     now = time.perf_counter_ns()
+    if next_t - now > 300_000:
+        time.sleep((next_t - now - 200_000) / 1e9)
     while now < next_t:
         now = time.perf_counter_ns()
     return now + interval
@@ -322,11 +326,12 @@ def run(quick: bool) -> dict[str, Any]:
         for name, fn, n in (("fastfeed ring", tp_ring, 10_000_000),
                             ("fastfeed ring, consumer reads every byte",
                              lambda n, size: tp_ring(n, size, touch=True), 10_000_000),
-                            ("faster-fifo", tp_ffifo, 400_000),
-                            ("multiprocessing.Pipe", tp_pipe, 400_000),
-                            ("multiprocessing.Queue", tp_queue, 200_000)):
+                            ("faster-fifo", tp_ffifo, 200_000),
+                            ("multiprocessing.Pipe", tp_pipe, 300_000),
+                            ("multiprocessing.Queue", tp_queue, 150_000)):
             n = int(n * scale)
-            dt = fn(n, size)
+            # Best of three, for every transport alike: the machine's other load only slows.
+            dt = min(fn(n, size) for _ in range(3))
             tp.append({"transport": name, "size": size, "n": n, "msgs_per_s": n / dt,
                        "gb_per_s": n * size / dt / 1e9})
     lat: list[dict[str, Any]] = []
@@ -365,8 +370,16 @@ def markdown(res: dict[str, Any]) -> str:
         ring = next(r for r in rows if r["transport"] == "fastfeed ring")
         for r in rows:
             ratio = ring["msgs_per_s"] / r["msgs_per_s"]
+            if r is ring:
+                vs = "1"
+            elif ratio >= 10:
+                vs = f"{ratio:,.0f}x slower"
+            elif ratio >= 1:
+                vs = f"{ratio:.1f}x slower"
+            else:
+                vs = f"{1 / ratio:.1f}x faster"
             out.append(f"| {r['transport']} | {size} B | {r['msgs_per_s'] / 1e6:,.2f} M "
-                       f"| {r['gb_per_s']:.3f} | {'1.0' if r is ring else f'{ratio:,.0f}x slower'} |")
+                       f"| {r['gb_per_s']:.3f} | {vs} |")
     out += ["", "### One-way latency, 64-byte messages (µs)", "",
             "| transport | waiting | p50 | p99 | p99.9 | consumer CPU | samples |",
             "|---|---|---:|---:|---:|---:|---:|"]
