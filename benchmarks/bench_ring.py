@@ -412,7 +412,7 @@ def markdown(res: dict[str, Any]) -> str:
             "of a 256-byte record, 33% of a 64-byte one); each publication pays a release "
             "store and a full fence (about 4 ns, the price of the futex wake-up protocol), and "
             "the tail and head lines travel between the cores once per batch. At 64 bytes the "
-            "bound is the per-record cost (about 15 ns for header, copy and publication), not "
+            "bound is the per-record cost (15-20 ns for header, copy and publication), not "
             "bandwidth.",
             "- Latency: the producer paces messages (20 µs apart for busy-poll, 1 ms apart for "
             "sleeping) so the consumer is idle and waiting when each arrives. \"ring (C)\" is "
