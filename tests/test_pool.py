@@ -382,3 +382,15 @@ def test_stop_right_after_a_worker_died_still_drains_its_ring(tmp_path: Path) ->
         assert pool.stop(drain=True)
         st = pool.stats()[0]
         assert st.frames == n and st.restarts == 1 and pool.rings[0].used == 0
+
+
+def test_busy_poll_workers() -> None:
+    n = 2000
+    with WorkerPool(1, busy_poll=True, full_policy="block", output_policy="block") as pool:
+        push(pool, 0, n)
+        rows: list[tuple[int, np.ndarray]] = []
+        run_until(pool, n, rows)
+        assert pool.stop()
+        collect(pool, rows)
+        check_exactly_once(pool, rows, n)
+        assert not pool.rings[0]._consumer_waiting  # it never went to sleep
