@@ -14,7 +14,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import ROOT, SIM_SECRET, SIM_TENANT
 
 from fastfeed.auth import (
     FALLBACK_LIFETIME_S,
@@ -29,6 +28,8 @@ from fastfeed.auth import (
     login,
 )
 from fastfeed.config import ConfigError, Secret, Settings, load_settings
+
+from .conftest import ROOT, SIM_SECRET, SIM_TENANT
 
 
 def settings_for(sim, token_cache, **extra):

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -16,6 +15,8 @@ from fastfeed.auth import login
 from fastfeed.config import load_settings
 from fastfeed.sim import Market, parse_faults
 from fastfeed.sim.server import POOL_FRAMES
+
+from .conftest import ROOT
 
 START = 1749462520.0
 

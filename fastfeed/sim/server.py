@@ -345,6 +345,9 @@ class _Conn(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.msg_op = 0
         self.msg = bytearray()
+        # After a drop (our side closed for writing) the client's messages are still read and
+        # counted (a subscription sent just before the drop), never answered.
+        self.half_closed = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -494,6 +497,7 @@ class _Conn(asyncio.Protocol):
         may discard frames still in flight: every frame counted as sent must arrive.
         """
         self.closing = True
+        self.half_closed = True
         assert self.transport is not None
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -503,6 +507,7 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
+        self.half_closed = False
         self.sim.counters["protocol_errors"] += 1
         log.info("closing connection: %s", reason)
         self._send_close(code, reason.encode())
@@ -512,7 +517,7 @@ class _Conn(asyncio.Protocol):
 
     def _ws_input(self) -> None:
         buf = self.buf
-        while not self.closing and len(buf) >= 2:
+        while (not self.closing or self.half_closed) and len(buf) >= 2:
             b0, b1 = buf[0], buf[1]
             fin, opcode = b0 & 0x80, b0 & 0x0F
             length = b1 & 0x7F

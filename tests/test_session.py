@@ -1,0 +1,377 @@
+"""The network session against the real simulator (and an independent ``websockets`` server),
+writing into real shared-memory rings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+
+import pytest
+import uvloop
+from websockets.asyncio.server import serve
+
+from fastfeed._listener import FeedListener, route_of
+from fastfeed._ring import Ring
+from fastfeed.auth import Token, TokenCache, login
+from fastfeed.config import load_settings
+from fastfeed.session import COUNTERS, Backoff, FeedSession, SessionProcess
+from fastfeed.sim import Market
+from fastfeed.sim.server import POOL_FRAMES
+
+from .conftest import SIM_SECRET
+
+START = 1749462520.0
+
+
+@pytest.fixture
+def rings():
+    made: list[Ring] = []
+
+    def make(n: int = 2, capacity: int = 1 << 22, policy: str = "wait") -> list[Ring]:
+        tag = uuid.uuid4().hex[:8]
+        rs = [Ring.create(f"t{tag}{i}", capacity, full_policy=policy) for i in range(n)]
+        made.extend(rs)
+        return rs
+
+    yield make
+    for r in made:
+        r.close()
+        r.unlink()
+
+
+def drain(rs: list[Ring]) -> list[list[tuple[bytes, int, int]]]:
+    """Every record left in each ring: (payload, recv_ts, route)."""
+    out: list[list[tuple[bytes, int, int]]] = []
+    for r in rs:
+        got: list[tuple[bytes, int, int]] = []
+        while (b := r.read_batch(timeout=0)) is not None:
+            with b:
+                ts, routes = b.recv_ts.tolist(), b.routes.tolist()
+                got.extend((bytes(b.frame(i)), ts[i], routes[i]) for i in range(len(b)))
+        out.append(got)
+    return out
+
+
+def wait_until(cond, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def session_settings(sim, tmp_path, **extra):
+    args = {"token_cache": str(tmp_path / "token.json"), "heartbeat_interval": 0.2,
+            "backoff_first": 0.01, "backoff_cap": 0.05}
+    args.update(extra)
+    return load_settings(sim.settings_args(**args), env={})
+
+
+def pool(**kw):
+    return Market(100, seed=0, **kw).block(POOL_FRAMES, int(START * 1e6), 1).payloads
+
+
+def code_of(payload: bytes) -> str:
+    obj = json.loads(payload)
+    return (obj[0] if isinstance(obj, list) else obj)["c"]
+
+
+def check_rings(per_ring, expected, n_rings):
+    """Every expected frame is in the ring of its symbol, in sent order, and nothing else."""
+    want: dict[int, list[bytes]] = defaultdict(list)
+    for p in expected:
+        want[route_of(code_of(p)) % n_rings].append(p)
+    for i, got in enumerate(per_ring):
+        assert [p for p, _, _ in got] == want[i], f"ring {i}"
+        for p, _, route in got:
+            assert route == route_of(code_of(p))
+
+
+def test_route_of_matches_the_scan():
+    codes = ["NASDAQ:AAPL", "NYSE:BX", "ARCA:X"]
+    routes = [route_of(c) for c in codes]
+    assert len(set(routes)) == 3 and all(0 <= r < 2**31 for r in routes)
+    assert route_of(b"NASDAQ:AAPL") == routes[0]
+
+
+def test_backoff_is_capped_jittered_and_resets():
+    b = Backoff(0.1, 1.0, 30.0)
+    delays = [b.next() for _ in range(8)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(d <= 1.0 for d in delays) and max(delays) >= 0.5
+    assert b.next(healthy_for=31.0) <= 0.1
+
+
+def test_listener_needs_rings():
+    with pytest.raises(ValueError):
+        FeedListener([])
+
+
+def test_frames_reach_rings_by_symbol_in_order(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "30000", "--start-time", str(START),
+                    "--fault", "status-every=1000")
+    rs = rings(3)
+    sub = json.dumps({"subscriptions": [{"code": "NASDAQ:AAPL", "type": "quote"}]})
+    s = session_settings(sim, tmp_path, subscription=sub)
+    before = time.time_ns() // 1000
+    with SessionProcess(s, [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 30000, what="30000 frames")
+        wait_until(lambda: proc.counters()["control"] >= 30, what="status messages")
+        c = proc.counters()
+    after = time.time_ns() // 1000
+    assert proc.exitcode == 0 and proc.error is None
+    assert c["frames"] == 30000 and c["ring_drops"] == 0 and c["control"] == 30
+    assert c["connects"] == 1 and c["reconnects"] == 0 and c["auth_renewals"] == 1
+    per_ring = drain(rs)
+    check_rings(per_ring, pool(status_every=1000)[:30000], 3)
+    for got in per_ring:
+        ts = [t for _, t, _ in got]
+        assert all(before <= t <= after for t in ts) and ts == sorted(ts)
+    stats = sim.stats()
+    assert stats["emails"] == 1 and stats["protocol_errors"] == 0  # the email came first
+    assert stats["last_email"] == "support@example.com"
+    assert stats["subscriptions"] == 1 and "NASDAQ:AAPL" in stats["last_subscription"]
+    assert stats["control_sent"] == 30
+
+
+def test_reconnect_after_drops_loses_and_repeats_nothing(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "20000", "--start-time", str(START),
+                    "--fault", "drop=6000")
+    rs = rings(2)
+    s = session_settings(sim, tmp_path, subscription='{"subscriptions": []}')
+    with SessionProcess(s, [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 20000, what="20000 frames")
+        wait_until(lambda: sim.stats()["subscriptions"] == 4, what="4 subscriptions")
+        c = proc.counters()
+    assert c["frames"] == 20000 and c["reconnects"] == 3 and c["connects"] == 4
+    check_rings(drain(rs), pool()[:20000], 2)
+    stats = sim.stop()
+    assert stats["drops"] == 3 and stats["connections"] == 4
+    # Email then subscription again on every connection.
+    assert stats["emails"] == 4 and stats["subscriptions"] == 4
+    assert stats["protocol_errors"] == 0
+
+
+def test_fragmented_messages_and_rfc_pings(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "5000", "--start-time", str(START),
+                    "--fault", "fragment=9", "--fault", "ping-every=500")
+    rs = rings(2)
+    with SessionProcess(session_settings(sim, tmp_path), [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 5000, what="5000 frames")
+        wait_until(lambda: sim.stats()["rfc_pongs"] == 10, what="10 RFC pongs")
+        c = proc.counters()
+    assert c["fragmented"] == 5000 and c["frames"] == 5000
+    check_rings(drain(rs), pool(fragment=9, ping_every=500)[:5000], 2)
+
+
+def test_malformed_and_array_frames_go_to_rings(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "4000", "--start-time", str(START),
+                    "--fault", "malformed=0.05", "--fault", "arrays=0.05")
+    rs = rings(2)
+    with SessionProcess(session_settings(sim, tmp_path), [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 4000, what="4000 frames")
+        c = proc.counters()
+    assert c["frames"] == 4000 and c["control"] == 0
+    per_ring = drain(rs)
+    got = [p for ring in per_ring for p, _, _ in ring]
+    expected = pool(malformed=0.05, arrays=0.05)[:4000]
+    assert sorted(got) == sorted(expected)
+    assert sim.stop()["malformed"] > 0
+
+
+@pytest.mark.parametrize("fault", ["no-pong", "stall=50"])
+def test_missing_pongs_mean_a_dead_connection(start_sim, rings, tmp_path, fault):
+    sim = start_sim("--rate", "500", "--fault", fault)
+    rs = rings(1)
+    with SessionProcess(session_settings(sim, tmp_path), [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["reconnects"] >= 2, what="2 reconnects")
+        c = proc.counters()
+    assert c["heartbeat_timeouts"] >= 2 and c["frames"] > 0
+    stats = sim.stop()
+    assert stats["connections"] >= 3 and stats["pings"] >= 4
+    if fault == "no-pong":
+        assert c["pongs"] == 0
+    else:
+        # Data and pongs flowed until the stall; then silence, detected the same way.
+        assert stats["stalls"] >= 2 and stats["frames_sent"] >= 100
+
+
+def test_pongs_keep_the_connection(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "200")
+    rs = rings(1)
+    with SessionProcess(session_settings(sim, tmp_path, heartbeat_interval=0.05),
+                        [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["pongs"] >= 10, what="10 pongs")
+        c = proc.counters()
+    assert c["heartbeat_timeouts"] == 0 and c["reconnects"] == 0 and c["pings_sent"] >= 10
+
+
+def test_refused_token_is_renewed_once_then_used(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "100", "--fault", "refuse-tokens=1")
+    s = session_settings(sim, tmp_path)
+    TokenCache(s.token_cache).store(login(s))  # a valid cached token that the feed refuses
+    rs = rings(1)
+    with SessionProcess(s, [r.name for r in rs]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 10, what="frames after renewal")
+        c = proc.counters()
+    assert c["refused_upgrades"] == 1 and c["auth_renewals"] == 1 and c["connects"] == 1
+    assert sim.stats()["exchanges"] == 2
+
+
+def test_refused_fresh_token_stops_without_looping(start_sim, rings, tmp_path, capfd):
+    sim = start_sim("--fault", "refuse-tokens")
+    s = session_settings(sim, tmp_path)
+    cached = login(s)
+    TokenCache(s.token_cache).store(cached)
+    rs = rings(1)
+    proc = SessionProcess(s, [r.name for r in rs], log_level=logging.DEBUG).start()
+    assert proc.join(timeout=60) == 1
+    assert "refused a freshly issued token" in (proc.error or "")
+    stats = sim.stats()
+    # One refusal of the cached token, one renewal, one refusal of the fresh one: no loop.
+    assert stats["upgrades_refused"] == 2 and stats["exchanges"] == 2
+    fresh = TokenCache(s.token_cache).load()
+    assert fresh is not None and fresh != cached
+    out, err = capfd.readouterr()
+    assert "refused" in err  # the child's debug log went to the captured stderr
+    for secret in (SIM_SECRET, cached.value, fresh.value):
+        assert secret not in out + err
+
+
+def test_bad_credentials_stop_the_process(start_sim, rings, tmp_path):
+    sim = start_sim()
+    s = session_settings(sim, tmp_path, client_secret="wrong")
+    proc = SessionProcess(s, [r.name for r in rings(1)]).start()
+    assert proc.join(timeout=60) == 1
+    assert "AADSTS7000215" in (proc.error or "") and "wrong" not in (proc.error or "")
+    assert sim.stats()["token_requests"] == 1
+
+
+def test_ring_full_drops_are_counted(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "0", "--count", "50000")
+    rs = rings(1, capacity=1 << 16, policy="drop")  # nobody reads: the ring fills up
+    with SessionProcess(session_settings(sim, tmp_path), [r.name for r in rs]) as proc:
+        wait_until(lambda: sum(proc.counters()[k] for k in ("frames", "ring_drops")) >= 50000,
+                   what="all frames written or dropped")
+        c = proc.counters()
+    assert c["ring_drops"] > 0 and c["frames"] + c["ring_drops"] == 50000
+    assert rs[0].dropped == c["ring_drops"] and rs[0].written == c["frames"]
+
+
+def test_in_process_session_logs_no_secret(start_sim, rings, tmp_path, caplog):
+    sim = start_sim("--rate", "1000", "--fault", "refuse-tokens=1", "--fault", "drop=200")
+    s = session_settings(sim, tmp_path)
+    TokenCache(s.token_cache).store(login(s))  # cached, then refused: one renewal
+    rs = rings(1)
+    controls: list[bytes] = []
+
+    async def main() -> FeedSession:
+        session = FeedSession(s, rs, on_control=controls.append)
+        task = asyncio.ensure_future(session.run())
+        deadline = time.monotonic() + 30
+        while session.counters()["reconnects"] < 1 and not task.done():
+            assert time.monotonic() < deadline, "timed out waiting for a reconnect"
+            await asyncio.sleep(0.01)
+        session.stop()
+        await task
+        return session
+
+    with caplog.at_level(logging.DEBUG):
+        session = uvloop.run(main())
+    c = session.counters()
+    assert set(c) == set(COUNTERS) and c["reconnects"] >= 1 and c["frames"] >= 200
+    assert c["auth_renewals"] == 1 and c["refused_upgrades"] == 1
+    token = TokenCache(s.token_cache).load()
+    assert token is not None and token.fingerprint in caplog.text
+    assert token.value not in caplog.text and SIM_SECRET not in caplog.text
+
+
+# -- an independent server: the websockets library ---------------------------------------------
+
+class WebsocketsFeed:
+    """A feed written with the ``websockets`` library, in a thread: checks the token and the
+    email, answers ``ping``, sends plain, fragmented and control messages and an RFC ping."""
+
+    TOKEN = "independent-server-token"
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+        self.events: list[str] = []
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.stop_future: asyncio.Future[None] | None = None
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _handler(self, ws) -> None:
+        if ws.request.headers.get("X-ZUMO-AUTH") != self.TOKEN:
+            self.events.append("bad-token")
+            await ws.close(1008)
+            return
+        first = json.loads(await ws.recv())
+        self.events.append(f"email:{first.get('email')}")
+        for i, f in enumerate(self.frames):
+            if i % 3 == 0:
+                # A fragmented message: websockets sends an iterable as fragments.
+                await ws.send([f[:5].decode(), f[5:20].decode(), f[20:].decode()])
+            else:
+                await ws.send(f.decode())
+            if i == 10:
+                await ws.send('{"status":"ok"}')
+                pong_waiter = await ws.ping(b"x")
+        await asyncio.wait_for(pong_waiter, 10)
+        self.events.append("rfc-pong")
+        async for msg in ws:
+            if msg == "ping":
+                self.events.append("ping")
+                await ws.send("pong")
+
+    async def _main(self) -> None:
+        async with serve(self._handler, "127.0.0.1", 0) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self.stop_future = asyncio.get_running_loop().create_future()
+            self.ready.set()
+            await self.stop_future
+
+    def close(self) -> None:
+        assert self.stop_future is not None
+        self.loop.call_soon_threadsafe(self.stop_future.set_result, None)
+        self.thread.join(10)
+
+
+def test_session_against_an_independent_websockets_server(rings, tmp_path):
+    frames = [p for p in pool()[:300]]
+    server = WebsocketsFeed(frames)
+    try:
+        host = f"http://127.0.0.1:{server.port}"
+        s = load_settings({"host": host, "email": "ops@example.com", "client_id": "c",
+                           "token_cache": str(tmp_path / "t.json"), "heartbeat_interval": 0.1},
+                          env={})
+        # A valid cached token: no login needed (this server has no token endpoint).
+        TokenCache(s.token_cache).store(Token(
+            value=WebsocketsFeed.TOKEN, user_id="sid:x", expires_at=time.time() + 86400 * 30,
+            obtained_at=time.time(), host=host, client_id="c"))
+        rs = rings(2)
+        with SessionProcess(s, [r.name for r in rs]) as proc:
+            wait_until(lambda: proc.counters()["frames"] >= 300, what="300 frames")
+            wait_until(lambda: proc.counters()["pongs"] >= 2, what="pongs")
+            wait_until(lambda: "rfc-pong" in server.events, what="RFC pong")
+            c = proc.counters()
+        assert c["frames"] == 300 and c["fragmented"] == 100 and c["control"] == 1
+        check_rings(drain(rs), frames, 2)
+        assert server.events[0] == "email:ops@example.com"
+        assert "ping" in server.events and "bad-token" not in server.events
+    finally:
+        server.close()
