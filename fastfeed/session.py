@@ -148,6 +148,28 @@ class FeedSession:
         :class:`FeedAuthError` when the feed host refuses a freshly issued token; every other
         failure is logged and retried with back-off.
         """
+        renewer = asyncio.ensure_future(self._keep_token_fresh())
+        try:
+            await self._run()
+        finally:
+            renewer.cancel()
+
+    async def _keep_token_fresh(self) -> None:
+        """Renew the token in the background once it is within ``renew_before`` of expiry.
+
+        A connection can outlive its token; renewing while connected means a reconnect late
+        in a token's life never has to wait for (or fail on) a login.
+        """
+        loop = asyncio.get_running_loop()
+        period = min(3600.0, max(0.1, self.settings.renew_before / 10))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await loop.run_in_executor(None, self.auth.get_token)  # renews when due
+            except AuthError as exc:
+                log.warning("background token renewal failed, will retry: %s", exc)
+
+    async def _run(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         backoff = Backoff(s.backoff_first, s.backoff_cap, s.backoff_reset_after)

@@ -99,6 +99,64 @@ def test_route_of_matches_the_scan():
     assert route_of(b"NASDAQ:AAPL") == routes[0]
 
 
+def _frame(payload: bytes, msg_type=None, fin: bool = True):
+    from picows import WSMsgType
+    from picows.picows import _make_test_ws_frame
+    return _make_test_ws_frame(WSMsgType.TEXT if msg_type is None else msg_type, payload, fin,
+                               False)
+
+
+def test_listener_routing_control_and_fragments(rings):
+    """The Cython listener alone, fed picows test frames: where each kind of frame goes."""
+    from picows import WSMsgType
+
+    rs = rings(3)
+    controls: list[bytes] = []
+    lst = FeedListener([r.address for r in rs], keepalive=rs, on_control=controls.append)
+    data = [
+        b'{"c":"NASDAQ:AAPL","t":1749462520.177003,"p":242.89,"v":200.0}',
+        # pretty-printed, and the bar's "c" (a number) comes before the symbol's
+        b'{\n  "s" : [ {"t":1.0,"o":1,"h":1,"l":1,"c" : 2.5,"v":1} ],\n  "c" : "NYSE:BX"\n}',
+        b'[{"c":"ARCA:X","p":1.0,"t":1},{"c":"ARCA:X","p":2.0,"t":2}]',
+        b'{"c":"NASDAQ:TSLA","t":17494',  # malformed: still data, the decoder records it
+    ]
+    for p in data:
+        lst.on_ws_frame(None, _frame(p))
+    lst.on_ws_frame(None, _frame(b"pong"))
+    lst.on_ws_frame(None, _frame(b'{"status":"ok","message":"hello"}'))
+    lst.on_ws_frame(None, _frame(b'{"c":42}'))  # "c" but no string: not a symbol
+    # One message in three frames.
+    whole = b'{"c":"NASDAQ:MSFT","p":1.5,"t":3}'
+    lst.on_ws_frame(None, _frame(whole[:4], fin=False))
+    lst.on_ws_frame(None, _frame(whole[4:10], WSMsgType.CONTINUATION, fin=False))
+    lst.on_ws_frame(None, _frame(whole[10:], WSMsgType.CONTINUATION, fin=True))
+    assert lst.stats() == {"frames": 5, "bytes": sum(map(len, data)) + len(whole),
+                           "ring_drops": 0, "control": 2, "pongs": 1, "fragmented": 1,
+                           "too_big": 0, "connections": 0}
+    assert lst.last_pong_ns > 0
+    assert controls == [b'{"status":"ok","message":"hello"}', b'{"c":42}']
+    codes = ["NASDAQ:AAPL", "NYSE:BX", "ARCA:X", "NASDAQ:TSLA", "NASDAQ:MSFT"]
+    expected = [(p, route_of(c)) for p, c in zip([*data, whole], codes, strict=True)]
+    per_ring = drain(rs)
+    for i, got in enumerate(per_ring):
+        assert [(p, r) for p, _, r in got] == [e for e in expected if e[1] % 3 == i]
+    # Receive times are CLOCK_REALTIME microseconds.
+    now = time.time_ns() // 1000
+    assert all(now - 60_000_000 < t <= now for got in per_ring for _, t, _ in got)
+
+
+def test_listener_counts_ring_drops(rings):
+    rs = rings(1, capacity=1024, policy="drop")
+    lst = FeedListener([rs[0].address], keepalive=rs)
+    big = b'{"c":"NASDAQ:AAPL","x":"' + b"y" * 200 + b'"}'  # larger than 1024/8 - 32
+    small = b'{"c":"NASDAQ:AAPL"}'
+    lst.on_ws_frame(None, _frame(big))
+    for _ in range(100):
+        lst.on_ws_frame(None, _frame(small))
+    assert lst.ring_drops > 1 and lst.frames + lst.ring_drops == 101
+    assert rs[0].dropped == lst.ring_drops and rs[0].dropped_oversize == 1
+
+
 def test_backoff_is_capped_jittered_and_resets():
     b = Backoff(0.1, 1.0, 30.0)
     delays = [b.next() for _ in range(8)]
@@ -209,6 +267,17 @@ def test_pongs_keep_the_connection(start_sim, rings, tmp_path):
         wait_until(lambda: proc.counters()["pongs"] >= 10, what="10 pongs")
         c = proc.counters()
     assert c["heartbeat_timeouts"] == 0 and c["reconnects"] == 0 and c["pings_sent"] >= 10
+
+
+def test_token_is_renewed_in_the_background_while_connected(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "100", "--token-lifetime", "3")
+    s = session_settings(sim, tmp_path, renew_before=2.5)
+    with SessionProcess(s, [r.name for r in rings(1)]) as proc:
+        wait_until(lambda: proc.counters()["auth_renewals"] >= 3, what="3 renewals")
+        c = proc.counters()
+    assert c["connects"] == 1 and c["reconnects"] == 0 and c["frames"] > 0
+    token = TokenCache(s.token_cache).load()
+    assert token is not None and token.remaining() > 0
 
 
 def test_refused_token_is_renewed_once_then_used(start_sim, rings, tmp_path):
