@@ -420,8 +420,27 @@ class WebsocketsFeed:
         self.thread.join(10)
 
 
+def _sized(n: int) -> bytes:
+    """A data frame of exactly ``n`` bytes."""
+    head = b'{"c":"NASDAQ:AAPL","x":"'
+    return head + b"y" * (n - len(head) - 2) + b'"}'
+
+
+# WebSocket length encodings change at 126 and 65536 bytes (RFC 6455 5.2).
+EDGE_SIZES = (125, 126, 127, 65535, 65536, 65537)
+
+
+def test_sim_frame_headers_at_length_edges():
+    from fastfeed.sim.market import ws_header
+    assert ws_header(1, 125) == b"\x81\x7d"
+    assert ws_header(1, 126) == b"\x81\x7e\x00\x7e"
+    assert ws_header(1, 65535) == b"\x81\x7e\xff\xff"
+    assert ws_header(1, 65536) == b"\x81\x7f" + (65536).to_bytes(8, "big")
+    assert ws_header(0, 5, fin=False) == b"\x00\x05"
+
+
 def test_session_against_an_independent_websockets_server(rings, tmp_path):
-    frames = [p for p in pool()[:300]]
+    frames = [p for p in pool()[:300]] + [_sized(n) for n in EDGE_SIZES]
     server = WebsocketsFeed(frames)
     try:
         host = f"http://127.0.0.1:{server.port}"
@@ -434,11 +453,11 @@ def test_session_against_an_independent_websockets_server(rings, tmp_path):
             obtained_at=time.time(), host=host, client_id="c"))
         rs = rings(2)
         with SessionProcess(s, [r.name for r in rs]) as proc:
-            wait_until(lambda: proc.counters()["frames"] >= 300, what="300 frames")
+            wait_until(lambda: proc.counters()["frames"] >= 306, what="306 frames")
             wait_until(lambda: proc.counters()["pongs"] >= 2, what="pongs")
             wait_until(lambda: "rfc-pong" in server.events, what="RFC pong")
             c = proc.counters()
-        assert c["frames"] == 300 and c["fragmented"] == 100 and c["control"] == 1
+        assert c["frames"] == 306 and c["fragmented"] == 102 and c["control"] == 1
         check_rings(drain(rs), frames, 2)
         assert server.events[0] == "email:ops@example.com"
         assert "ping" in server.events and "bad-token" not in server.events
