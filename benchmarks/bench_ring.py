@@ -404,8 +404,10 @@ def markdown(res: dict[str, Any]) -> str:
             "(`Ring.write_many`: each record published on its own, as the network process does); "
             "the consumer takes batches of up to 8192 records with `Ring.read_batch` and hands "
             "offsets on (the decoder reads the bytes in place). The \"reads every byte\" row "
-            "also sums every byte of each batch, as a decoder touches them. The other transports "
-            "create one `bytes` object per message. Best of three runs each.",
+            "also sums every byte of each batch, as a decoder touches them: that does not slow "
+            "the ring down (it even measured faster, which we have not explained; the spread "
+            "between runs on this machine is large). The other transports create one `bytes` "
+            "object per message. Best of three runs each.",
             "- Why not the copy limit: every payload byte is written by one core and read by "
             "the other, so each cache line migrates between cores through L3, which costs more "
             "than a copy within one core's caches; each record carries a 32-byte header (11% "
