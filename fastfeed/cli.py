@@ -79,7 +79,9 @@ def _add_sim(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--rate", type=float, default=1000.0, metavar="MSGS_PER_S",
-                   help="data frames per second per connection; 0 = as fast as possible")
+                   help="data frames per second per connection (generated live with the "
+                        "wall clock, up to roughly 100k/s); 0 = as fast as possible (a "
+                        "pre-encoded pool, cycled: millions per second)")
     p.add_argument("--symbols", type=int, default=100, metavar="N")
     p.add_argument("--count", type=int, default=None, metavar="FRAMES",
                    help="stop sending data after FRAMES frames (connections stay open)")

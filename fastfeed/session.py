@@ -395,13 +395,16 @@ class SessionProcess:
 
     @property
     def pid(self) -> int | None:
+        """The process id (None before start)."""
         return self._proc.pid
 
     @property
     def exitcode(self) -> int | None:
+        """0 after a requested stop, 1 after a fatal error (see :attr:`error`), None if running."""
         return self._proc.exitcode
 
     def is_alive(self) -> bool:
+        """Whether the process is running."""
         return self._proc.is_alive()
 
     def counters(self) -> dict[str, int]:
