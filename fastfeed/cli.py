@@ -80,17 +80,21 @@ def _add_sim(sub: Any) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--rate", type=float, default=1000.0, metavar="MSGS_PER_S",
                    help="data frames per second per connection (generated live with the "
-                        "wall clock, up to roughly 100k/s); 0 = as fast as possible (a "
+                        "wall clock, up to some 50k/s); 0 = as fast as possible (a "
                         "pre-encoded pool, cycled: millions per second)")
-    p.add_argument("--symbols", type=int, default=100, metavar="N")
+    p.add_argument("--symbols", type=int, default=100, metavar="N",
+                   help="number of symbols in the synthetic market (default 100)")
     p.add_argument("--count", type=int, default=None, metavar="FRAMES",
                    help="stop sending data after FRAMES frames (connections stay open)")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="exit after S seconds (default: run until interrupted)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--client-id", default="fastfeed-sim", metavar="ID")
-    p.add_argument("--client-secret", default="fastfeed-sim-secret", metavar="S")
-    p.add_argument("--tenant", default="fastfeed-sim", metavar="T")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the market (default 0)")
+    p.add_argument("--client-id", default="fastfeed-sim", metavar="ID",
+                   help="client id the token endpoint accepts (default fastfeed-sim)")
+    p.add_argument("--client-secret", default="fastfeed-sim-secret", metavar="S",
+                   help="client secret it accepts (default fastfeed-sim-secret)")
+    p.add_argument("--tenant", default="fastfeed-sim", metavar="T",
+                   help="tenant in the token URL (default fastfeed-sim)")
     p.add_argument("--token-lifetime", type=float, default=30 * 24 * 3600.0, metavar="S",
                    help="lifetime of issued feed tokens (default 30 days)")
     p.add_argument("--mix", type=_mix, default=(0.7, 0.25, 0.05), metavar="T,Q,B",
