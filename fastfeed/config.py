@@ -13,6 +13,7 @@ value, so a ``Settings`` object can be logged or printed in a traceback safely.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -96,7 +97,8 @@ class Settings:
     email: str | None = None
     token_cache: Path = dataclasses.field(default_factory=default_token_cache)
     renew_before: float = DEFAULT_RENEW_BEFORE_S
-    #: Optional JSON text sent after the email message on every connection.
+    #: Optional JSON text sent after the email message on every connection (in TOML it may be
+    #: a table: ``[fastfeed.subscription]``).
     subscription: str | None = None
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     #: A connection is dead when no ``pong`` came back for this many heartbeat intervals.
@@ -195,6 +197,12 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return Path(str(value)).expanduser()
         if name == "client_secret":
             return Secret(str(value))
+        if name == "subscription":
+            # A TOML table (or a Python dict/list) is sent as its JSON text; a string must
+            # already be JSON: better to fail here than to have the feed reject it later.
+            if isinstance(value, (dict, list)):
+                return json.dumps(value, separators=(",", ":"))
+            json.loads(str(value))
         return str(value)
     except ValueError:
         # Never echo the value: it might be the secret put in the wrong place.
@@ -239,7 +247,7 @@ def load_settings(
             raise ConfigError(f"config file {path}: [fastfeed] must be a table")
         for key, value in table.items():
             name = _KEY_ALIASES.get(key, key)
-            if name in _FIELDS and not isinstance(value, dict):
+            if name in _FIELDS and (name == "subscription" or not isinstance(value, dict)):
                 values[name] = _coerce(name, value, f"config file {path}")
 
     for name in _FIELDS:

@@ -75,6 +75,20 @@ def test_settings_config_file_from_env_and_errors(tmp_path):
         Settings().require("host")
 
 
+def test_subscription_from_toml_table_or_json_text(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[fastfeed]\nhost = "h"\n[fastfeed.subscription]\napi_key = "k"\n'
+                   'subscriptions = [{code = "NASDAQ:AAPL", type = "quote"}]\n')
+    s = load_settings(config_file=cfg, env={})
+    assert s.subscription is not None
+    assert json.loads(s.subscription) == {
+        "api_key": "k", "subscriptions": [{"code": "NASDAQ:AAPL", "type": "quote"}]}
+    s = load_settings(env={"FASTFEED_SUBSCRIPTION": '{"subscriptions": []}'})
+    assert s.subscription == '{"subscriptions": []}'
+    with pytest.raises(ConfigError, match="bad value for subscription"):
+        load_settings({"subscription": "{not json"}, env={})
+
+
 def test_secret_never_in_repr_or_str():
     s = load_settings({"client_secret": "hunter2-very-secret", "host": "h"}, env={})
     for text in (repr(s), str(s), f"{s.client_secret}", repr(s.client_secret)):
