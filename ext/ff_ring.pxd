@@ -103,3 +103,9 @@ cdef extern from "ring.h" nogil:
                          uint64_t nrecords)
     int ff_ring_wait(void *base, uint64_t head, int64_t timeout_ns, int busy)
     void ff_ring_wake_all(void *base)
+
+    # doorbell
+    void ff_bell_ring(uint32_t *bell)
+    uint32_t ff_bell_prepare(uint32_t *bell)
+    void ff_bell_cancel(uint32_t *bell)
+    void ff_bell_wait(uint32_t *bell, uint32_t seq, int64_t timeout_ns)

@@ -596,4 +596,29 @@ static inline int ff_ring_wait(void *base, uint64_t head, int64_t timeout_ns, in
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Doorbell: one waiter sleeping until any of several producers has published somewhere        */
+
+/* bell[0] is the futex word (a counter), bell[1] the "someone sleeps" flag; both live in shared
+   memory (8 bytes, 4-aligned). Producers call ff_bell_ring after publishing; the waiter calls
+   ff_bell_prepare, re-checks its condition (the rings), then ff_bell_wait with the value
+   ff_bell_prepare returned: the same flag/fence handshake as the ring's, so no wake-up is lost. */
+static inline void ff_bell_ring(uint32_t *bell) { ff__notify(&bell[1], &bell[0]); }
+
+static inline uint32_t ff_bell_prepare(uint32_t *bell)
+{
+    uint32_t seq = FF_LOAD_ACQ(&bell[0]);
+    __atomic_store_n(&bell[1], 1u, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return seq;
+}
+
+static inline void ff_bell_cancel(uint32_t *bell) { FF_STORE_RLX(&bell[1], 0u); }
+
+static inline void ff_bell_wait(uint32_t *bell, uint32_t seq, int64_t timeout_ns)
+{
+    ff_futex_wait(&bell[0], seq, timeout_ns);
+    FF_STORE_RLX(&bell[1], 0u);
+}
+
 #endif /* FASTFEED_RING_H */

@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from cpython.buffer cimport PyBuffer_FillInfo, PyBUF_WRITABLE
+from cpython.buffer cimport (PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release,
+                              PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -22,7 +23,7 @@ from ff_ring cimport *
 
 from fastfeed import shm as _shm
 
-__all__ = ["Ring", "Batch", "RingError", "cleanup_stale",
+__all__ = ["Ring", "Batch", "Doorbell", "RingError", "cleanup_stale",
            "HEADER_SIZE", "RECORD_HEADER_SIZE", "PAD_TYPE"]
 
 HEADER_SIZE = FF_RING_HEADER_SIZE
@@ -786,6 +787,58 @@ cdef class Ring:
             return "<Ring %r closed>" % self.name
         return "<Ring %r capacity=%d policy=%s used=%d written=%d dropped=%d>" % (
             self.name, self._h.capacity, self.full_policy, self.used, self.written, self.dropped)
+
+
+cdef class Doorbell:
+    """A wake-up word in shared memory: several producers ring it after publishing, one waiter
+    sleeps on it (futex) until any of them has. Lets one consumer wait on many rings at once.
+
+    ``buffer``: a writable buffer (a shared-memory segment) holding the 8-byte bell at
+    ``offset`` (4-aligned, zero-initialised); the Doorbell keeps the buffer exported while it
+    lives. Waiting protocol (the re-check is what makes it race-free)::
+
+        while not ready():
+            token = bell.prepare()
+            if ready():
+                bell.cancel()
+                break
+            bell.wait(token, timeout)
+    """
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef uint32_t *_bell
+
+    def __cinit__(self, buffer, Py_ssize_t offset=0):
+        PyObject_GetBuffer(buffer, &self._view, PyBUF_WRITABLE)
+        self._has_view = True
+        if offset < 0 or offset % 4 or offset + 8 > self._view.len:
+            raise ValueError("the bell needs 8 bytes at a 4-aligned offset inside the buffer")
+        self._bell = <uint32_t *>(<char *>self._view.buf + offset)
+
+    def __dealloc__(self):
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+
+    def ring(self) -> None:
+        """Wake the waiter if it sleeps (cheap when it does not: a fence and a load)."""
+        ff_bell_ring(self._bell)
+
+    def prepare(self) -> int:
+        """Announce that the caller is about to sleep; returns the token for wait()."""
+        return ff_bell_prepare(self._bell)
+
+    def cancel(self) -> None:
+        """The condition became true after prepare(): do not sleep."""
+        ff_bell_cancel(self._bell)
+
+    def wait(self, uint32_t token, timeout=None) -> None:
+        """Sleep until rung (or ``timeout`` seconds; None: a 50 ms slice, so signals run)."""
+        cdef int64_t ns = _WAIT_SLICE_NS if timeout is None else <int64_t>(timeout * 1e9)
+        if ns < 0:
+            ns = 0
+        with nogil:
+            ff_bell_wait(self._bell, token, ns)
+        PyErr_CheckSignals()
 
 
 def _pid_alive(int pid) -> bool:

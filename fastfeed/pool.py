@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from fastfeed import shm
-from fastfeed._ring import Ring
+from fastfeed._ring import Doorbell, Ring
 
 __all__ = [
     "OUTPUT_BARS",
@@ -63,10 +63,12 @@ _KIND_NAMES = {OUTPUT_TICKS: "ticks", OUTPUT_QUOTES: "quotes", OUTPUT_BARS: "bar
 # reserved. 32 bytes keep the rows behind it 8-byte aligned, as the ring's records are.
 _OUT_HDR = struct.Struct("<QQIIQ")
 
-# State segment: one 128-byte row (16 int64) per worker after a global row, so workers never
-# write to the same cache line.
+# State segment: one 128-byte row (16 int64) per worker after a global row and the output
+# doorbell's row, so workers never write to the same cache line.
 _COLS = 16
 G_STOP = 0  # 0 run, 1 drain then exit, 2 exit after the current batch
+_BELL_OFFSET = 128  # row 1: the doorbell workers ring after publishing output
+_W0 = 2  # row of worker 0
 F_PID = 0
 F_RESTARTS = 1
 F_STATE = 2
@@ -178,7 +180,8 @@ def _worker_main(spec: _WorkerSpec) -> None:
     out = Ring.attach(spec.output_name) if spec.output_name else None
     assert state_seg.buf is not None and sym_seg.buf is not None
     state = np.ndarray((state_seg.size // 8 // _COLS, _COLS), np.int64, state_seg.buf)
-    row = state[1 + spec.index]
+    row = state[_W0 + spec.index]
+    bell = Doorbell(state_seg.buf, _BELL_OFFSET)
     tables = _tables(sym_seg.buf, spec.symbol_capacity, spec.small_capacity)
     dec = Decoder(symbols=tables[0], statuses=tables[1], bar_types=tables[2])
     row[F_PID] = os.getpid()
@@ -198,13 +201,13 @@ def _worker_main(spec: _WorkerSpec) -> None:
                 if os.getppid() != spec.parent_pid:
                     break  # orphaned: the parent died; its segments are cleaned at next start
                 continue
-            _process_batch(spec, batch, dec, row, out)
+            _process_batch(spec, batch, dec, row, out, bell)
             if spec.fault is not None and spec.fault[0] == "before_release":
                 _maybe_crash(spec.fault[1])
             batch.release()
     finally:
         row[F_STATE] = S_EXITED
-        del row, state, dec, tables
+        del row, state, dec, tables, bell
         if out is not None:
             out.close()
         ring.close()
@@ -212,7 +215,8 @@ def _worker_main(spec: _WorkerSpec) -> None:
         state_seg.close()
 
 
-def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out: Ring | None) -> None:
+def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out: Ring | None,
+                   bell: Doorbell | None = None) -> None:
     """Decode one ring batch, run the handler, publish the output; advance the watermark.
 
     Exactly-once bookkeeping across a SIGKILL at any instruction:
@@ -249,6 +253,8 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
                 traceback.print_exc(file=sys.stderr)
         if out is not None:
             _publish(out, spec.index, first_seq, end_seq, res, row)
+            if bell is not None:
+                bell.ring()  # wake the parent if it sleeps in wait_output()
         if spec.fault is not None and spec.fault[0] == "after_publish":
             _maybe_crash(spec.fault[1])
         row[F_BATCHES] += 1
@@ -415,6 +421,7 @@ class WorkerPool:
         self._supervisor: threading.Thread | None = None
         self._stop_requested = threading.Event()
         self._seen: list[tuple[int, int, int]] = []
+        self._bell: Doorbell | None = None
         self._fault: tuple[str, str] | None = None  # tests only, see _WorkerSpec.fault
         self._ctx = mp.get_context("spawn")
 
@@ -450,9 +457,11 @@ class WorkerPool:
                 self.outputs.append(Ring.create(f"{self.name}.out{i}", self.output_capacity,
                                                 full_policy=self.output_policy,
                                                 wait_timeout_us=self.wait_timeout_us))
-        self._state_seg = shm.Segment.create(f"{self.name}.state", (1 + self.workers) * _COLS * 8)
+        rows = _W0 + self.workers
+        self._state_seg = shm.Segment.create(f"{self.name}.state", rows * _COLS * 8)
         assert self._state_seg.buf is not None
-        self._state = np.ndarray((1 + self.workers, _COLS), np.int64, self._state_seg.buf)
+        self._state = np.ndarray((rows, _COLS), np.int64, self._state_seg.buf)
+        self._bell = Doorbell(self._state_seg.buf, _BELL_OFFSET)
         _, size = _symbol_layout(self.symbol_capacity, self.small_capacity)
         self._sym_seg = shm.Segment.create(f"{self.name}.symbols", size)
         assert self._sym_seg.buf is not None
@@ -501,7 +510,7 @@ class WorkerPool:
                     p.join()
                     self._procs[i] = None
                     assert self._state is not None
-                    self._state[1 + i, F_STATE] = S_EXITED
+                    self._state[_W0 + i, F_STATE] = S_EXITED
                     if not self.restart:
                         continue
                     quick = now - self._started_at[i] < 1.0
@@ -512,7 +521,7 @@ class WorkerPool:
                     if t <= now:
                         del due[i]
                         assert self._state is not None
-                        self._state[1 + i, F_RESTARTS] += 1
+                        self._state[_W0 + i, F_RESTARTS] += 1
                         self._spawn(i)
 
     def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
@@ -541,7 +550,7 @@ class WorkerPool:
             for i, p in enumerate(self._procs):
                 if p is None:
                     assert self._state is not None
-                    self._state[1 + i, F_RESTARTS] += 1
+                    self._state[_W0 + i, F_RESTARTS] += 1
                     self._spawn(i)
         deadline = time.monotonic() + timeout
         clean = True
@@ -574,6 +583,7 @@ class WorkerPool:
         self._closed = True
         self._tables = []
         self._state = None
+        self._bell = None
         for r in self.rings + self.outputs:
             r.close()
             r.unlink()
@@ -667,6 +677,35 @@ class WorkerPool:
         self._seen[worker] = seen
         return OutputBatch(worker, parts, b, self._dtypes)
 
+    def wait_output(self, timeout: float | None = None) -> bool:
+        """Sleep until any worker's output ring has records (True) or ``timeout`` seconds pass
+        (False; None waits indefinitely). One futex for all workers: the workers ring the
+        pool's doorbell after publishing, so the parent neither polls nor waits on one ring
+        while another fills."""
+        if not self.output:
+            raise RuntimeError("pool was created with output=False")
+        bell = self._bell
+        assert bell is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def ready() -> bool:
+            return any(o.used for o in self.outputs)
+
+        while not ready():
+            token = bell.prepare()
+            if ready():
+                bell.cancel()
+                break
+            if deadline is None:
+                bell.wait(token, None)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                bell.cancel()
+                return False
+            bell.wait(token, min(left, 0.05))
+        return True
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> list[WorkerStats]:
@@ -675,7 +714,7 @@ class WorkerPool:
             return []
         out = []
         for i in range(self.workers):
-            r = self._state[1 + i]
+            r = self._state[_W0 + i]
             p = self._procs[i]
             out.append(WorkerStats(
                 index=i, pid=int(r[F_PID]), restarts=int(r[F_RESTARTS]),

@@ -394,3 +394,19 @@ def test_busy_poll_workers() -> None:
         collect(pool, rows)
         check_exactly_once(pool, rows, n)
         assert not pool.rings[0]._consumer_waiting  # it never went to sleep
+
+
+def test_wait_output_sleeps_until_any_worker_publishes() -> None:
+    with WorkerPool(3, full_policy="block", output_policy="block") as pool:
+        assert pool.wait_output(timeout=0.05) is False  # nothing yet
+        sym = SYMBOLS[0]
+        target = pool.ring_for(route_of(sym))
+        t = threading.Timer(0.2, lambda: pool.rings[target].write(tick(7, sym)))
+        t.start()
+        assert pool.wait_output(timeout=JOIN_S) is True
+        t.join()
+        assert [pool.outputs[w].used > 0 for w in range(3)] == [w == target for w in range(3)]
+        ob = pool.read_output(target)
+        assert ob is not None and ob.ticks["volume"].tolist() == [7.0]
+        ob.release()
+        assert pool.wait_output(timeout=0) is False
