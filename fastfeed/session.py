@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import random
+import re
 import signal
 import ssl
 import time
@@ -46,6 +47,30 @@ COUNTERS = ("frames", "bytes", "ring_drops", "control", "pongs", "fragmented", "
 _MAX_FRAME = 16 * 1024 * 1024
 # picows' initial read buffer: large reads mean many frames per wakeup at high rates.
 _READ_BUFFER = 1 << 20
+
+
+class _RedactingAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' logger, with the ``X-ZUMO-AUTH`` value blanked out of every record.
+
+    picows logs the whole upgrade request (headers included) at its level 9, below DEBUG: a
+    user who turns logging all the way up must still never see the token. An adapter rather
+    than a filter because picows gives each connection its own child of a plain logger, and
+    filters do not apply to children; an adapter it uses as it is.
+    """
+
+    _pattern = re.compile(r"(x-zumo-auth:\s*)[^\s\\'\"]+", re.IGNORECASE)
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        if "zumo" in text.lower():
+            text = self._pattern.sub(r"\1<redacted>", text)
+        kwargs.setdefault("stacklevel", 2)
+        self.logger.log(level, "%s", text, **kwargs)
+
+
+_PICOWS_LOGGER = _RedactingAdapter(logging.getLogger("picows.fastfeed"), {})
 
 
 class FeedAuthError(AuthError):
@@ -238,7 +263,7 @@ class FeedSession:
                 extra_headers={"X-ZUMO-AUTH": token.value}, enable_auto_pong=True,
                 max_frame_size=_MAX_FRAME, read_buffer_init_size=_READ_BUFFER,
                 websocket_handshake_timeout=max(5.0, s.heartbeat_interval),
-                logger_name="fastfeed")
+                logger_name=_PICOWS_LOGGER)
         except WSHandshakeError as exc:
             resp = exc.response
             code = resp.status if resp is not None else None

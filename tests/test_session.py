@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 import uuid
@@ -302,7 +301,7 @@ def test_refused_fresh_token_stops_without_looping(start_sim, rings, tmp_path, c
     cached = login(s)
     TokenCache(s.token_cache).store(cached)
     rs = rings(1)
-    proc = SessionProcess(s, [r.name for r in rs], log_level=logging.DEBUG).start()
+    proc = SessionProcess(s, [r.name for r in rs], log_level=1).start()  # all levels
     assert proc.join(timeout=60) == 1
     assert "refused a freshly issued token" in (proc.error or "")
     stats = sim.stats()
@@ -354,7 +353,8 @@ def test_in_process_session_logs_no_secret(start_sim, rings, tmp_path, caplog):
         await task
         return session
 
-    with caplog.at_level(logging.DEBUG):
+    # Level 1: below DEBUG too, where picows logs the upgrade request with its headers.
+    with caplog.at_level(1):
         session = uvloop.run(main())
     c = session.counters()
     assert set(c) == set(COUNTERS) and c["reconnects"] >= 1 and c["frames"] >= 200
@@ -362,6 +362,7 @@ def test_in_process_session_logs_no_secret(start_sim, rings, tmp_path, caplog):
     token = TokenCache(s.token_cache).load()
     assert token is not None and token.fingerprint in caplog.text
     assert token.value not in caplog.text and SIM_SECRET not in caplog.text
+    assert "X-ZUMO-AUTH: <redacted>" in caplog.text  # the request was logged, redacted
 
 
 # -- an independent server: the websockets library ---------------------------------------------
