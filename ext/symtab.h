@@ -14,7 +14,10 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
 #include <sched.h>
+#include <signal.h>
+#include <unistd.h>
 
 #define FF_SYMTAB_MAGIC 0x3142415453464646ULL /* "FFFSTAB1" */
 #define FF_SYMTAB_VERSION 1u
@@ -31,7 +34,7 @@ typedef struct {
     uint32_t arena_size;
     uint32_t count;      /* entries published; release/acquire */
     uint32_t arena_used; /* only touched under the lock */
-    uint32_t lock;       /* 0 free, 1 held */
+    uint32_t lock;       /* 0 free, else the holder's pid */
     uint32_t _reserved[7];
 } ff_symtab_hdr;
 
@@ -154,6 +157,27 @@ static inline int32_t ff_symtab_find(const ff_symtab *t, const char *p, uint32_t
     }
 }
 
+/* The insert lock holds its owner's pid, so that a process killed while holding it
+ * (a worker SIGKILLed mid-insert) cannot wedge every other process: a waiter that
+ * finds the holder gone takes the lock over.  An insert cut short that way leaves at
+ * worst an entry no slot points to, never a slot pointing to a missing entry. */
+static inline void ff_symtab_lock(ff_symtab_hdr *hdr)
+{
+    uint32_t me = (uint32_t)getpid();
+    for (unsigned spins = 0;; spins++) {
+        uint32_t holder = 0;
+        if (__atomic_compare_exchange_n(&hdr->lock, &holder, me, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED))
+            return;
+        if ((spins & 1023) == 1023 && holder != 0 && kill((pid_t)holder, 0) == -1 &&
+            errno == ESRCH &&
+            __atomic_compare_exchange_n(&hdr->lock, &holder, me, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED))
+            return;
+        sched_yield();
+    }
+}
+
 /* The id of the code, inserting it if new.  -1: table full, -2: code too long. */
 static inline int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
 {
@@ -163,7 +187,7 @@ static inline int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
     if (n > FF_SYMTAB_MAX_CODE) return -2;
 
     ff_symtab_hdr *hdr = t->hdr;
-    while (__atomic_exchange_n(&hdr->lock, 1u, __ATOMIC_ACQUIRE)) sched_yield();
+    ff_symtab_lock(hdr);
     id = ff_symtab_find(t, p, n, h); /* another process may have won the race */
     if (id < 0) {
         uint32_t count = hdr->count;

@@ -19,11 +19,45 @@ from fastfeed._decoder import (
     SymbolTable,
     now_us,
 )
+from fastfeed._ring import Batch as RingBatch
+from fastfeed._ring import Doorbell, Ring, RingError
 
 __version__ = "0.1.0"
 
+# The pipeline (processes, rings, network) is imported lazily: the decoder alone
+# should not pay for it.
+_LAZY = {
+    "Feed": "fastfeed.feed",
+    "FeedError": "fastfeed.feed",
+    "WorkerPool": "fastfeed.pool",
+    "OutputBatch": "fastfeed.pool",
+    "WorkerStats": "fastfeed.pool",
+    "Settings": "fastfeed.config",
+    "load_settings": "fastfeed.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastfeed' has no attribute {name!r}")
+
+
 __all__ = [
     "BAR_DTYPE",
+    "Doorbell",
+    "Feed",
+    "FeedError",
+    "OutputBatch",
+    "Ring",
+    "RingBatch",
+    "RingError",
+    "Settings",
+    "WorkerPool",
+    "WorkerStats",
+    "load_settings",
     "NAT",
     "QUOTE_DTYPE",
     "TICK_DTYPE",

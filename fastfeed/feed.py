@@ -1,0 +1,333 @@
+"""The product surface: one object that runs the whole pipeline.
+
+::
+
+    with Feed(host="http://127.0.0.1:8080", tenant_id=..., client_id=..., client_secret=...,
+              email="ops@example.com", workers=2) as feed:
+        for batch in feed:                 # zero-copy views, valid until the next batch
+            act(batch.ticks, batch.quotes, batch.bars)
+
+``Feed`` starts a network process (the WebSocket session, or a pub/sub source) that
+writes every data frame into the shared-memory ring of its symbol, and a pool of decoder
+workers, one per ring; it supervises both and stops them cleanly (context manager,
+``start()``/``stop()``, SIGINT/SIGTERM through :meth:`run`).
+
+Three ways to consume:
+
+- ``for batch in feed`` / ``async for batch in feed``: decoded batches arrive in this
+  process through output rings as NumPy views into shared memory, valid until the next
+  batch is taken (``.copy()`` to keep rows);
+- ``feed.run(handler)``: ``handler(worker_index, batch)`` runs inside every worker on each
+  decoded batch (a :class:`fastfeed.Batch`), the lowest-latency path; it must be picklable;
+- ``feed.stats()`` at any time: every counter of every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict
+from types import FrameType, TracebackType
+from typing import Any
+
+from ._decoder import now_us
+from .config import Settings, load_settings
+from .latency import LatencyHistogram
+from .pool import OutputBatch, WorkerPool
+from .session import SessionProcess
+
+__all__ = ["Feed", "FeedError"]
+
+log = logging.getLogger("fastfeed.feed")
+
+
+class FeedError(RuntimeError):
+    """The feed cannot go on (the network process stopped on a fatal error)."""
+
+
+class Feed:
+    """The whole pipeline: network process, rings, decoder workers.
+
+    settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
+        (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
+        ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
+    workers: decoder processes (and rings); symbols are spread over them by hash, so each
+        symbol's order is kept.
+    handler: ``handler(worker_index, batch)`` run in the workers (see :meth:`run`).
+    output: deliver batches to this process for iteration (turn off when a handler does
+        all the work: the workers then skip publishing).
+    ring_capacity: bytes per input ring (a power of two).
+    full_policy: what the network process does when a ring is full: "wait" (default: wait
+        up to ``wait_timeout_us``, then drop and count), "drop" (at once) or "block".
+    busy_poll: workers spin instead of sleeping when idle (lowest latency, a core each).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        workers: int = 1,
+        handler: Callable[[int, Any], None] | None = None,
+        output: bool = True,
+        ring_capacity: int = 1 << 22,
+        full_policy: str = "wait",
+        wait_timeout_us: int = 5000,
+        busy_poll: bool = False,
+        config_file: str | None = None,
+        log_level: int = logging.WARNING,
+        **options: Any,
+    ) -> None:
+        if settings is None:
+            settings = load_settings(options, config_file=config_file)
+        elif options:
+            raise TypeError("give either settings or keyword options, not both")
+        self.settings = settings
+        self.workers = workers
+        self.handler = handler
+        self.output = output
+        self.log_level = log_level
+        self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
+                                  wait_timeout_us=wait_timeout_us, busy_poll=busy_poll)
+        self._pool: WorkerPool | None = None
+        self._session: SessionProcess | None = None
+        self._latency = LatencyHistogram()
+        self._delivered = {"batches": 0, "ticks": 0, "quotes": 0, "bars": 0}
+        self._current: OutputBatch | None = None
+        self._next_worker = 0
+        self._stop_event = threading.Event()
+        self._started_at = 0.0
+        self._stopped = False
+        self._final: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Feed:
+        """Create the rings, start the workers, then the network process. Returns self."""
+        if self._pool is not None:
+            raise RuntimeError("feed already started")
+        self._pool = WorkerPool(self.workers, handler=self.handler, output=self.output,
+                                **self._pool_options).start()
+        try:
+            self._session = SessionProcess(self.settings, self._pool.ring_names,
+                                           log_level=self.log_level).start()
+        except BaseException:
+            self._pool.stop(drain=False)
+            self._pool.close()
+            raise
+        self._started_at = time.monotonic()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the network process, let the workers drain the rings, free every segment."""
+        if self._stopped or self._pool is None:
+            return
+        self._stopped = True
+        self._stop_event.set()
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+        if self._session is not None:
+            self._session.stop()
+        if self.output:
+            # Drain what the workers still publish so that none of them waits on a full
+            # output ring while stopping.
+            self._drain_outputs()
+        self._pool.stop(drain=True, timeout=timeout)
+        if self.output:
+            self._drain_outputs()
+        self._final = self._collect()  # the segments the counters live in go away next
+        self._pool.close()
+
+    def _drain_outputs(self) -> None:
+        assert self._pool is not None
+        for w in range(self.workers):
+            while (b := self._pool.read_output(w, timeout=0)) is not None:
+                self._account(b)
+                b.release()
+
+    def __enter__(self) -> Feed:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def request_stop(self) -> None:
+        """Make iteration and :meth:`run` return soon (thread- and signal-safe)."""
+        self._stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`FeedError` if the network process stopped on a fatal error."""
+        s = self._session
+        if s is not None and not s.is_alive():
+            s.join(0)
+            raise FeedError(s.error or f"network process exited with code {s.exitcode}")
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def _account(self, b: OutputBatch) -> None:
+        now = now_us()
+        d = self._delivered
+        d["batches"] += 1
+        for kind, arr in b.parts:
+            d[kind] += len(arr)
+            if len(arr):
+                self._latency.record(now - arr["recv_ts"])
+
+    def poll(self, timeout: float = 0.05) -> OutputBatch | None:
+        """The next decoded batch, or None if none arrived within ``timeout`` seconds.
+
+        The batch's arrays are views into shared memory, valid until the next call
+        (or :meth:`stop`); ``.copy()`` what you keep.
+        """
+        if self._pool is None:
+            self.start()
+        assert self._pool is not None
+        if not self.output:
+            raise RuntimeError("this feed was made with output=False")
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+        n = self.workers
+        for _ in range(n):
+            w = self._next_worker
+            self._next_worker = (w + 1) % n
+            b = self._pool.read_output(w, timeout=0)
+            if b is not None:
+                break
+        else:
+            # Nothing ready: sleep on one worker's ring (its futex wakes us at once), in
+            # short slices when there are several so that none waits on another.
+            b = self._pool.read_output(self._next_worker, timeout=timeout if n == 1 else min(timeout, 0.002))
+            if b is None:
+                self.check()
+                return None
+        self._account(b)
+        self._current = b
+        return b
+
+    def __iter__(self) -> Iterator[OutputBatch]:
+        while not self._stop_event.is_set():
+            b = self.poll()
+            if b is not None:
+                yield b
+
+    async def __aiter__(self) -> AsyncIterator[OutputBatch]:
+        while not self._stop_event.is_set():
+            b = self.poll(timeout=0)
+            if b is not None:
+                yield b
+            else:
+                # Ring reads do not integrate with the event loop; a short sleep keeps an
+                # idle feed cheap while other tasks run.
+                await asyncio.sleep(0.0005)
+
+    def run(self, handler: Callable[[int, Any], None] | None = None, *,
+            duration: float | None = None, frames: int | None = None,
+            on_stats: Callable[[dict[str, Any]], None] | None = None,
+            stats_interval: float = 1.0) -> dict[str, Any]:
+        """Run until SIGINT/SIGTERM, :meth:`request_stop`, ``duration`` seconds or ``frames``
+        data frames decoded; then stop cleanly and return the final :meth:`stats`.
+
+        ``handler(worker_index, batch)`` (if given, or the one passed to the constructor)
+        runs inside each worker on every decoded :class:`fastfeed.Batch`; its arrays are
+        valid during the call. ``on_stats`` is called in this process every
+        ``stats_interval`` seconds with :meth:`stats`.
+        """
+        if handler is not None:
+            if self._pool is not None:
+                raise RuntimeError("give the handler before the feed starts")
+            self.handler = handler
+        if self._pool is None:
+            self.start()
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            deadline = None if duration is None else time.monotonic() + duration
+            next_stats = time.monotonic() + stats_interval
+            while not self._stop_event.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if self.output:
+                    self.poll(timeout=0.02)
+                else:
+                    self._stop_event.wait(0.02)
+                    self.check()
+                if frames is not None and self.frames_decoded() >= frames:
+                    break
+                if on_stats is not None and time.monotonic() >= next_stats:
+                    next_stats += stats_interval
+                    on_stats(self.stats())
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            self.stop()
+        return self.stats()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_event.set()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def symbols(self) -> Any:
+        """The symbol table (``feed.symbols[id]`` is the code), the same in every process."""
+        return self._pool.symbols if self._pool is not None else None
+
+    @property
+    def statuses(self) -> Any:
+        return self._pool.statuses if self._pool is not None else None
+
+    @property
+    def bar_types(self) -> Any:
+        return self._pool.bar_types if self._pool is not None else None
+
+    def frames_decoded(self) -> int:
+        return sum(w.frames for w in self._pool.stats()) if self._pool is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        """Every counter of every process, summed where that makes sense.
+
+        ``frames``/``ticks``/``quotes``/``bars``/``errors``/``control`` are what the workers
+        decoded; ``dropped`` counts frames the network process could not put in a ring and
+        output the parent did not take in time; ``gaps`` the sequence numbers the workers
+        found missing; ``latency_us`` is frame receipt to rows handed over in this process.
+        """
+        if self._final is not None:
+            out = dict(self._final)
+            out["delivered"] = dict(self._delivered)
+            out["latency_us"] = self._latency.summary()
+            return out
+        return self._collect()
+
+    def _collect(self) -> dict[str, Any]:
+        pool = self._pool
+        session = self._session.counters() if self._session is not None else {}
+        workers = pool.stats() if pool is not None else []
+        rings = pool.rings if pool is not None else []
+        total = {k: sum(getattr(w, k) for w in workers)
+                 for k in ("frames", "ticks", "quotes", "bars", "errors", "control")}
+        out = dict(total)
+        out["control"] += session.get("control", 0)
+        out["dropped"] = session.get("ring_drops", 0) + sum(w.output_dropped for w in workers)
+        out["gaps"] = sum(r.gaps for r in rings)
+        out["reconnects"] = session.get("reconnects", 0)
+        out["auth_renewals"] = session.get("auth_renewals", 0)
+        out["worker_restarts"] = sum(w.restarts for w in workers)
+        out["received"] = session.get("frames", 0)
+        out["delivered"] = dict(self._delivered)
+        out["latency_us"] = self._latency.summary()
+        out["elapsed_s"] = round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0
+        out["session"] = session
+        out["workers"] = [asdict(w) for w in workers]
+        return out
