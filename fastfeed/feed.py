@@ -52,6 +52,9 @@ class FeedError(RuntimeError):
 class Feed:
     """The whole pipeline: network process, rings, decoder workers.
 
+    source: a pub/sub URL (``redis://...?channel=``, ``redis+stream://``, ``nats://``,
+        ``amqp://``, ``kafka://``; see :mod:`fastfeed.sources`) to read instead of the
+        WebSocket; None (default) for the WebSocket session that ``settings`` describe.
     settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
         ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
@@ -70,6 +73,7 @@ class Feed:
         self,
         settings: Settings | None = None,
         *,
+        source: str | None = None,
         workers: int = 1,
         handler: Callable[[int, Any], None] | None = None,
         output: bool = True,
@@ -81,11 +85,12 @@ class Feed:
         log_level: int = logging.WARNING,
         **options: Any,
     ) -> None:
-        if settings is None:
+        if settings is None and source is None:
             settings = load_settings(options, config_file=config_file)
         elif options:
             raise TypeError("give either settings or keyword options, not both")
         self.settings = settings
+        self.source = source
         self.workers = workers
         self.handler = handler
         self.output = output
@@ -93,7 +98,7 @@ class Feed:
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll)
         self._pool: WorkerPool | None = None
-        self._session: SessionProcess | None = None
+        self._session: Any = None  # SessionProcess, or a pub/sub SourceProcess
         self._latency = LatencyHistogram()
         self._delivered = {"batches": 0, "ticks": 0, "quotes": 0, "bars": 0}
         self._current: OutputBatch | None = None
@@ -112,8 +117,15 @@ class Feed:
         self._pool = WorkerPool(self.workers, handler=self.handler, output=self.output,
                                 **self._pool_options).start()
         try:
-            self._session = SessionProcess(self.settings, self._pool.ring_names,
-                                           log_level=self.log_level).start()
+            if self.source is not None:
+                from .sources import SourceProcess
+
+                self._session = SourceProcess(self.source, self._pool.ring_names,
+                                              log_level=self.log_level).start()
+            else:
+                assert self.settings is not None
+                self._session = SessionProcess(self.settings, self._pool.ring_names,
+                                               log_level=self.log_level).start()
         except BaseException:
             self._pool.stop(drain=False)
             self._pool.close()
