@@ -1,0 +1,133 @@
+"""Run ``fastfeed sim`` as a child process: for ``fastfeed demo``, tests and benchmarks.
+
+A subprocess rather than a thread or an in-process task: the simulator then has a core of its
+own and its event loop never competes with the client's.
+
+    with SimulatorProcess("--rate", "0", "--count", "100000") as sim:
+        settings = load_settings(sim.settings_args(email="me@example.com"))
+        ...
+    sim.final_stats["frames_sent"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SIM_CLIENT_ID", "SIM_SCOPE", "SIM_SECRET", "SIM_TENANT", "SimulatorProcess"]
+
+# The simulator's default credentials (fastfeed sim's --tenant/--client-id/--client-secret)
+# and a scope it accepts.
+SIM_TENANT = "fastfeed-sim"
+SIM_CLIENT_ID = "fastfeed-sim"
+SIM_SECRET = "fastfeed-sim-secret"
+SIM_SCOPE = "api://fastfeed-sim/.default"
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class SimulatorProcess:
+    """``python -m fastfeed sim --port 0 --json *args`` in a child process.
+
+    The constructor returns once the simulator listens (its first line names the port);
+    :meth:`stop` sends SIGTERM and returns the counters it prints on exit. stderr is drained
+    in a background thread (kept in :attr:`stderr`) so a chatty simulator never blocks.
+    """
+
+    def __init__(self, *args: str, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        # Make the child import this same fastfeed, even from a source checkout.
+        env["PYTHONPATH"] = str(_PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastfeed", "sim", "--host", host, "--port", "0", "--json",
+             *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._err: list[str] = []
+        self._err_thread = threading.Thread(target=self._drain, daemon=True)
+        self._err_thread.start()
+        first = self._readline(timeout)
+        if not first.startswith("listening on http://"):
+            self.proc.kill()
+            self.proc.wait()
+            self._err_thread.join(5)
+            raise RuntimeError(f"simulator did not start: {first.strip()!r} "
+                               f"{''.join(self._err)[-2000:]}")
+        self.url = first.split("listening on ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.final_stats: dict[str, Any] | None = None
+
+    def _readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return box[0] if box else ""
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._err.append(line)
+
+    @property
+    def stderr(self) -> str:
+        """What the simulator wrote to stderr so far."""
+        return "".join(self._err)
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://HOST:PORT/ws``."""
+        return "ws" + self.url[4:] + "/ws"
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters (``GET /stats``)."""
+        with urllib.request.urlopen(self.url + "/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def settings_args(self, **extra: Any) -> dict[str, Any]:
+        """Arguments for :func:`fastfeed.config.load_settings` that point at this simulator
+        with its default credentials (``extra`` overrides or adds)."""
+        args: dict[str, Any] = {
+            "host": self.url, "authority": self.url, "tenant_id": SIM_TENANT,
+            "client_id": SIM_CLIENT_ID, "client_secret": SIM_SECRET, "scope": SIM_SCOPE,
+            "email": "support@example.com"}
+        args.update(extra)
+        return args
+
+    def stop(self, timeout: float = 20.0) -> dict[str, Any]:
+        """SIGTERM, wait, and return the counters the simulator printed on exit."""
+        if self.final_stats is not None:
+            return self.final_stats
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self._err_thread.join(5)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"simulator printed no counters (exit {self.proc.returncode}): "
+                               f"{self.stderr[-2000:]}")
+        self.final_stats = json.loads(lines[-1])
+        return self.final_stats
+
+    def __enter__(self) -> SimulatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        except RuntimeError:
+            pass
