@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from fastfeed.auth import login
 from fastfeed.config import load_settings
-from fastfeed.sim import Market, parse_faults
+from fastfeed.sim import Market, SimulatorProcess, parse_faults
 from fastfeed.sim.server import POOL_FRAMES
 
 from .conftest import ROOT
@@ -249,3 +249,38 @@ def test_cli_sim_duration_exits_with_json():
     stats = json.loads(lines[-1])
     for key in ("frames_sent", "ticks", "quotes", "bars", "malformed", "connections"):
         assert stats[key] == 0
+
+
+def test_simulator_process_reports_a_failed_start():
+    with pytest.raises(RuntimeError, match="simulator did not start.*--symbols"):
+        SimulatorProcess("--symbols", "0")
+
+
+def test_simulator_in_process(tmp_path):
+    """The embeddable API: Simulator in this process's event loop."""
+    import asyncio
+
+    from websockets.asyncio.client import connect as aconnect
+
+    from fastfeed.sim import SimConfig, Simulator
+
+    async def main():
+        sim = Simulator(SimConfig(rate=0, count=100, symbols=5))
+        await sim.start()
+        try:
+            s = load_settings({"host": sim.url, "authority": sim.url,
+                               "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
+                               "client_secret": "fastfeed-sim-secret", "scope": "a/.default",
+                               "token_cache": str(tmp_path / "t.json")}, env={})
+            token = await asyncio.get_running_loop().run_in_executor(None, login, s)
+            async with aconnect(sim.url.replace("http", "ws") + "/ws",
+                                additional_headers={"X-ZUMO-AUTH": token.value}) as ws:
+                await ws.send('{"email":"x@example.com"}')
+                got = [await ws.recv() for _ in range(100)]
+        finally:
+            await sim.close()
+        return got, sim.stats()
+
+    got, stats = asyncio.run(main())
+    assert len(got) == 100 and stats["frames_sent"] == 100 and stats["connections"] == 1
+    assert {json.loads(g)["c"] for g in got} <= set(Market(5).codes)

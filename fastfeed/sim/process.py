@@ -59,6 +59,8 @@ class SimulatorProcess:
             self.proc.kill()
             self.proc.wait()
             self._err_thread.join(5)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
             raise RuntimeError(f"simulator did not start: {first.strip()!r} "
                                f"{''.join(self._err)[-2000:]}")
         self.url = first.split("listening on ", 1)[1].strip()
