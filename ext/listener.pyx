@@ -25,7 +25,9 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
-from ff_ring cimport ff_ring_write
+from posix.unistd cimport getpid
+
+from ff_ring cimport ff_ring_set_producer, ff_ring_write
 
 cdef enum:
     # Record type of a data frame in the ring (the decoder reads every record as JSON text).
@@ -153,6 +155,9 @@ cdef class FeedListener(WSListener):
             raise MemoryError()
         for i, a in enumerate(addrs):
             self._bases[i] = <void *><size_t>a
+            # Writes go straight through ff_ring_write, so register this process as the
+            # producer here (the ring's liveness checks read it).
+            ff_ring_set_producer(self._bases[i], getpid())
         self._n = len(addrs)
         self._keepalive = keepalive
         self._on_control = on_control

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -114,6 +115,7 @@ def test_listener_routing_control_and_fragments(rings):
     rs = rings(3)
     controls: list[bytes] = []
     lst = FeedListener([r.address for r in rs], keepalive=rs, on_control=controls.append)
+    assert all(r.producer_pid == os.getpid() for r in rs)
     data = [
         b'{"c":"NASDAQ:AAPL","t":1749462520.177003,"p":242.89,"v":200.0}',
         # pretty-printed, and the bar's "c" (a number) comes before the symbol's
@@ -185,6 +187,7 @@ def test_frames_reach_rings_by_symbol_in_order(start_sim, rings, tmp_path):
     after = time.time_ns() // 1000
     assert proc.exitcode == 0 and proc.error is None
     assert c["frames"] == 30000 and c["ring_drops"] == 0 and c["control"] == 30
+    assert all(r.producer_pid == proc.pid for r in rs)
     assert c["connects"] == 1 and c["reconnects"] == 0 and c["auth_renewals"] == 1
     per_ring = drain(rs)
     check_rings(per_ring, pool(status_every=1000)[:30000], 3)
