@@ -739,4 +739,8 @@ async def run(
     stats = sim.stats()
     if json_stats:
         print(json.dumps(stats), file=out, flush=True)
+    else:
+        print(f"sent {stats['frames_sent']} frames ({stats['ticks']} ticks, {stats['quotes']} "
+              f"quotes, {stats['bars']} bars, {stats['malformed']} malformed) over "
+              f"{stats['connections']} connections", file=sys.stderr, flush=True)
     return stats
