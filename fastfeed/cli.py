@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _COMMANDS:
+    from .cli_feed import COMMANDS as feed_commands
+
+    for add in [*feed_commands, *_COMMANDS]:
         add(sub)
     # -v also after the subcommand (fastfeed sim -v); SUPPRESS keeps the top-level count
     # when it is given before the subcommand instead.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,10 @@ class Feed:
     source: a pub/sub URL (``redis://...?channel=``, ``redis+stream://``, ``nats://``,
         ``amqp://``, ``kafka://``; see :mod:`fastfeed.sources`) to read instead of the
         WebSocket; None (default) for the WebSocket session that ``settings`` describe.
+    replay: a capture (file or directory, see :mod:`fastfeed.capture`) to feed through the
+        pipeline instead of a live source, at ``speed`` (0: as fast as possible, 1.0: the
+        recorded pace); the decoded output is the live run's.
+    capture: a directory to write a raw capture of every frame to (for replay).
     settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
         ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
@@ -74,6 +79,9 @@ class Feed:
         settings: Settings | None = None,
         *,
         source: str | None = None,
+        replay: str | None = None,
+        speed: float = 0.0,
+        capture: str | None = None,
         workers: int = 1,
         handler: Callable[[int, Any], None] | None = None,
         output: bool = True,
@@ -85,18 +93,25 @@ class Feed:
         log_level: int = logging.WARNING,
         **options: Any,
     ) -> None:
-        if settings is None and source is None:
+        if source is not None and replay is not None:
+            raise ValueError("give either source or replay, not both")
+        if capture is not None:
+            os.makedirs(capture, exist_ok=True)
+        if settings is None and source is None and replay is None:
             settings = load_settings(options, config_file=config_file)
         elif options:
             raise TypeError("give either settings or keyword options, not both")
         self.settings = settings
         self.source = source
+        self.replay = replay
+        self.speed = speed
         self.workers = workers
         self.handler = handler
         self.output = output
         self.log_level = log_level
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
-                                  wait_timeout_us=wait_timeout_us, busy_poll=busy_poll)
+                                  wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
+                                  capture_dir=capture)
         self._pool: WorkerPool | None = None
         self._session: Any = None  # SessionProcess, or a pub/sub SourceProcess
         self._latency = LatencyHistogram()
@@ -117,7 +132,12 @@ class Feed:
         self._pool = WorkerPool(self.workers, handler=self.handler, output=self.output,
                                 **self._pool_options).start()
         try:
-            if self.source is not None:
+            if self.replay is not None:
+                from .capture import ReplayProcess
+
+                self._session = ReplayProcess(self.replay, self._pool.ring_names,
+                                              speed=self.speed, log_level=self.log_level).start()
+            elif self.source is not None:
                 from .sources import SourceProcess
 
                 self._session = SourceProcess(self.source, self._pool.ring_names,
@@ -277,6 +297,8 @@ class Feed:
                     self.check()
                 if frames is not None and self.frames_decoded() >= frames:
                     break
+                if self.source_done():
+                    break
                 if on_stats is not None and time.monotonic() >= next_stats:
                     next_stats += stats_interval
                     on_stats(self.stats())
@@ -303,6 +325,14 @@ class Feed:
     @property
     def bar_types(self) -> Any:
         return self._pool.bar_types if self._pool is not None else None
+
+    def source_done(self) -> bool:
+        """True when a finite source (a replay) has written everything and the workers
+        have decoded all of it; always False for live sources."""
+        s = self._session
+        if s is None or not getattr(s, "done", False):
+            return False
+        return self.frames_decoded() >= s.counters().get("frames", 0)
 
     def frames_decoded(self) -> int:
         return sum(w.frames for w in self._pool.stats()) if self._pool is not None else 0

@@ -105,6 +105,8 @@ class _WorkerSpec:
     busy_poll: bool
     handler: Handler | None
     parent_pid: int
+    # Directory for a raw capture (fastfeed.capture): each worker appends its frames.
+    capture_dir: str | None = None
     # Tests only: (point, marker path). The first worker to reach `point` ("after_publish":
     # output published, watermark not stored; "before_release": watermark stored, ring
     # position not released) while the marker does not exist creates it and SIGKILLs itself.
@@ -184,6 +186,12 @@ def _worker_main(spec: _WorkerSpec) -> None:
     bell = Doorbell(state_seg.buf, _BELL_OFFSET)
     tables = _tables(sym_seg.buf, spec.symbol_capacity, spec.small_capacity)
     dec = Decoder(symbols=tables[0], statuses=tables[1], bar_types=tables[2])
+    capture = None
+    if spec.capture_dir is not None:
+        from fastfeed.capture import CaptureWriter
+
+        capture = CaptureWriter(os.path.join(spec.capture_dir, f"capture-w{spec.index}.ffcap"),
+                                spec.index)
     row[F_PID] = os.getpid()
     row[F_STATE] = S_RUNNING
     try:
@@ -201,11 +209,13 @@ def _worker_main(spec: _WorkerSpec) -> None:
                 if os.getppid() != spec.parent_pid:
                     break  # orphaned: the parent died; its segments are cleaned at next start
                 continue
-            _process_batch(spec, batch, dec, row, out, bell)
+            _process_batch(spec, batch, dec, row, out, bell, capture)
             if spec.fault is not None and spec.fault[0] == "before_release":
                 _maybe_crash(spec.fault[1])
             batch.release()
     finally:
+        if capture is not None:
+            capture.close()
         row[F_STATE] = S_EXITED
         del row, state, dec, tables, bell
         if out is not None:
@@ -216,7 +226,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
 
 
 def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out: Ring | None,
-                   bell: Doorbell | None = None) -> None:
+                   bell: Doorbell | None = None, capture: Any = None) -> None:
     """Decode one ring batch, run the handler, publish the output; advance the watermark.
 
     Exactly-once bookkeeping across a SIGKILL at any instruction:
@@ -243,6 +253,8 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
         res = dec.decode_region(
             batch.buffer, batch.offsets[start:stop], batch.lengths[start:stop],
             batch.recv_ts[start:stop])
+        if capture is not None:
+            capture.write_batch(batch, start, stop)
         if spec.handler is not None:
             try:
                 spec.handler(spec.index, res)
@@ -365,6 +377,8 @@ class WorkerPool:
     busy_poll: workers spin instead of sleeping when idle (lowest latency, a core each).
     restart: start a worker again when it dies.
     symbol_capacity: size of the shared symbol table.
+    capture_dir: write every frame each worker takes (raw, with its receive time) to
+        ``capture_dir/capture-w<N>.ffcap`` (see :mod:`fastfeed.capture`).
     """
 
     def __init__(
@@ -383,6 +397,7 @@ class WorkerPool:
         restart: bool = True,
         symbol_capacity: int = 65536,
         name: str | None = None,
+        capture_dir: str | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -402,6 +417,7 @@ class WorkerPool:
         self.busy_poll = busy_poll
         self.restart = restart
         self.symbol_capacity = symbol_capacity
+        self.capture_dir = capture_dir
         self.small_capacity = 1024  # statuses and bar types: a handful of distinct codes
         self.name = name or f"pool{next(_pool_ids)}"
         self.rings: list[Ring] = []
@@ -475,7 +491,7 @@ class WorkerPool:
                 state_name=self._state_seg.name, symbols_name=self._sym_seg.name,
                 symbol_capacity=self.symbol_capacity, small_capacity=self.small_capacity,
                 batch_size=self.batch_size, busy_poll=self.busy_poll, handler=self.handler,
-                parent_pid=os.getpid(), fault=self._fault))
+                parent_pid=os.getpid(), fault=self._fault, capture_dir=self.capture_dir))
             self._procs.append(None)
             self._started_at.append(0.0)
             self._failures.append(0)

@@ -1,0 +1,383 @@
+"""The pipeline commands: ``fastfeed demo``, ``stream``, ``record``, ``replay`` and ``bench``.
+
+Each runs a :class:`fastfeed.Feed` (network process, rings, decoder workers), shows live
+statistics (a ``rich`` table on a terminal, one plain line a second otherwise) and with
+``--json`` prints one JSON summary when it exits.  Ctrl-C stops cleanly: the rings are
+drained, sinks flushed, every shared-memory segment removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cli import EXIT_USAGE, CommandError, add_settings_arguments
+
+SUMMARY_KEYS = ("frames", "ticks", "quotes", "bars", "errors", "control", "dropped", "gaps",
+                "reconnects", "auth_renewals", "worker_restarts", "elapsed_s", "latency_us")
+
+
+# -- live display --------------------------------------------------------------------------
+
+
+class Display:
+    """Live statistics: rich on a terminal, a plain line per interval otherwise."""
+
+    def __init__(self, title: str, quiet: bool = False, show_quotes: bool = False) -> None:
+        self.title = title
+        self.quiet = quiet
+        self.show_quotes = show_quotes
+        self.last: dict[str, Any] | None = None
+        self.last_t = time.monotonic()
+        self.latest: dict[int, tuple[float, float, float]] = {}
+        self._live: Any = None
+        if not quiet and sys.stdout.isatty():
+            try:
+                from rich.live import Live
+
+                self._live = Live(refresh_per_second=4, transient=False)
+                self._live.start()
+            except ImportError:
+                self._live = None
+
+    def note_quotes(self, quotes: Any) -> None:
+        if self.show_quotes and len(quotes):
+            for sym, bid, ask, last in zip(quotes["sym"][-8:].tolist(), quotes["bid"][-8:].tolist(),
+                                           quotes["ask"][-8:].tolist(), quotes["last"][-8:].tolist(),
+                                           strict=True):
+                self.latest[sym] = (bid, ask, last)
+
+    def update(self, s: dict[str, Any], symbols: Any) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        dt = max(now - self.last_t, 1e-9)
+        prev = self.last or dict.fromkeys(("frames", "ticks", "quotes", "bars"), 0)
+        rates = {k: (s[k] - prev[k]) / dt for k in ("frames", "ticks", "quotes", "bars")}
+        self.last, self.last_t = s, now
+        lat = s["latency_us"]
+        if self._live is None:
+            print(f"{self.title}: {rates['frames']:,.0f} frames/s (ticks {rates['ticks']:,.0f}/s "
+                  f"quotes {rates['quotes']:,.0f}/s bars {rates['bars']:,.0f}/s) total {s['frames']:,} "
+                  f"errors {s['errors']} dropped {s['dropped']} gaps {s['gaps']} "
+                  f"reconnects {s['reconnects']} latency p50 {_us(lat['p50'])} p99 {_us(lat['p99'])}",
+                  flush=True)
+            return
+        from rich.table import Table
+
+        t = Table(title=self.title, show_header=True, expand=False)
+        t.add_column("")
+        t.add_column("per second", justify="right")
+        t.add_column("total", justify="right")
+        for k in ("frames", "ticks", "quotes", "bars"):
+            t.add_row(k, f"{rates[k]:,.0f}", f"{s[k]:,}")
+        for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts"):
+            t.add_row(k, "", f"{s[k]:,}")
+        t.add_row("latency µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
+        if self.latest and symbols is not None:
+            for sym, (bid, ask, last) in list(self.latest.items())[-5:]:
+                t.add_row(str(symbols[sym]), f"bid {bid:.2f} ask {ask:.2f}", f"last {last:.2f}")
+        self._live.update(t)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def _us(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.1f}"
+
+
+def _summary(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {k: stats[k] for k in SUMMARY_KEYS}
+    out["latency_us"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                         for k, v in stats["latency_us"].items()}
+    out["delivered"] = stats["delivered"]
+    return out
+
+
+# -- running a feed ---------------------------------------------------------------------------
+
+
+def _consume(feed: Any, *, count: int | None, duration: float | None, display: Display,
+             sink: Any = None, until_done: bool = False) -> dict[str, Any]:
+    """Iterate the feed until count/duration/Ctrl-C (or the replay is done); return stats."""
+    import signal
+
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+        feed.request_stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None if duration is None else time.monotonic() + duration
+    next_show = time.monotonic() + 1.0
+    try:
+        feed.start()
+        while not stop["flag"]:
+            b = feed.poll(timeout=0.05) if feed.output else None
+            if b is not None:
+                display.note_quotes(b.quotes)
+                if sink is not None:
+                    sink.write(b)
+            elif not feed.output:
+                time.sleep(0.02)
+                feed.check()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if count is not None and feed.frames_decoded() >= count:
+                break
+            if until_done and feed.source_done():
+                break
+            if now >= next_show:
+                next_show = now + 1.0
+                display.update(feed.stats(), feed.symbols)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        try:
+            if sink is not None and feed.output:
+                # rows still in flight go to the sink too
+                while (b := feed.poll(timeout=0)) is not None:
+                    sink.write(b)
+            feed.stop()
+        finally:
+            display.close()
+            if sink is not None:
+                sink.close()
+    return feed.stats()
+
+
+def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
+    from .feed import Feed
+
+    if getattr(args, "source", None):
+        return Feed(source=args.source, workers=args.workers, **kw)
+    from .cli import _settings
+
+    settings = _settings(args)
+    return Feed(settings, workers=args.workers, **kw)
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="decoder worker processes (default 1)")
+    if count:
+        p.add_argument("--count", type=int, default=None, metavar="FRAMES",
+                       help="exit after this many data frames are decoded")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="exit after S seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON summary at exit")
+    p.add_argument("--quiet", action="store_true", help="no live statistics")
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1", EXIT_USAGE)
+    if getattr(args, "count", None) is not None and args.count < 0:
+        raise CommandError("--count must not be negative", EXIT_USAGE)
+    if args.duration is not None and args.duration < 0:
+        raise CommandError("--duration must not be negative", EXIT_USAGE)
+
+
+def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
+    if args.json:
+        print(json.dumps(_summary(stats)))
+    elif not args.quiet:
+        lat = stats["latency_us"]
+        print(f"done: {stats['frames']:,} frames, {stats['ticks']:,} ticks, {stats['quotes']:,} quotes, "
+              f"{stats['bars']:,} bars, {stats['errors']} errors, {stats['dropped']} dropped, "
+              f"{stats['gaps']} gaps in {stats['elapsed_s']:.1f} s; latency p50 {_us(lat['p50'])} µs "
+              f"p99 {_us(lat['p99'])} µs")
+    err = getattr(feed._session, "error", None) if feed._session is not None else None
+    if err:
+        raise CommandError(err)
+    return 0
+
+
+# -- stream ------------------------------------------------------------------------------------
+
+
+def _add_stream(sub: Any) -> None:
+    p = sub.add_parser(
+        "stream", help="stream the feed through the pipeline and report",
+        description="Connect to the feed (or --source a broker), decode every frame in "
+                    "--workers processes and hand the rows to this process; live statistics, "
+                    "and with --json one summary at exit (frames, rows per kind, errors, "
+                    "control, dropped, gaps, reconnects, latency_us).")
+    add_settings_arguments(p)
+    p.add_argument("--email", metavar="ADDRESS", help="support e-mail sent on connect")
+    p.add_argument("--source", metavar="URL",
+                   help="read a broker instead of the WebSocket: redis://, redis+stream://, "
+                        "nats://, amqp://, kafka:// (see docs/pubsub.md)")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_stream)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    feed = _feed_from_args(args)
+    stats = _consume(feed, count=args.count, duration=args.duration,
+                     display=Display("fastfeed stream", quiet=args.quiet or args.json))
+    return _finish(args, stats, feed)
+
+
+# -- record / replay ----------------------------------------------------------------------------
+
+
+def _add_record(sub: Any) -> None:
+    p = sub.add_parser(
+        "record", help="record the feed: raw capture (for replay) or Parquet",
+        description="Stream the feed and write it to --out: 'capture' keeps every raw frame "
+                    "with its receive time (capture-w<N>.ffcap, replayable with 'fastfeed "
+                    "replay'); 'parquet' writes the decoded rows, one file set per kind.")
+    add_settings_arguments(p)
+    p.add_argument("--email", metavar="ADDRESS", help="support e-mail sent on connect")
+    p.add_argument("--source", metavar="URL", help="read a broker instead of the WebSocket")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--format", choices=("capture", "parquet"), default="capture")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_record)
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    sink = None
+    if args.format == "capture":
+        feed = _feed_from_args(args, capture=args.out, output=False)
+    else:
+        try:
+            from .sinks import ParquetSink
+        except ImportError:
+            raise CommandError("--format parquet needs pyarrow: pip install pyarrow") from None
+        feed = _feed_from_args(args)
+        sink = ParquetSink(args.out, tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
+    stats = _consume(feed, count=args.count, duration=args.duration, sink=sink,
+                     display=Display("fastfeed record", quiet=args.quiet or args.json))
+    if sink is not None:
+        stats["parquet_files"] = [str(f) for f in sink.files]
+        stats["parquet_dropped"] = sink.dropped
+    return _finish(args, stats, feed)
+
+
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay", help="feed a capture back through the pipeline",
+        description="Replay a capture (a .ffcap file or a directory of them) through the "
+                    "same rings, workers and decoder, with the recorded receive times: the "
+                    "decoded output is the live run's.")
+    p.add_argument("capture", metavar="FILE", help="capture file or directory")
+    p.add_argument("--speed", type=float, default=0.0, metavar="X",
+                   help="0: as fast as possible (default); 1: the recorded pace; 2: twice as fast")
+    _add_run_options(p, count=False)
+    p.set_defaults(func=_cmd_replay, count=None)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    if args.speed < 0:
+        raise CommandError("--speed must not be negative", EXIT_USAGE)
+    from .feed import Feed
+
+    try:
+        feed = Feed(replay=args.capture, speed=args.speed, workers=args.workers)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
+    stats = _consume(feed, count=None, duration=args.duration, until_done=True,
+                     display=Display("fastfeed replay", quiet=args.quiet or args.json))
+    return _finish(args, stats, feed)
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="see fastfeed work: the built-in simulator through the whole pipeline",
+        description="Start the simulator on a free loopback port and stream from it through "
+                    "the whole pipeline (login, WebSocket, rings, decoder workers), showing "
+                    "per-kind rates, latency percentiles and the latest quotes.")
+    p.add_argument("--rate", type=float, default=20000.0, metavar="MSGS_PER_S",
+                   help="simulated frames per second (default 20000; 0 = as fast as possible)")
+    p.add_argument("--symbols", type=int, default=50, metavar="N")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    from .config import load_settings
+    from .feed import Feed
+    from .sim.process import SimulatorProcess
+
+    if args.duration is None and args.count is None:
+        args.duration = 10.0
+    try:
+        sim = SimulatorProcess("--rate", str(args.rate), "--symbols", str(args.symbols))
+    except RuntimeError as exc:
+        raise CommandError(str(exc).splitlines()[0]) from None
+    with sim, tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp:
+        # a private token cache: the demo must not touch the user's real one
+        settings = load_settings(sim.settings_args(token_cache=os.path.join(tmp, "token.json")),
+                                 env={})
+        feed = Feed(settings, workers=args.workers)
+        if not (args.quiet or args.json):
+            print(f"fastfeed demo: simulator at {sim.url}, {args.rate:,.0f} frames/s, "
+                  f"{args.workers} worker(s); Ctrl-C to stop", flush=True)
+        stats = _consume(feed, count=args.count, duration=args.duration,
+                         display=Display("fastfeed demo", quiet=args.quiet or args.json,
+                                         show_quotes=True))
+        return _finish(args, stats, feed)
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+
+def _benchmarks_dir() -> Path | None:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        d = base / "benchmarks"
+        if d.is_dir() and any(d.glob("bench_*.py")):
+            return d
+    return None
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="run the benchmarks and print their tables",
+        description="Run the scripts in benchmarks/ (from a source checkout) one after the "
+                    "other; each prints a table with ratios measured in the same run.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="which: decode, ring, net, e2e, pubsub (default: all found)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    d = _benchmarks_dir()
+    if d is None:
+        raise CommandError("benchmarks/ not found: run 'fastfeed bench' from a fastfeed checkout")
+    scripts = sorted(d.glob("bench_*.py"))
+    if args.names:
+        wanted = {f"bench_{n}.py" for n in args.names}
+        missing = wanted - {s.name for s in scripts}
+        if missing:
+            raise CommandError(f"no such benchmark: {', '.join(sorted(missing))}", EXIT_USAGE)
+        scripts = [s for s in scripts if s.name in wanted]
+    status = 0
+    for s in scripts:
+        print(f"\n## {s.name}\n", flush=True)
+        status |= subprocess.call([sys.executable, str(s)])
+    return status
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_stream, _add_record, _add_replay,
+                                         _add_bench]

@@ -1,0 +1,123 @@
+"""Sinks: where decoded rows go besides your code.
+
+:class:`ParquetSink` writes one file set per kind (``ticks-000001.parquet``, ...) with
+pyarrow, rolled by rows or seconds, on a background thread: ``write(batch)`` only copies
+the arrays and queues them, so the consumer never waits on the disk.  ``close()`` (or
+leaving its ``with`` block) writes what is queued and closes every file; a full queue
+(the disk cannot keep up) drops the batch and counts it, never blocks.
+
+The raw capture sink (every frame with its receive time, for replay) lives in
+:mod:`fastfeed.capture`; it is written by the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ParquetSink"]
+
+_KINDS = ("ticks", "quotes", "bars")
+
+
+class ParquetSink:
+    """Decoded rows to Parquet, in the background.
+
+    out: directory (created if missing).
+    tables: a callable returning ``(symbols, statuses, bar_types)`` at write time (e.g.
+        ``lambda: (feed.symbols, feed.statuses, feed.bar_types)``), so codes are stored
+        as dictionary-encoded strings; None stores the ids.
+    roll_rows / roll_seconds: start a new file of a kind past this many rows or seconds.
+    max_queue: batches waiting for the writer before new ones are dropped (and counted).
+    """
+
+    def __init__(self, out: str | os.PathLike[str], *, tables: Any = None,
+                 roll_rows: int = 5_000_000, roll_seconds: float = 300.0,
+                 max_queue: int = 1024, compression: str = "zstd") -> None:
+        import pyarrow  # noqa: F401  (fail now, not in the thread, when it is missing)
+
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tables = tables
+        self.roll_rows = roll_rows
+        self.roll_seconds = roll_seconds
+        self.compression = compression
+        self.dropped = 0
+        self.rows_written = dict.fromkeys(_KINDS, 0)
+        self.files: list[Path] = []
+        self.error: BaseException | None = None
+        self._q: queue.Queue[Any] = queue.Queue(max_queue)
+        self._writers: dict[str, Any] = {}
+        self._opened: dict[str, tuple[float, int]] = {}
+        self._seq = dict.fromkeys(_KINDS, 0)
+        self._thread = threading.Thread(target=self._run, name="fastfeed-parquet", daemon=True)
+        self._thread.start()
+
+    def write(self, batch: Any) -> None:
+        """Queue a batch's rows (copied: the batch may be a view that is about to go)."""
+        item = [(k, getattr(batch, k).copy()) for k in _KINDS if len(getattr(batch, k))]
+        if not item:
+            return
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        from .convert import to_arrow
+
+        while True:
+            item = self._q.get()
+            if item is None:
+                break
+            try:
+                tables = self.tables() if self.tables is not None else (None, None, None)
+                for kind, arr in item:
+                    self._writer(kind, arr, tables, to_arrow)
+            except BaseException as exc:  # noqa: BLE001 - reported by close()
+                self.error = exc
+                break
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+
+    def _writer(self, kind: str, arr: Any, tables: Any, to_arrow: Any) -> None:
+        import pyarrow.parquet as pq
+
+        table = to_arrow(arr, *tables)
+        w = self._writers.get(kind)
+        if w is not None:
+            opened, rows = self._opened[kind]
+            if rows >= self.roll_rows or time.monotonic() - opened >= self.roll_seconds \
+                    or w.schema != table.schema:
+                w.close()
+                w = None
+        if w is None:
+            self._seq[kind] += 1
+            path = self.out / f"{kind}-{self._seq[kind]:06d}.parquet"
+            w = pq.ParquetWriter(path, table.schema, compression=self.compression)
+            self._writers[kind] = w
+            self._opened[kind] = (time.monotonic(), 0)
+            self.files.append(path)
+        w.write_table(table)
+        opened, rows = self._opened[kind]
+        self._opened[kind] = (opened, rows + len(arr))
+        self.rows_written[kind] += len(arr)
+
+    def close(self) -> None:
+        """Write what is queued, close the files; re-raise a writer error."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"parquet sink failed: {self.error}") from self.error
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
