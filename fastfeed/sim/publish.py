@@ -1,0 +1,341 @@
+"""``fastfeed sim --publish URL``: the synthetic market published into a broker, as the provider
+would publish it (PROTOCOL.md section 4), with the simulator's counts.
+
+The URL is the one a fastfeed source reads (see :mod:`fastfeed.sources`); the publisher takes
+its destination from it:
+
+- ``redis://...?channel=C`` (``PUBLISH``) or ``?schannel=C`` (``SPUBLISH``);
+- ``redis+stream://...?stream=S`` (``XADD S * data <frame>``; ``field=`` renames ``data``;
+  ``maxlen=N`` trims approximately);
+- ``nats://...?subject=S`` (core publish; with ``stream=``, JetStream publishes, each
+  acknowledged by the server, into that stream, created over ``subject=`` if missing);
+- ``amqp://...?exchange=X&routing_key=K`` (persistent messages with a ``message_id``; without
+  ``exchange=``, straight into ``queue=``; ``exchange_type=``, default ``fanout``, as the
+  source declares it);
+- ``kafka://...?topic=T`` (keyed by symbol, so a symbol stays in one partition).
+
+A destination may contain ``{shard}``, replaced per frame by ``route_of(symbol) % shards``
+(the same hash the rings use), or ``{symbol}``: the recipes for sharding a fan-out feed by
+symbol over several instances (``channel=feed.{shard}``, ``subject=feed.{shard}``).
+
+:func:`publish` returns the simulator's ``--json`` counts: ``frames_sent``, ``ticks``,
+``quotes``, ``bars``, ``malformed``, ``control_sent``, ``bytes_sent`` (and ``elapsed_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .._listener import route_of
+from ..sources.base import symbol_of
+from ..sources.url import SourceURL, SourceURLError
+from .market import KINDS, Market
+
+__all__ = ["publish", "publish_async"]
+
+# Frames generated and sent per round: big enough to amortise a round trip to the broker,
+# small enough that pacing at a modest rate stays smooth.
+_BATCH = 1000
+_STATUS = b'{"status":"ok","message":"simulator status"}'
+
+
+def publish(url: str, *, count: int, rate: float = 0.0, symbols: int = 100, seed: int = 0,
+            mix: tuple[float, float, float] = (0.7, 0.25, 0.05), malformed: float = 0.0,
+            arrays: float = 0.0, status_every: int = 0, shards: int = 1,
+            start_time: float | None = None) -> dict[str, Any]:
+    """Publish ``count`` data frames of the synthetic market into the broker at ``url``.
+
+    ``rate``: frames per second (0: as fast as the broker takes them). ``symbols``, ``seed``,
+    ``mix``, ``malformed``, ``arrays``: as ``fastfeed sim`` (a malformed frame keeps its symbol,
+    so a source routes it and the decoder counts an error). ``status_every`` > 0 publishes a
+    status object (a control message) after every that many frames. ``shards``: the modulus
+    of ``{shard}`` in the destination. Returns the counts (see the module docstring).
+    """
+    try:
+        import uvloop
+        return uvloop.run(publish_async(
+            url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
+            malformed=malformed, arrays=arrays, status_every=status_every, shards=shards,
+            start_time=start_time))
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(publish_async(
+            url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
+            malformed=malformed, arrays=arrays, status_every=status_every, shards=shards,
+            start_time=start_time))
+
+
+async def publish_async(url: str, *, count: int, rate: float = 0.0, symbols: int = 100,
+                        seed: int = 0, mix: tuple[float, float, float] = (0.7, 0.25, 0.05),
+                        malformed: float = 0.0, arrays: float = 0.0, status_every: int = 0,
+                        shards: int = 1, start_time: float | None = None) -> dict[str, Any]:
+    """:func:`publish` on the running event loop."""
+    if count < 0 or rate < 0 or shards < 1 or status_every < 0:
+        raise ValueError("count, rate and status_every must not be negative; shards >= 1")
+    u = SourceURL.parse(url)
+    pub = _publisher(u, shards)
+    market = Market(symbols, seed=seed, mix=mix, malformed=malformed, arrays=arrays)
+    t0_us = int(round((start_time if start_time is not None else time.time()) * 1e6))
+    counts: dict[str, Any] = dict.fromkeys(("frames_sent", *KINDS, "bytes_sent"), 0)
+    await pub.open()
+    started = time.monotonic()
+    try:
+        sent = 0
+        since_status = 0
+        while sent < count:
+            n = min(_BATCH, count - sent)
+            if rate > 0:
+                # Pace: never ahead of the wall clock, in slices of about 10 ms.
+                n = min(n, max(1, int(rate / 100)))
+                due = (sent + n) / rate - (time.monotonic() - started)
+                if due > 0:
+                    await asyncio.sleep(due)
+            block = market.block(n, t0_us + sent, 1)
+            payloads: list[bytes] = []
+            for p in block.payloads:
+                payloads.append(p)
+                if status_every:
+                    since_status += 1
+                    if since_status >= status_every:
+                        since_status = 0
+                        payloads.append(_STATUS)
+                        counts["control_sent"] += 1
+            await pub.send(payloads)
+            for kind, rows in zip(KINDS, block.rows(0, n), strict=True):
+                if kind != "control_sent":
+                    counts[kind] += rows
+            counts["frames_sent"] += n
+            counts["bytes_sent"] += sum(len(p) for p in block.payloads)
+            sent += n
+        await pub.flush()
+    finally:
+        await pub.close()
+    counts["elapsed_s"] = round(time.monotonic() - started, 3)
+    return counts
+
+
+# -- publishers ---------------------------------------------------------------------------------
+
+class _Publisher:
+    """Sends lists of frames to one destination (possibly per-frame, by ``{shard}``)."""
+
+    def __init__(self, url: SourceURL, shards: int) -> None:
+        self.url = url
+        self.shards = shards
+
+    def destination(self, template: str) -> Callable[[bytes], str]:
+        """A function frame -> destination name for a template with {shard} or {symbol}."""
+        if "{shard}" not in template and "{symbol}" not in template:
+            return lambda payload: template
+        shards = self.shards
+
+        def dest(payload: bytes) -> str:
+            code = symbol_of(payload) or b""
+            return template.format(shard=route_of(code) % shards if code else 0,
+                                   symbol=code.decode("utf-8", "replace"))
+        return dest
+
+    async def open(self) -> None: ...
+    async def send(self, payloads: list[bytes]) -> None: ...
+    async def flush(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def _publisher(u: SourceURL, shards: int) -> _Publisher:
+    if u.scheme in ("redis", "rediss"):
+        return _RedisPublisher(u, shards, stream=False)
+    if u.scheme in ("redis+stream", "rediss+stream"):
+        return _RedisPublisher(u, shards, stream=True)
+    if u.scheme in ("nats", "tls"):
+        return _NatsPublisher(u, shards)
+    if u.scheme in ("amqp", "amqps"):
+        return _AmqpPublisher(u, shards)
+    if u.scheme == "kafka":
+        return _KafkaPublisher(u, shards)
+    raise SourceURLError(f"cannot publish to {u.scheme}://")
+
+
+class _RedisPublisher(_Publisher):
+    """PUBLISH / SPUBLISH / XADD, pipelined: one write and one round trip per batch."""
+
+    def __init__(self, url: SourceURL, shards: int, *, stream: bool) -> None:
+        super().__init__(url, shards)
+        self.stream = stream
+        if stream:
+            self.command = b"XADD"
+            self.dest = self.destination(url.require("stream"))
+            self.field = (url.str("field") or "data").encode()
+            self.maxlen = url.int("maxlen", 0)
+        else:
+            sharded = url.str("schannel")
+            self.command = b"SPUBLISH" if sharded else b"PUBLISH"
+            self.dest = self.destination(sharded or url.require("channel"))
+        self.reader: Any = None
+        self.rd: asyncio.StreamReader | None = None
+        self.wr: asyncio.StreamWriter | None = None
+        self.errors = 0
+
+    async def open(self) -> None:
+        import hiredis
+
+        from ..sources.redis_pubsub import resp_command
+        u = self.url
+        ssl = u.scheme.startswith("rediss") or None
+        self.rd, self.wr = await asyncio.open_connection(u.host, u.port or 6379, ssl=ssl)
+        self.reader = hiredis.Reader()
+        first = []
+        if u.password is not None:
+            first.append(resp_command("AUTH", *([u.username] if u.username else []),
+                                      u.password))
+        db = u.path.strip("/")
+        if db.isdigit() and db != "0":
+            first.append(resp_command("SELECT", db))
+        if first:
+            await self._roundtrip(b"".join(first), len(first))
+
+    async def _roundtrip(self, data: bytes, replies: int) -> None:
+        assert self.rd is not None and self.wr is not None
+        self.wr.write(data)
+        await self.wr.drain()
+        got = 0
+        first_error: Exception | None = None
+        while got < replies:
+            while (m := self.reader.gets()) is not False:
+                got += 1
+                if isinstance(m, Exception) and first_error is None:
+                    first_error = m
+            if got >= replies:
+                break
+            chunk = await self.rd.read(1 << 16)
+            if not chunk:
+                raise ConnectionError("Redis closed the connection")
+            self.reader.feed(chunk)
+        if first_error is not None:
+            raise RuntimeError(f"Redis refused a command: {self.url.scrub(str(first_error))}")
+
+    async def send(self, payloads: list[bytes]) -> None:
+        out = []
+        cmd = self.command
+        for p in payloads:
+            d = self.dest(p).encode()
+            if self.stream:
+                if self.maxlen:
+                    ml = str(self.maxlen).encode()
+                    out.append(b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n"
+                               b"$%d\r\n%s\r\n$1\r\n*\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                               % (len(d), d, len(ml), ml, len(self.field), self.field,
+                                  len(p), p))
+                else:
+                    out.append(b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$%d\r\n%s\r\n"
+                               b"$%d\r\n%s\r\n" % (len(d), d, len(self.field), self.field,
+                                                   len(p), p))
+            else:
+                out.append(b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                           % (len(cmd), cmd, len(d), d, len(p), p))
+        await self._roundtrip(b"".join(out), len(payloads))
+
+    async def close(self) -> None:
+        if self.wr is not None:
+            self.wr.close()
+            try:
+                await self.wr.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+
+class _NatsPublisher(_Publisher):
+    def __init__(self, url: SourceURL, shards: int) -> None:
+        super().__init__(url, shards)
+        self.subject = url.require("subject")
+        self.dest = self.destination(self.subject)
+        self.stream = url.str("stream")
+        self.nc: Any = None
+        self.js: Any = None
+
+    async def open(self) -> None:
+        from ..sources.nats import connect_nats, ensure_stream
+        self.nc = await connect_nats(self.url, allow_reconnect=False)
+        if self.stream:
+            self.js = self.nc.jetstream()
+            await ensure_stream(self.js, self.stream, self.url)
+
+    async def send(self, payloads: list[bytes]) -> None:
+        if self.js is not None:
+            # Each JetStream publish is acknowledged once stored; send a batch concurrently.
+            acks = [self.js.publish(self.dest(p), p) for p in payloads]
+            await asyncio.gather(*acks)
+            return
+        pub = self.nc.publish
+        for p in payloads:
+            await pub(self.dest(p), p)
+
+    async def flush(self) -> None:
+        await self.nc.flush(timeout=30)
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+
+class _AmqpPublisher(_Publisher):
+    def __init__(self, url: SourceURL, shards: int) -> None:
+        super().__init__(url, shards)
+        self.exchange_name = url.str("exchange") or ""
+        key = url.str("routing_key") or ("" if self.exchange_name else url.require("queue"))
+        self.dest = self.destination(key)
+        self.conn: Any = None
+        self.exchange: Any = None
+        self.run = uuid.uuid4().hex[:12]
+        self.seq = 0
+
+    async def open(self) -> None:
+        from ..sources.rabbitmq import connect_amqp, declare
+        self.conn = await connect_amqp(self.url)
+        channel = await self.conn.channel(publisher_confirms=True)
+        self.exchange, _ = await declare(channel, self.url, bind=False)
+
+    async def send(self, payloads: list[bytes]) -> None:
+        import aio_pika
+        msgs = []
+        for p in payloads:
+            self.seq += 1
+            msg = aio_pika.Message(p, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   message_id=f"{self.run}-{self.seq}")
+            msgs.append(self.exchange.publish(msg, routing_key=self.dest(p)))
+        # Publisher confirms: every message is confirmed by the broker before the next batch.
+        await asyncio.gather(*msgs)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+class _KafkaPublisher(_Publisher):
+    def __init__(self, url: SourceURL, shards: int) -> None:
+        super().__init__(url, shards)
+        self.dest = self.destination(url.require("topic"))
+        self.producer: Any = None
+
+    async def open(self) -> None:
+        from confluent_kafka import Producer
+        u = self.url
+        self.producer = Producer({"bootstrap.servers": f"{u.host}:{u.port or 9092}",
+                                  "linger.ms": 5, "enable.idempotence": True})
+
+    async def send(self, payloads: list[bytes]) -> None:
+        for p in payloads:
+            while True:
+                try:
+                    self.producer.produce(self.dest(p), p, key=symbol_of(p))
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+            self.producer.poll(0)
+
+    async def flush(self) -> None:
+        left = await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 60)
+        if left:
+            raise RuntimeError(f"{left} Kafka messages not delivered")

@@ -1,0 +1,255 @@
+"""Pub/sub sources: a broker in the WebSocket's place, in front of the same rings and workers.
+
+Selected by URL (see each module for its parameters)::
+
+    redis://[user:pass@]HOST:PORT[/DB]?channel=feed            Redis Pub/Sub (also pattern=, schannel=)
+    redis+stream://HOST:PORT/0?stream=feed&group=g&consumer=c  Redis Streams consumer group
+    nats://HOST:PORT?subject=feed.>&queue=q                    core NATS (queue group optional)
+    nats://HOST:PORT?subject=feed.>&stream=FEED&durable=d      NATS JetStream durable consumer
+    amqp://USER:PASS@HOST:PORT/VHOST?queue=q&exchange=x        RabbitMQ (AMQP 0-9-1)
+    kafka://HOST:PORT?topic=feed&group=g                       Kafka consumer group
+
+:class:`SourceProcess` runs one in its own spawned process with the interface of
+:class:`fastfeed.session.SessionProcess` (``start``/``stop``/``join``/``counters``/``error``)::
+
+    proc = SourceProcess("redis://127.0.0.1:6379/0?channel=feed", pool.ring_names).start()
+    proc.counters()["frames"]
+    proc.stop()
+
+Passwords in URLs are never logged: everything shown uses :attr:`SourceURL.redacted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing as mp
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from .url import SourceURL, SourceURLError
+
+__all__ = ["COUNTERS", "SOURCES", "SourceProcess", "SourceURL", "SourceURLError",
+           "parse_source", "run_source", "source_class"]
+
+log = logging.getLogger("fastfeed.sources")
+
+#: Scheme -> "module:Class" of the source serving it (imported only when used, so that a
+#: missing optional client library only matters to the source that needs it).
+SOURCES = {
+    "redis": "redis_pubsub:RedisPubSubSource",
+    "rediss": "redis_pubsub:RedisPubSubSource",
+    "redis+stream": "redis_stream:RedisStreamSource",
+    "rediss+stream": "redis_stream:RedisStreamSource",
+    "nats": "nats:NatsSource",
+    "tls": "nats:NatsSource",
+    "amqp": "rabbitmq:RabbitMQSource",
+    "amqps": "rabbitmq:RabbitMQSource",
+    "kafka": "kafka:KafkaSource",
+}
+
+#: Counter names, in the order of :class:`SourceProcess`'s shared array. The first four mean
+#: what they mean for the WebSocket session (:data:`fastfeed.session.COUNTERS`). Defined here,
+#: not in .base, so that the parent reads counters without importing any client library.
+COUNTERS = (
+    "frames",           # data frames written into a ring
+    "bytes",            # their payload bytes
+    "ring_drops",       # data frames a ring refused (at-least-once sources: not acked, redelivered)
+    "control",          # messages without a symbol (status/error objects): counted, not decoded
+    "messages",         # messages taken from the broker (data, control, duplicates, drops)
+    "connects",         # connections established
+    "reconnects",       # connections re-established after one was lost
+    "disconnects",      # connections lost while not stopping
+    "connect_errors",   # connection attempts that failed
+    "evicted",          # connection closed by a broker that stayed up (e.g. a slow subscriber)
+    "broker_restarts",  # reconnected to a broker that restarted in between (Redis run_id)
+    "heartbeat_timeouts",  # connections declared dead for an unanswered PING
+    "slow_consumer",    # messages the client library dropped (NATS pending limits)
+    "acked",            # messages acknowledged to the broker (at-least-once sources)
+    "nacked",           # messages handed back for redelivery (a ring refused them)
+    "duplicates",       # messages already committed to a ring, seen again: acked, not rewritten
+    "redelivered",      # messages the broker marked as delivered before
+    "reclaimed",        # Redis Streams entries taken over from an idle consumer (XAUTOCLAIM)
+    "too_big",          # messages larger than a ring record: dropped (and acked: never deliverable)
+)
+
+
+def source_class(scheme: str) -> Any:
+    """The :class:`~fastfeed.sources.base.Source` subclass for a URL scheme."""
+    try:
+        target = SOURCES[scheme]
+    except KeyError:
+        raise SourceURLError(f"unknown source scheme {scheme!r}: use one of "
+                             f"{', '.join(s + '://' for s in SOURCES)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def parse_source(url: str | SourceURL) -> SourceURL:
+    """Parse and check a source URL; raises :class:`SourceURLError` with what is wrong."""
+    u = url if isinstance(url, SourceURL) else SourceURL.parse(url)
+    cls = source_class(u.scheme)
+    u.check(cls.params + cls.COMMON_PARAMS)
+    cls.validate(u)
+    return u
+
+
+# -- the source in its own process --------------------------------------------------------------
+
+def run_source(url: str | SourceURL, ring_names: Sequence[str], *, counters: Any | None = None,
+               stop_event: Any | None = None) -> None:
+    """Attach the rings by name and run the URL's source until stopped (blocking).
+
+    The body of :class:`SourceProcess`. ``counters``: a shared int64 array of
+    ``len(COUNTERS)``, refreshed every 50 ms and at the end; ``stop_event``: a
+    ``multiprocessing.Event``. SIGTERM and SIGINT stop the source too.
+    """
+    from .._ring import Ring
+
+    u = parse_source(url)
+    rings = [Ring.attach(name) for name in ring_names]
+    try:
+        source = source_class(u.scheme)(u, rings)
+        try:
+            import uvloop
+            uvloop.run(_serve(source, counters, stop_event))
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            asyncio.run(_serve(source, counters, stop_event))
+    finally:
+        for r in rings:
+            r.close()
+
+
+async def _serve(source: Any, counters: Any | None, stop_event: Any | None) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, source.stop)
+
+    def publish() -> None:
+        if counters is not None:
+            for i, name in enumerate(COUNTERS):
+                counters[i] = source.counts[name]
+
+    async def publisher() -> None:
+        while True:
+            publish()
+            if stop_event is not None and stop_event.is_set():
+                source.stop()
+            await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(publisher())
+    try:
+        await source.run()
+    finally:
+        task.cancel()
+        publish()
+
+
+def _process_main(url: str, ring_names: list[str], counters: Any, stop_event: Any, conn: Any,
+                  log_level: int) -> None:
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
+    from .base import FatalSourceError
+
+    u = SourceURL.parse(url)
+    try:
+        run_source(u, ring_names, counters=counters, stop_event=stop_event)
+    except (FatalSourceError, SourceURLError) as exc:
+        conn.send(("error", u.scrub(" ".join(str(exc).split()))))
+        raise SystemExit(1) from None
+    except BaseException as exc:
+        conn.send(("error", u.scrub(f"{type(exc).__name__}: {' '.join(str(exc).split())}")))
+        raise
+    conn.send(("ok", None))
+
+
+class SourceProcess:
+    """A pub/sub source in its own spawned process, writing into rings named by the parent.
+
+    The interface of :class:`fastfeed.session.SessionProcess`: ``counters()`` reads the live
+    counters (:data:`COUNTERS`) from shared memory; ``error`` holds the one-line reason when
+    the process stopped on a fatal error (refused credentials, missing client library).
+    The URL is checked here, in the caller's process: a bad one raises
+    :class:`SourceURLError` at once.
+    """
+
+    def __init__(self, url: str, ring_names: Sequence[str], *,
+                 log_level: int = logging.WARNING) -> None:
+        self.url = parse_source(url)
+        ctx = mp.get_context("spawn")
+        self._counters = ctx.Array("q", len(COUNTERS), lock=False)
+        self._stop = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_process_main, name="fastfeed-source", daemon=True,
+            args=(url, list(ring_names), self._counters, self._stop, send, log_level))
+        self._send = send
+        self.error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SourceProcess({self.url.redacted!r}, pid={self.pid})"
+
+    def start(self) -> SourceProcess:
+        """Start the process; returns self."""
+        self._proc.start()
+        self._send.close()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (None before start)."""
+        return self._proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """0 after a requested stop, 1 after a fatal error (see :attr:`error`), None if running."""
+        return self._proc.exitcode
+
+    def is_alive(self) -> bool:
+        """Whether the process is running."""
+        return self._proc.is_alive()
+
+    def counters(self) -> dict[str, int]:
+        """The source's counters (refreshed by the process every 50 ms)."""
+        return dict(zip(COUNTERS, self._counters[:], strict=True))
+
+    def _collect(self) -> None:
+        while self._recv.poll():
+            try:
+                kind, msg = self._recv.recv()
+            except EOFError:
+                break
+            if kind == "error":
+                self.error = msg
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to end; returns its exit code (None if still running)."""
+        self._proc.join(timeout)
+        self._collect()
+        return self._proc.exitcode
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Finish the current batch (acknowledging it), close, wait; kill past ``timeout``."""
+        self._stop.set()
+        if self._proc.pid is None:
+            return None
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._collect()
+        return self._proc.exitcode
+
+    def kill(self) -> None:
+        """SIGKILL the process (tests: a crashed consumer leaves its messages unacknowledged)."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+
+    def __enter__(self) -> SourceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

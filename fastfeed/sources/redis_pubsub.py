@@ -1,0 +1,208 @@
+"""Redis Pub/Sub: ``redis://[user:password@]HOST:PORT[/DB]?channel=A&pattern=feed.*&schannel=S``.
+
+``channel=`` subscribes (``SUBSCRIBE``), ``pattern=`` pattern-subscribes (``PSUBSCRIBE``),
+``schannel=`` subscribes to Redis 7 sharded channels (``SSUBSCRIBE``); each may repeat or hold
+a comma-separated list, and they combine. ``rediss://`` is the same over TLS.
+``heartbeat=`` (seconds, default 5): a ``PING`` on the subscribed connection, which is dead
+when no answer came for three of them.
+
+At-most-once by nature: what is published while this subscriber is disconnected is never seen.
+What can be detected is counted: ``disconnects``, ``evicted`` (the server closed the connection
+but kept running, under the same ``run_id``: most often the output-buffer limit of a slow
+subscriber, ``client-output-buffer-limit pubsub``), ``broker_restarts`` (a different
+``run_id`` after the reconnect) and ``heartbeat_timeouts``.
+
+The subscribed connection is a plain asyncio protocol over the ``hiredis`` reply parser (the C
+parser ``redis`` itself uses): a socket read is parsed in one pass, stamped with one receive
+time, and each message's payload goes to its ring without further Python objects per message
+than the parser's reply list. Pub/Sub needs nothing else from a client: after the handshake a
+subscribed connection only receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+
+from .._decoder import now_us
+from .base import FatalSourceError, Source
+from .url import SourceURLError
+
+__all__ = ["RedisPubSubSource", "resp_command"]
+
+log = logging.getLogger("fastfeed.sources.redis")
+
+_AUTH_ERRORS = (b"WRONGPASS", b"NOAUTH", b"NOPERM", b"ERR AUTH", b"ERR invalid password")
+
+
+def resp_command(*args: bytes | str | int) -> bytes:
+    """One command in the Redis wire protocol (RESP2 array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Subscriber(asyncio.Protocol):
+    """The subscribed connection: parses replies with hiredis, hands messages to the writer."""
+
+    def __init__(self, source: RedisPubSubSource, reader: Any) -> None:
+        self.source = source
+        self.reader = reader
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.subscribed = asyncio.get_running_loop().create_future()
+        self.expected = 0
+        self.confirmed = 0
+        self.run_id: bytes | None = None
+        self.last_reply = time.monotonic()
+        self.error: bytes | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError("connection closed during subscribe"))
+
+    def data_received(self, data: bytes) -> None:
+        # One receive time per socket read, as the WebSocket listener stamps frames.
+        ts = now_us()
+        reader = self.reader
+        reader.feed(data)
+        write = self.source.out.write
+        self.last_reply = time.monotonic()
+        while (m := reader.gets()) is not False:
+            if type(m) is list:
+                kind = m[0]
+                if kind == b"message" or kind == b"smessage":
+                    write(m[2], ts)
+                    continue
+                if kind == b"pmessage":
+                    write(m[3], ts)
+                    continue
+                if kind in (b"subscribe", b"psubscribe", b"ssubscribe"):
+                    self.confirmed += 1
+                    if self.confirmed >= self.expected and not self.subscribed.done():
+                        self.subscribed.set_result(None)
+                # b"pong" (PING in subscribed mode) needs nothing beyond last_reply.
+                continue
+            if isinstance(m, bytes) and m.startswith(b"# Server"):
+                for line in m.split(b"\r\n"):
+                    if line.startswith(b"run_id:"):
+                        self.run_id = line[7:].strip()
+                continue
+            if isinstance(m, Exception):
+                # An error reply (AUTH refused, SSUBSCRIBE unknown, ...): fail the connection.
+                self.error = str(m).encode()
+                if not self.subscribed.done():
+                    self.subscribed.set_exception(ConnectionError(str(m)))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+
+
+class RedisPubSubSource(Source):
+    """Redis Pub/Sub subscriber; see the module docstring."""
+
+    schemes = ("redis", "rediss")
+    params = ("channel", "pattern", "schannel", "heartbeat")
+
+    def __init__(self, url: Any, rings: Any) -> None:
+        super().__init__(url, rings)
+        self.channels = url.list("channel")
+        self.patterns = url.list("pattern")
+        self.schannels = url.list("schannel")
+        self.heartbeat = url.float("heartbeat", 5.0)
+        self._proto: _Subscriber | None = None
+        self._run_id: bytes | None = None
+
+    @classmethod
+    def validate(cls, url: Any) -> None:
+        if not (url.list("channel") or url.list("pattern") or url.list("schannel")):
+            raise SourceURLError("redis:// needs channel=, pattern= or schannel= "
+                                 f"({url.redacted})")
+        if url.float("heartbeat", 5.0) <= 0:
+            raise SourceURLError("heartbeat= must be positive")
+
+    async def consume(self) -> None:
+        try:
+            import hiredis
+        except ImportError:
+            raise FatalSourceError("the Redis sources need hiredis and redis: "
+                                   "pip install 'fastfeed[redis]'") from None
+        u = self.url
+        loop = asyncio.get_running_loop()
+        ctx = ssl.create_default_context() if u.scheme == "rediss" else None
+        _, proto = await asyncio.wait_for(loop.create_connection(
+            lambda: _Subscriber(self, hiredis.Reader()), u.host, u.port or 6379, ssl=ctx), 10.0)
+        self._proto = proto
+        assert proto.transport is not None
+        handshake = []
+        if u.password is not None:
+            handshake.append(resp_command("AUTH", *(
+                [u.username] if u.username else []), u.password))
+        handshake.append(resp_command("CLIENT", "SETNAME", u.str("name", "fastfeed") or "fastfeed"))
+        handshake.append(resp_command("INFO", "server"))
+        for cmd, names in (("SUBSCRIBE", self.channels), ("PSUBSCRIBE", self.patterns),
+                           ("SSUBSCRIBE", self.schannels)):
+            if names:
+                handshake.append(resp_command(cmd, *names))
+                proto.expected += len(names)
+        proto.transport.write(b"".join(handshake))
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.subscribed), 10.0)
+        except ConnectionError:
+            err = proto.error or b""
+            if err.startswith(_AUTH_ERRORS):
+                raise FatalSourceError(f"Redis refused the credentials: {u.scrub(err.decode())}") \
+                    from None
+            if err.startswith((b"ERR unknown command", b"ERR Unknown")):
+                raise FatalSourceError(f"this Redis server cannot do it: {err.decode()[:200]}") \
+                    from None
+            raise
+        if self._run_id is not None and proto.run_id is not None:
+            if proto.run_id == self._run_id:
+                # The server is the same process: it closed our connection on purpose.
+                self.counts["evicted"] += 1
+                log.warning("Redis closed the subscriber connection while it kept running: "
+                            "messages published meanwhile are lost (a slow subscriber? see "
+                            "client-output-buffer-limit pubsub)")
+            else:
+                self.counts["broker_restarts"] += 1
+        if proto.run_id is not None:
+            self._run_id = proto.run_id
+        self.connected()
+        await self._watch(proto)
+
+    async def _watch(self, proto: _Subscriber) -> None:
+        """Heartbeat until the connection is lost (raise) or the source stops (return)."""
+        assert proto.transport is not None
+        ping = resp_command("PING")
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self.stopping:
+                await asyncio.wait({proto.lost, stop}, timeout=self.heartbeat,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if self.stopping:
+                    return
+                if proto.lost.done():
+                    raise ConnectionError(f"connection closed ({proto.lost.result() or 'EOF'})")
+                if time.monotonic() - proto.last_reply > 3 * self.heartbeat:
+                    self.counts["heartbeat_timeouts"] += 1
+                    raise ConnectionError(f"no answer to PING for {3 * self.heartbeat:.0f}s")
+                proto.transport.write(ping)
+        finally:
+            stop.cancel()
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+            await asyncio.wait({proto.lost}, timeout=2.0)

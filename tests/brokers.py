@@ -1,0 +1,199 @@
+"""Real brokers for the pub/sub source tests, on loopback.
+
+- :func:`redis_server`: a ``redis-server`` the test starts on a free port, in its own temporary
+  directory, with an append-only file (``appendfsync always``) so that a restart keeps every
+  entry the broker acknowledged; ``restart()`` stops it (SIGTERM) and starts it again on the
+  same port and data.
+- :func:`nats_server`: a ``nats-server -js`` on a free port, JetStream store in a temporary
+  directory; ``restart()`` likewise.
+- :func:`rabbitmq`: the RabbitMQ server on 127.0.0.1:5672 (guest/guest) where one runs.
+
+A broker that is missing skips its tests with a message naming the Debian package to install;
+when ``CI=true`` a missing broker fails them instead (CI installs and starts every broker).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fastfeed import shm
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: Where RabbitMQ is expected (the Debian package's default, guest/guest on loopback only).
+AMQP_URL = os.environ.get("FASTFEED_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def missing(what: str, package: str) -> None:
+    """Skip (or, under CI=true, fail) a test whose broker is not there."""
+    msg = f"{what} is not available: install the Debian package {package}"
+    if IN_CI:
+        pytest.fail(f"{msg} (CI=true: a missing broker is a failure)")
+    pytest.skip(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class BrokerProcess:
+    """A broker subprocess on a fixed loopback port, restartable on the same data."""
+
+    def __init__(self, argv: list[str], port: int, workdir: Path,
+                 ready: Callable[[int], bool] | None = None) -> None:
+        self.argv, self.port, self.workdir = argv, port, workdir
+        self.ready = ready
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "broker.log"
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_port(self.port, proc=self.proc)
+        if self.ready is not None:
+            deadline = time.monotonic() + 20
+            while not self.ready(self.port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("broker not ready after 20s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, down_for: float = 0.3) -> None:
+        """Stop the broker, leave it down ``down_for`` seconds, start it on the same data."""
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+def redis_ready(port: int) -> bool:
+    """PONG, not LOADING: a restarted server replays its append-only file first."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        missing("redis-server", "redis-server")
+    port = free_port()
+    work = tmp_path / "redis"
+    work.mkdir()
+    b = BrokerProcess([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
+                       "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                       "--daemonize", "no", "--protected-mode", "yes"], port, work, redis_ready)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+    exe = shutil.which("nats-server") or ("/usr/sbin/nats-server"
+                                          if os.path.exists("/usr/sbin/nats-server") else None)
+    if exe is None:
+        missing("nats-server", "nats-server")
+    port = free_port()
+    work = tmp_path / "nats"
+    work.mkdir()
+    b = BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(work)],
+                      port, work)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def rabbitmq() -> str:
+    """The AMQP URL of the RabbitMQ server on 127.0.0.1:5672 (skipped/failed if none)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1.0):
+            pass
+    except OSError:
+        missing("RabbitMQ on 127.0.0.1:5672", "rabbitmq-server")
+    return AMQP_URL
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or earlier run) uses: queues and streams on a shared broker."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left() -> Iterator[None]:
+    """Fail the test if it leaves a fastfeed segment (ours or a dead child's) in /dev/shm."""
+    before = set(shm.list_segments())
+    yield
+    leaks = []
+    for name in set(shm.list_segments()) - before:
+        owner = shm.owner_of(name)
+        if owner is None:
+            continue
+        if owner[0] == os.getpid() or shm.process_start_ticks(owner[0]) != owner[1]:
+            leaks.append(name)
+            try:
+                os.unlink(os.path.join(shm.SHM_DIR, name))
+            except FileNotFoundError:
+                pass
+    assert not leaks, f"segments left in /dev/shm: {leaks}"
+
+
+def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate()`` until true; fail after ``timeout`` s (a bound, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def feed_connected(feed: object, n: int = 1) -> bool:
+    """Whether the feed's source has (re)connected ``n`` times."""
+    return feed.stats()["session"].get("connects", 0) >= n  # type: ignore[attr-defined]
+
+
+def assert_rows_match(stats: dict, sent: dict) -> None:
+    """Rows per kind decoded equal what the publisher reports; errors are its malformed frames."""
+    got = {k: stats[k] for k in ("ticks", "quotes", "bars", "errors")}
+    want = {"ticks": sent["ticks"], "quotes": sent["quotes"], "bars": sent["bars"],
+            "errors": sent["malformed"]}
+    assert got == want, (got, want, stats["session"])
+    assert stats["dropped"] == 0 and stats["gaps"] == 0, stats

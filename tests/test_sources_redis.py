@@ -1,0 +1,239 @@
+"""Redis Pub/Sub and Redis Streams sources against a real redis-server on a loopback port.
+
+Every test streams the simulator's market (fastfeed.sim.publish) through a real Feed (source
+process, rings, decoder workers) and checks the decoded rows against what was published.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from fastfeed import Feed
+from fastfeed.sim.publish import publish
+from fastfeed.sources import SourceProcess
+from fastfeed.sources.redis_pubsub import resp_command
+from tests.brokers import (  # noqa: F401  (fixtures)
+    BrokerProcess,
+    assert_rows_match,
+    feed_connected,
+    no_segment_left,
+    redis_server,
+    wait_for,
+)
+
+pytest.importorskip("redis")
+pytest.importorskip("hiredis")
+
+
+def redis_cmd(port: int, *args: str | int) -> bytes:
+    """One command on a fresh connection; the raw reply (tests only, small replies)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(resp_command(*args))
+        return s.recv(1 << 20)
+
+
+def run_until_frames(feed: Feed, frames: int, timeout: float = 60.0) -> dict:
+    return feed.run(frames=frames, duration=timeout)
+
+
+# -- Pub/Sub ------------------------------------------------------------------------------------
+
+def test_pubsub_streams_the_published_market(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    with Feed(source=f"redis://127.0.0.1:{port}/0?channel=feed", workers=2) as feed:
+        wait_for(lambda: feed_connected(feed), what="subscription")
+        sent = publish(f"redis://127.0.0.1:{port}/0?channel=feed", count=20000,
+                       malformed=0.01, arrays=0.05, status_every=1000)
+        stats = run_until_frames(feed, sent["frames_sent"])
+    assert sent["malformed"] > 0 and sent["control_sent"] == 20
+    assert_rows_match(stats, sent)
+    s = stats["session"]
+    assert s["frames"] == sent["frames_sent"]
+    assert s["control"] == sent["control_sent"] == stats["control"]
+    assert s["disconnects"] == 0 and s["ring_drops"] == 0
+
+
+def test_pubsub_patterns_and_sharded_channels(redis_server: BrokerProcess) -> None:
+    """Symbol sharding by channel: feed.{shard}; one instance per shard via pattern/channel."""
+    port = redis_server.port
+    base = f"redis://127.0.0.1:{port}/0"
+    with Feed(source=f"{base}?pattern=feed.*", workers=1) as every, \
+            Feed(source=f"{base}?channel=feed.0&schannel=sfeed.1", workers=1) as some:
+        wait_for(lambda: feed_connected(every) and feed_connected(some), what="subscriptions")
+        sent = publish(f"{base}?channel=feed.{{shard}}", count=4000, shards=2)
+        ssent = publish(f"{base}?schannel=sfeed.{{shard}}", count=3000, shards=2, seed=7)
+        st_every = every.run(frames=sent["frames_sent"], duration=60)
+        # "some" sees shard 0 of the first run and shard 1 of the second: fewer than all of
+        # either, and every frame of those shards.
+        wait_for(lambda: some.stats()["session"]["messages"] > 0, what="shard messages")
+        time.sleep(0.3)
+        st_some = some.run(duration=0.2)
+    assert_rows_match(st_every, sent)
+    got = st_some["session"]["frames"]
+    assert 0 < got < sent["frames_sent"] + ssent["frames_sent"]
+    assert st_some["errors"] == 0
+    assert st_some["frames"] == got
+
+
+def test_pubsub_survives_restart_and_counts_evictions(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    url = f"redis://127.0.0.1:{port}/0?channel=feed&heartbeat=0.5"
+    with Feed(source=url, workers=2) as feed:
+        wait_for(lambda: feed_connected(feed), what="subscription")
+        first = publish(url, count=5000)
+        wait_for(lambda: feed.frames_decoded() >= 5000, what="first half")
+        redis_server.restart()
+        wait_for(lambda: feed_connected(feed, 2), what="reconnect after restart")
+        # A server that stays up but closes the subscriber (as for a slow one): "evicted".
+        assert b"1" in redis_cmd(port, "CLIENT", "KILL", "TYPE", "pubsub")
+        wait_for(lambda: feed_connected(feed, 3), what="reconnect after eviction")
+        second = publish(url, count=5000, seed=1)
+        stats = feed.run(frames=10000, duration=60)
+    s = stats["session"]
+    assert s["broker_restarts"] == 1 and s["evicted"] == 1, s
+    assert s["reconnects"] == 2 and s["disconnects"] == 2, s
+    assert stats["ticks"] == first["ticks"] + second["ticks"]
+    assert stats["frames"] == 10000 and stats["errors"] == 0
+
+
+def test_bad_password_is_a_fatal_one_line_error(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    redis_cmd(port, "CONFIG", "SET", "requirepass", "s3cret-pw")
+    from fastfeed.pool import WorkerPool
+    with WorkerPool(1) as pool:
+        proc = SourceProcess(f"redis://u:wrong-pw@127.0.0.1:{port}/0?channel=feed",
+                             pool.ring_names).start()
+        assert proc.join(30) == 1
+        assert proc.error is not None and "credentials" in proc.error
+        assert "wrong-pw" not in proc.error and "wrong-pw" not in repr(proc)
+        ok = SourceProcess(f"redis://default:s3cret-pw@127.0.0.1:{port}/0?channel=feed",
+                           pool.ring_names).start()
+        try:
+            wait_for(lambda: ok.counters()["connects"] == 1, what="authenticated connect")
+        finally:
+            assert ok.stop() == 0
+
+
+# -- Streams ------------------------------------------------------------------------------------
+
+def stream_url(port: int, **params: str | int) -> str:
+    q = {"stream": "feed", "group": "g", "start": "0", **params}
+    return f"redis+stream://127.0.0.1:{port}/0?" + "&".join(f"{k}={v}" for k, v in q.items())
+
+
+def test_stream_consumer_group_streams_the_market(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    with Feed(source=stream_url(port, consumer="c1"), workers=2) as feed:
+        sent = publish(stream_url(port), count=20000, malformed=0.01, arrays=0.05,
+                       status_every=1000)
+        stats = run_until_frames(feed, sent["frames_sent"])
+    assert_rows_match(stats, sent)
+    s = stats["session"]
+    assert s["acked"] == sent["frames_sent"] + sent["control_sent"]
+    assert s["duplicates"] == 0 and s["ring_drops"] == 0
+    # Nothing left pending in the group: every entry was acknowledged after its commit.
+    assert redis_cmd(port, "XPENDING", "feed", "g").startswith(b"*4\r\n:0\r\n")
+
+
+def test_stream_restart_loses_nothing(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    with Feed(source=stream_url(port, consumer="c1", block=100), workers=2) as feed:
+        first = publish(stream_url(port), count=8000)
+        wait_for(lambda: feed.frames_decoded() > 1000, what="streaming")
+        redis_server.restart()  # possibly mid-batch: unacknowledged entries stay pending
+        second = publish(stream_url(port), count=8000, seed=3)
+        stats = feed.run(frames=16000, duration=60)
+        # Nothing more arrives: duplicates (acks lost in the restart) were not decoded twice.
+        time.sleep(0.3)
+        stats = feed.run(duration=0.1)
+    s = stats["session"]
+    assert s["reconnects"] >= 1 and s["disconnects"] >= 1, s
+    assert stats["ticks"] == first["ticks"] + second["ticks"]
+    assert stats["quotes"] == first["quotes"] + second["quotes"]
+    assert stats["bars"] == first["bars"] + second["bars"]
+    assert stats["frames"] == 16000 and stats["errors"] == 0
+
+
+def test_stream_reclaims_a_dead_consumers_pending_entries(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    sent = publish(stream_url(port), count=3000)
+    # A consumer that read 500 entries and died before acknowledging them.
+    redis_cmd(port, "XGROUP", "CREATE", "feed", "g", "0")
+    redis_cmd(port, "XREADGROUP", "GROUP", "g", "dead", "COUNT", 500, "STREAMS", "feed", ">")
+    time.sleep(0.25)
+    with Feed(source=stream_url(port, consumer="alive", claim_idle=200), workers=2) as feed:
+        stats = feed.run(frames=3000, duration=60)
+    s = stats["session"]
+    assert s["reclaimed"] == 500, s
+    assert_rows_match(stats, sent)
+    assert redis_cmd(port, "XPENDING", "feed", "g").startswith(b"*4\r\n:0\r\n")
+
+
+def test_stream_killed_consumer_is_reclaimed_by_another(redis_server: BrokerProcess) -> None:
+    """A source SIGKILLed while holding unacknowledged entries: a second instance gets them."""
+    import redis
+
+    from fastfeed._ring import Ring
+    port = redis_server.port
+    sent = publish(stream_url(port), count=4000)
+    # Nobody reads this tiny ring and it drops at once when full: the first source commits
+    # (and acknowledges) what fits, keeps the rest of its batch pending, and is killed.
+    ring = Ring.create("victim", 1 << 14, full_policy="drop")
+    try:
+        victim = SourceProcess(stream_url(port, consumer="victim", count=500),
+                               [ring.name]).start()
+        wait_for(lambda: victim.counters()["ring_drops"] > 0, what="victim's ring full")
+        victim.kill()
+    finally:
+        ring.close()
+        ring.unlink()
+    r = redis.Redis(port=port)
+    pending = r.xpending("feed", "g")["pending"]
+    acked = r.xinfo_groups("feed")[0]["entries-read"] - pending
+    assert pending > 0 and acked > 0
+    time.sleep(0.25)  # the victim's entries must be idle longer than claim_idle
+    with Feed(source=stream_url(port, consumer="heir", claim_idle=200), workers=2) as feed:
+        stats = feed.run(frames=4000 - acked, duration=60)
+    s = stats["session"]
+    assert s["reclaimed"] == pending, (pending, s)
+    assert stats["frames"] == 4000 - acked and stats["errors"] == 0
+    assert stats["ticks"] < sent["ticks"]  # what the victim's ring held died with it
+    assert r.xpending("feed", "g")["pending"] == 0
+
+
+def collect_ticks(feeds: list[Feed], frames: int, timeout: float = 60.0) -> list[np.ndarray]:
+    """Tick timestamps from several feeds until together they decoded ``frames`` frames."""
+    out: list[list[np.ndarray]] = [[] for _ in feeds]
+
+    def drain(wait: float) -> bool:
+        got = False
+        for i, f in enumerate(feeds):
+            b = f.poll(timeout=wait)
+            if b is not None:
+                out[i].append(b.ticks["ts"].copy())
+                got = True
+        return got
+
+    deadline = time.monotonic() + timeout
+    while sum(f.frames_decoded() for f in feeds) < frames:
+        assert time.monotonic() < deadline, [f.stats()["session"] for f in feeds]
+        drain(0.005)
+    while drain(0.05):
+        pass
+    return [np.concatenate(x) if x else np.empty(0, np.int64) for x in out]
+
+
+def test_two_instances_share_one_consumer_group(redis_server: BrokerProcess) -> None:
+    port = redis_server.port
+    with Feed(source=stream_url(port, consumer="a", count=200), workers=1) as fa, \
+            Feed(source=stream_url(port, consumer="b", count=200), workers=1) as fb:
+        sent = publish(stream_url(port), count=20000, rate=40000)
+        a, b = collect_ticks([fa, fb], 20000)
+    both = np.concatenate([a, b])
+    assert len(a) > 0 and len(b) > 0, "both instances must get a share"
+    assert len(both) == sent["ticks"]
+    assert len(np.unique(both)) == len(both), "a message was decoded twice"
