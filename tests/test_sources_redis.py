@@ -16,14 +16,12 @@ from fastfeed import Feed
 from fastfeed.sim.publish import publish
 from fastfeed.sources import SourceProcess
 from fastfeed.sources.redis_pubsub import resp_command
-from tests.brokers import (  # noqa: F401  (fixtures)
-    BrokerProcess,
-    assert_rows_match,
-    feed_connected,
-    no_segment_left,
-    redis_server,
-    wait_for,
-)
+from tests import brokers
+from tests.brokers import BrokerProcess, assert_rows_match, feed_connected, wait_for
+
+# The fixtures this module uses (pytest finds fixtures by module attribute).
+redis_server = brokers.redis_server
+no_segment_left = brokers.no_segment_left
 
 pytest.importorskip("redis")
 pytest.importorskip("hiredis")
