@@ -24,9 +24,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fastfeed import shm
+from fastfeed import Feed, shm
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -197,3 +198,25 @@ def assert_rows_match(stats: dict, sent: dict) -> None:
             "errors": sent["malformed"]}
     assert got == want, (got, want, stats["session"])
     assert stats["dropped"] == 0 and stats["gaps"] == 0, stats
+
+
+def collect_ticks(feeds: list[Feed], frames: int, timeout: float = 60.0) -> list[np.ndarray]:
+    """Tick timestamps from several feeds until together they decoded ``frames`` frames."""
+    out: list[list[np.ndarray]] = [[] for _ in feeds]
+
+    def drain(wait: float) -> bool:
+        got = False
+        for i, f in enumerate(feeds):
+            b = f.poll(timeout=wait)
+            if b is not None:
+                out[i].append(b.ticks["ts"].copy())
+                got = True
+        return got
+
+    deadline = time.monotonic() + timeout
+    while sum(f.frames_decoded() for f in feeds) < frames:
+        assert time.monotonic() < deadline, [f.stats()["session"] for f in feeds]
+        drain(0.005)
+    while drain(0.05):
+        pass
+    return [np.concatenate(x) if x else np.empty(0, np.int64) for x in out]

@@ -17,7 +17,13 @@ from fastfeed.sim.publish import publish
 from fastfeed.sources import SourceProcess
 from fastfeed.sources.redis_pubsub import resp_command
 from tests import brokers
-from tests.brokers import BrokerProcess, assert_rows_match, feed_connected, wait_for
+from tests.brokers import (
+    BrokerProcess,
+    assert_rows_match,
+    collect_ticks,
+    feed_connected,
+    wait_for,
+)
 
 # The fixtures this module uses (pytest finds fixtures by module attribute).
 redis_server = brokers.redis_server
@@ -201,28 +207,6 @@ def test_stream_killed_consumer_is_reclaimed_by_another(redis_server: BrokerProc
     assert stats["frames"] == 4000 - acked and stats["errors"] == 0
     assert stats["ticks"] < sent["ticks"]  # what the victim's ring held died with it
     assert r.xpending("feed", "g")["pending"] == 0
-
-
-def collect_ticks(feeds: list[Feed], frames: int, timeout: float = 60.0) -> list[np.ndarray]:
-    """Tick timestamps from several feeds until together they decoded ``frames`` frames."""
-    out: list[list[np.ndarray]] = [[] for _ in feeds]
-
-    def drain(wait: float) -> bool:
-        got = False
-        for i, f in enumerate(feeds):
-            b = f.poll(timeout=wait)
-            if b is not None:
-                out[i].append(b.ticks["ts"].copy())
-                got = True
-        return got
-
-    deadline = time.monotonic() + timeout
-    while sum(f.frames_decoded() for f in feeds) < frames:
-        assert time.monotonic() < deadline, [f.stats()["session"] for f in feeds]
-        drain(0.005)
-    while drain(0.05):
-        pass
-    return [np.concatenate(x) if x else np.empty(0, np.int64) for x in out]
 
 
 def test_two_instances_share_one_consumer_group(redis_server: BrokerProcess) -> None:

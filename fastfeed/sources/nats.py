@@ -1,0 +1,210 @@
+"""NATS: ``nats://[user:password@|token@]HOST:PORT?subject=feed.>&queue=q`` (``tls://`` for TLS).
+
+Core NATS (no ``stream=``): subscribes to ``subject=`` (wildcards ``*`` and ``>`` allowed;
+repeat it or give a comma-separated list), in queue group ``queue=`` when given, so that the
+instances of one group share the messages (each message to one of them). At-most-once:
+what arrives while disconnected is lost; messages the client had to drop because this
+process fell behind (its pending limits, ``pending_msgs=``, default 1M) are counted as
+``slow_consumer``.
+
+JetStream (``stream=S``): a durable pull consumer ``durable=`` (default ``fastfeed``) on stream
+``S`` (created over ``subject=`` if missing), at-least-once: a message is acknowledged after
+its frame is committed to a ring, handed back (``nak``) when a ring refused it, and counted
+as a ``duplicate`` when its stream sequence was already committed. Instances that use the
+same durable share its messages. ``batch=`` messages per pull (default 1000),
+``ack_wait=`` seconds before an unacknowledged message is redelivered (default 30).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+from .._decoder import now_us
+from .base import FatalSourceError, Source
+from .url import SourceURL, SourceURLError
+
+__all__ = ["NatsSource", "connect_nats", "ensure_stream"]
+
+log = logging.getLogger("fastfeed.sources.nats")
+
+
+def _import_nats() -> Any:
+    try:
+        import nats
+    except ImportError:
+        raise FatalSourceError("the NATS source needs nats-py: pip install 'fastfeed[nats]'") \
+            from None
+    return nats
+
+
+async def connect_nats(u: SourceURL, *, allow_reconnect: bool = False, **options: Any) -> Any:
+    """A connected ``nats.aio.client.Client`` for the URL's server and credentials.
+
+    Reconnection is left to the caller (:class:`~fastfeed.sources.base.Source` counts and
+    backs off); the client's own reconnect loop would hide disconnects from the counters.
+    """
+    nats = _import_nats()
+    kwargs: dict[str, Any] = dict(options)
+    if u.username is not None and u.password is not None:
+        kwargs.update(user=u.username, password=u.password)
+    elif u.username is not None:
+        kwargs["token"] = u.username
+    if u.scheme == "tls":
+        kwargs["tls"] = ssl.create_default_context()
+    try:
+        return await nats.connect(f"nats://{u.host}:{u.port or 4222}",
+                                  name=u.str("name", "fastfeed"), connect_timeout=5,
+                                  allow_reconnect=allow_reconnect, max_reconnect_attempts=0,
+                                  **kwargs)
+    except Exception as exc:
+        text = str(exc).lower()
+        if "authorization" in text or "authentication" in text:
+            raise FatalSourceError(f"NATS refused the credentials: {u.scrub(str(exc))}") \
+                from None
+        raise
+
+
+async def ensure_stream(js: Any, name: str, u: SourceURL) -> None:
+    """Create JetStream stream ``name`` over the URL's subjects if it does not exist."""
+    from nats.js.errors import NotFoundError
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        subjects = [s.replace("{shard}", "*").replace("{symbol}", "*")
+                    for s in u.list("subject")]
+        await js.add_stream(name=name, subjects=subjects)
+        log.info("created JetStream stream %s over %s", name, ", ".join(subjects))
+
+
+class NatsSource(Source):
+    """Core NATS subscriber or JetStream durable pull consumer; see the module docstring."""
+
+    schemes = ("nats", "tls")
+    params = ("subject", "queue", "stream", "durable", "batch", "ack_wait", "pending_msgs")
+
+    def __init__(self, url: SourceURL, rings: Any) -> None:
+        super().__init__(url, rings)
+        self.subjects = url.list("subject")
+        self.queue = url.str("queue") or ""
+        self.stream = url.str("stream")
+        self.durable = url.str("durable") or "fastfeed"
+        self.batch = url.int("batch", 1000)
+        self.ack_wait = url.float("ack_wait", 30.0)
+        self.pending_msgs = url.int("pending_msgs", 1 << 20)
+        self.at_least_once = self.stream is not None
+        self._nc: Any = None
+        self._closed: asyncio.Future[None] | None = None
+
+    @classmethod
+    def validate(cls, url: SourceURL) -> None:
+        if not url.list("subject"):
+            raise SourceURLError(f"nats:// needs subject= ({url.redacted})")
+        if url.str("stream") and url.str("queue"):
+            raise SourceURLError("give queue= (core NATS) or stream= (JetStream), not both: "
+                                 "JetStream instances share a durable= instead")
+        if url.int("batch", 1000) < 1:
+            raise SourceURLError("batch= must be positive")
+
+    async def consume(self) -> None:
+        _import_nats()
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+        self._closed = closed
+
+        async def on_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        async def on_error(exc: Exception) -> None:
+            from nats.errors import SlowConsumerError
+            if isinstance(exc, SlowConsumerError):
+                self.counts["slow_consumer"] += 1
+            else:
+                log.debug("NATS error: %s", self.url.scrub(str(exc)))
+
+        self._nc = nc = await connect_nats(self.url, closed_cb=on_closed,
+                                           disconnected_cb=on_closed, error_cb=on_error)
+        if self.stream is None:
+            await self._core(nc, closed)
+        else:
+            await self._jetstream(nc, closed)
+
+    async def _core(self, nc: Any, closed: asyncio.Future[None]) -> None:
+        write = self.out.write
+
+        async def on_msg(msg: Any) -> None:
+            write(msg.data, now_us())
+
+        for subject in self.subjects:
+            await nc.subscribe(subject, queue=self.queue, cb=on_msg,
+                               pending_msgs_limit=self.pending_msgs,
+                               pending_bytes_limit=max(64 << 20, self.pending_msgs * 512))
+        # The subscription is in place once the server answered a PING sent after it.
+        await nc.flush(timeout=10)
+        self.connected()
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not self.stopping:
+            raise ConnectionError("NATS connection closed")
+
+    async def _jetstream(self, nc: Any, closed: asyncio.Future[None]) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        assert self.stream is not None
+        js = nc.jetstream()
+        await ensure_stream(js, self.stream, self.url)
+        filter_subject = self.subjects[0] if len(self.subjects) == 1 else None
+        config = ConsumerConfig(durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT,
+                                ack_wait=self.ack_wait, max_ack_pending=max(4 * self.batch,
+                                                                            20000),
+                                filter_subject=filter_subject)
+        psub = await js.pull_subscribe(filter_subject or "", durable=self.durable,
+                                       stream=self.stream, config=config)
+        self.connected()
+        write = self.out.write
+        seen = self.seen
+        counts = self.counts
+        while not self.stopping:
+            if closed.done():
+                raise ConnectionError("NATS connection closed")
+            try:
+                msgs = await psub.fetch(self.batch, timeout=0.5)
+            except (TimeoutError, NatsTimeout):
+                continue
+            ts = now_us()
+            for msg in msgs:
+                md = msg.metadata
+                seq = md.sequence.stream
+                if md.num_delivered > 1:
+                    counts["redelivered"] += 1
+                if seq in seen:
+                    counts["messages"] += 1
+                    counts["duplicates"] += 1
+                    await msg.ack()
+                    counts["acked"] += 1
+                elif write(msg.data, ts):
+                    seen.add(seq)
+                    await msg.ack()
+                    counts["acked"] += 1
+                else:
+                    # A ring refused it: redeliver soon, after the workers caught up.
+                    await msg.nak(delay=0.05)
+                    counts["nacked"] += 1
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                # flush() first so that the last batch's acknowledgements leave.
+                if nc.is_connected:
+                    await nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await nc.close()

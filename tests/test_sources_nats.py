@@ -1,0 +1,104 @@
+"""NATS sources (core subjects, queue groups, JetStream durable consumers) against a real
+``nats-server -js`` on a loopback port, through real Feeds."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fastfeed import Feed
+from fastfeed.sim.publish import publish
+from tests import brokers
+from tests.brokers import (
+    BrokerProcess,
+    assert_rows_match,
+    collect_ticks,
+    feed_connected,
+    wait_for,
+)
+
+pytest.importorskip("nats")
+
+nats_server = brokers.nats_server
+no_segment_left = brokers.no_segment_left
+
+
+def url(port: int, **params: str | int) -> str:
+    return f"nats://127.0.0.1:{port}?" + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+def test_core_subjects_with_wildcards(nats_server: BrokerProcess) -> None:
+    port = nats_server.port
+    with Feed(source=url(port, subject="feed.>"), workers=2) as feed:
+        wait_for(lambda: feed_connected(feed), what="subscription")
+        sent = publish(url(port, subject="feed.{shard}"), count=20000, shards=4,
+                       malformed=0.01, arrays=0.05, status_every=1000)
+        stats = feed.run(frames=sent["frames_sent"], duration=60)
+    assert_rows_match(stats, sent)
+    assert stats["session"]["control"] == sent["control_sent"] == 20
+    assert stats["session"]["slow_consumer"] == 0
+
+
+def test_jetstream_durable_consumer(nats_server: BrokerProcess) -> None:
+    port = nats_server.port
+    src = url(port, subject="feed.>", stream="FEED", durable="ff")
+    with Feed(source=src, workers=2) as feed:
+        sent = publish(url(port, subject="feed.{shard}", stream="FEED"), count=10000,
+                       shards=4, malformed=0.01, status_every=1000)
+        stats = feed.run(frames=sent["frames_sent"], duration=60)
+    assert_rows_match(stats, sent)
+    s = stats["session"]
+    assert s["acked"] == sent["frames_sent"] + sent["control_sent"], s
+    assert s["duplicates"] == 0 and s["nacked"] == 0
+
+
+def test_two_instances_share_a_queue_group(nats_server: BrokerProcess) -> None:
+    port = nats_server.port
+    src = url(port, subject="feed.>", queue="workers")
+    with Feed(source=src, workers=1) as fa, Feed(source=src, workers=1) as fb:
+        wait_for(lambda: feed_connected(fa) and feed_connected(fb), what="subscriptions")
+        sent = publish(url(port, subject="feed.x"), count=20000)
+        a, b = collect_ticks([fa, fb], 20000)
+    both = np.concatenate([a, b])
+    assert len(a) > 0 and len(b) > 0, "both members of the queue group must get a share"
+    assert len(both) == sent["ticks"]
+    assert len(np.unique(both)) == len(both), "a message was decoded twice"
+
+
+def test_two_instances_share_a_jetstream_durable(nats_server: BrokerProcess) -> None:
+    port = nats_server.port
+    src = url(port, subject="feed.>", stream="FEED", durable="shared", batch=100)
+    with Feed(source=src, workers=1) as fa, Feed(source=src, workers=1) as fb:
+        wait_for(lambda: feed_connected(fa) and feed_connected(fb), what="consumers")
+        sent = publish(url(port, subject="feed.x", stream="FEED"), count=10000)
+        a, b = collect_ticks([fa, fb], 10000)
+    both = np.concatenate([a, b])
+    assert len(a) > 0 and len(b) > 0
+    assert len(both) == sent["ticks"]
+    assert len(np.unique(both)) == len(both)
+
+
+def test_restart_mid_stream(nats_server: BrokerProcess) -> None:
+    """Core NATS resumes by itself; JetStream (file store) loses nothing published."""
+    port = nats_server.port
+    core = url(port, subject="core.>")
+    js = url(port, subject="js.>", stream="JS", durable="ff", ack_wait=2)
+    with Feed(source=core, workers=1) as fc, Feed(source=js, workers=1) as fj:
+        wait_for(lambda: feed_connected(fc) and feed_connected(fj), what="subscriptions")
+        c1 = publish(url(port, subject="core.a"), count=3000)
+        j1 = publish(url(port, subject="js.a", stream="JS"), count=3000)
+        wait_for(lambda: fc.frames_decoded() >= 3000 and fj.frames_decoded() > 0,
+                 what="first half")
+        nats_server.restart()
+        wait_for(lambda: feed_connected(fc, 2) and feed_connected(fj, 2), what="reconnects")
+        c2 = publish(url(port, subject="core.a"), count=3000, seed=1)
+        j2 = publish(url(port, subject="js.a", stream="JS"), count=3000, seed=1)
+        wait_for(lambda: fc.frames_decoded() >= 6000 and fj.frames_decoded() >= 6000,
+                 what="second half")
+        time.sleep(0.3)  # anything decoded twice would show up now
+        sc, sj = fc.stats(), fj.stats()
+    assert sc["ticks"] == c1["ticks"] + c2["ticks"] and sc["session"]["reconnects"] == 1
+    assert sj["ticks"] == j1["ticks"] + j2["ticks"], sj["session"]
+    assert sj["frames"] == 6000 and sj["session"]["reconnects"] == 1
