@@ -29,6 +29,8 @@ class SourceURL:
     path: str
     params: dict[str, list[str]]
     text: str = dataclasses.field(repr=False)
+    #: Every ``host:port`` of a multi-host netloc (``kafka://k1:9092,k2:9092``), else one.
+    hosts: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> SourceURL:
@@ -36,6 +38,11 @@ class SourceURL:
         parts = urlsplit(text)
         if not parts.scheme or "://" not in text:
             raise SourceURLError("a source is a URL such as redis://HOST:PORT/0?channel=feed")
+        userinfo, at, hostpart = parts.netloc.rpartition("@")
+        hosts = tuple(h for h in hostpart.split(",") if h)
+        if len(hosts) > 1:
+            # Parse the first of several brokers; the others are kept as they are.
+            parts = parts._replace(netloc=f"{userinfo}{at}{hosts[0]}")
         try:
             port = parts.port
         except ValueError as exc:
@@ -44,7 +51,7 @@ class SourceURL:
         return cls(scheme=parts.scheme.lower(), host=parts.hostname or "127.0.0.1", port=port,
                    username=unquote(parts.username) if parts.username else None,
                    password=unquote(parts.password) if parts.password is not None else None,
-                   path=unquote(parts.path), params=params, text=text)
+                   path=unquote(parts.path), params=params, text=text, hosts=hosts)
 
     def __repr__(self) -> str:
         return f"SourceURL({self.redacted!r})"
@@ -54,6 +61,8 @@ class SourceURL:
         """The URL with the password replaced by ``***`` (what may be logged)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         netloc = host if self.port is None else f"{host}:{self.port}"
+        if len(self.hosts) > 1:
+            netloc = ",".join(self.hosts)
         if self.username is not None or self.password is not None:
             user = quote(self.username or "", safe="")
             netloc = f"{user}{':***' if self.password is not None else ''}@{netloc}"

@@ -1,0 +1,145 @@
+"""Source URLs, routing and the Kafka source (whose broker cannot run here: its end-to-end test
+runs only when FASTFEED_TEST_KAFKA names one, host:port)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from fastfeed import Feed
+from fastfeed._listener import route_of
+from fastfeed._ring import Ring
+from fastfeed.sources import SourceProcess, SourceURLError, parse_source
+from fastfeed.sources.base import RingWriter, SeenIds
+from fastfeed.sources.kafka import kafka_config
+from tests import brokers
+from tests.brokers import assert_rows_match, unique
+
+no_segment_left = brokers.no_segment_left
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0?channel=feed",
+    "redis://127.0.0.1?pattern=feed.*&schannel=s1,s2&heartbeat=1",
+    "rediss://u:p@h:6380/2?channel=a&channel=b",
+    "redis+stream://h:1/0?stream=s&group=g&consumer=c&claim_idle=0&count=10&block=5",
+    "nats://h:4222?subject=feed.>&queue=q",
+    "nats://tok@h?subject=a.*,b.>&stream=S&durable=d&batch=5&ack_wait=2",
+    "amqp://guest:guest@h:5672/vh?queue=q&exchange=x&exchange_type=topic&routing_key=a.#",
+    "kafka://h1:9092,h2:9092?topic=feed&group=g&offset_reset=latest",
+])
+def test_valid_urls_parse(url: str) -> None:
+    u = parse_source(url)
+    assert u.scheme == url.split("://")[0]
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://h/x", "unknown source scheme"),
+    ("redis://h:6379/0", "channel="),
+    ("redis://h/0?chanel=feed", "does not take chanel"),
+    ("redis+stream://h/0?group=g", "stream="),
+    ("redis+stream://h/0?stream=s&count=0", "positive"),
+    ("nats://h?queue=q", "subject="),
+    ("nats://h?subject=a&queue=q&stream=S", "not both"),
+    ("amqp://h/?exchange=x", "queue="),
+    ("amqp://h/?queue=q&exchange_type=weird", "exchange_type="),
+    ("kafka://h?group=g", "topic="),
+    ("redis://h:notaport/0?channel=a", "port"),
+    ("redis+stream://h/0?stream=s&block=soon", "integer"),
+])
+def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(SourceURLError, match=message):
+        parse_source(url)
+
+
+def test_password_never_shown() -> None:
+    u = parse_source("redis+stream://alice:hunter2%21@h:1/0?stream=s")
+    assert u.password == "hunter2!"
+    for text in (u.redacted, repr(u), str(u)):
+        assert "hunter2" not in text
+    assert u.redacted == "redis+stream://alice:***@h:1/0?stream=s"
+    assert u.scrub("failed for hunter2! and hunter2%21") == "failed for *** and ***"
+    with pytest.raises(SourceURLError) as exc:
+        parse_source("redis://alice:hunter2@h:1/0?bogus=1")
+    assert "hunter2" not in str(exc.value)
+    with pytest.raises(SourceURLError) as exc:
+        SourceProcess("redis://alice:hunter2@h:1/0", ["x"])
+    assert "hunter2" not in str(exc.value)
+
+
+def test_kafka_config_takes_every_broker_and_sasl() -> None:
+    u = parse_source("kafka://bob:pw@k1:9092,k2:9093?topic=t&sasl_mechanism=SCRAM-SHA-512")
+    conf = kafka_config(u)
+    assert conf["bootstrap.servers"] == "k1:9092,k2:9093"
+    assert conf["sasl.username"] == "bob" and conf["sasl.mechanisms"] == "SCRAM-SHA-512"
+    assert conf["security.protocol"] == "SASL_SSL"
+
+
+@pytest.mark.parametrize(("frame", "symbol"), [
+    (b'{"c":"NASDAQ:AAPL","p":1.0}', b"NASDAQ:AAPL"),
+    (b'{ "p": 1.0, "c" : "NYSE:IBM" }', b"NYSE:IBM"),
+    (b'{"s":[{"t":1,"c":243.08}],"c":"ARCA:SPY","bt":"1m"}', b"ARCA:SPY"),
+    (b'[{"c":"BATS:X","p":1},{"c":"BATS:X","p":2}]', b"BATS:X"),
+    (b'{"c":"NASDAQ:TRUNC', None),
+    (b'{"status":"ok"}', None),
+    (b"pong", None),
+])
+def test_routing_matches_the_websocket_listener(frame: bytes, symbol: bytes | None) -> None:
+    ring = Ring.create(unique("route"), 1 << 16)
+    try:
+        counts = dict.fromkeys(("messages", "frames", "bytes", "control", "ring_drops",
+                                "too_big"), 0)
+        w = RingWriter([ring], counts)
+        assert w.write(frame, 123)
+        if symbol is None:
+            assert counts["control"] == 1 and ring.written == 0
+        else:
+            b = ring.read_batch(timeout=1)
+            assert b is not None and b.count == 1
+            assert int(b.routes[0]) == route_of(symbol) and int(b.recv_ts[0]) == 123
+            assert bytes(b.frame(0)) == frame
+            b.release()
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_seen_ids_window_is_bounded() -> None:
+    s = SeenIds(window=3)
+    for i in range(5):
+        s.add(i)
+    assert 0 not in s and 1 not in s and all(i in s for i in (2, 3, 4))
+
+
+@pytest.mark.skipif(not os.environ.get("FASTFEED_TEST_KAFKA"),
+                    reason="no Kafka broker here: set FASTFEED_TEST_KAFKA=host:port to run")
+def test_kafka_consumer_group_streams_the_market() -> None:
+    pytest.importorskip("confluent_kafka")
+    from fastfeed.sim.publish import publish
+    broker = os.environ["FASTFEED_TEST_KAFKA"]
+    topic = unique("fastfeed-test")
+    sent = publish(f"kafka://{broker}?topic={topic}", count=5000, malformed=0.01)
+    with Feed(source=f"kafka://{broker}?topic={topic}&group={unique('g')}", workers=2,
+              log_level=logging.INFO) as feed:
+        stats = feed.run(frames=5000, duration=120)
+    assert_rows_match(stats, sent)
+    assert stats["session"]["acked"] == 5000
+
+
+def test_kafka_source_without_a_broker_retries_and_stops_cleanly() -> None:
+    """No broker here: the Kafka source must keep trying (librdkafka reconnects), write
+    nothing, and stop on request with exit code 0."""
+    pytest.importorskip("confluent_kafka")
+    import time
+
+    from fastfeed.pool import WorkerPool
+    with WorkerPool(1) as pool:
+        proc = SourceProcess(f"kafka://127.0.0.1:{brokers.free_port()}?topic=t",
+                             pool.ring_names, log_level=logging.CRITICAL).start()
+        time.sleep(1.5)
+        assert proc.is_alive()
+        assert proc.stop() == 0 and proc.error is None
+        c = proc.counters()
+    assert c["frames"] == 0 and c["connects"] == 0
