@@ -15,7 +15,7 @@ import pytest
 from fastfeed import Feed
 from fastfeed.sim.publish import publish
 from fastfeed.sources import SourceProcess
-from fastfeed.sources.redis_pubsub import resp_command
+from fastfeed.sources.resp import resp_command
 from tests import brokers
 from tests.brokers import (
     BrokerProcess,

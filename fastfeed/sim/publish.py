@@ -181,7 +181,7 @@ class _RedisPublisher(_Publisher):
     async def open(self) -> None:
         import hiredis
 
-        from ..sources.redis_pubsub import resp_command
+        from ..sources.resp import resp_command
         u = self.url
         ssl = u.scheme.startswith("rediss") or None
         self.rd, self.wr = await asyncio.open_connection(u.host, u.port or 6379, ssl=ssl)

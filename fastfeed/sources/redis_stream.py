@@ -23,6 +23,7 @@ new group starts: ``$``, the default, new entries only; ``0`` the whole stream),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -31,16 +32,12 @@ from typing import Any
 
 from .._decoder import now_us
 from .base import FatalSourceError, Source
+from .resp import RespConnection, RespError, resp_command
 from .url import SourceURLError
 
 __all__ = ["RedisStreamSource"]
 
 log = logging.getLogger("fastfeed.sources.redis")
-
-
-def _raw(response: Any, **options: Any) -> Any:
-    # The reply as the parser made it: the default callbacks build a dict per entry.
-    return response
 
 
 class RedisStreamSource(Source):
@@ -60,7 +57,13 @@ class RedisStreamSource(Source):
         self.count = url.int("count", 1000)
         self.block = url.int("block", 500)
         self.claim_idle = url.int("claim_idle", 30000)
-        self._redis: Any = None
+        self._conn: RespConnection | None = None
+        # Entry ids committed to a ring whose XACK is not confirmed yet, by batch: if the
+        # connection goes before the reply, they come back (pending) and must not be decoded
+        # twice.
+        self._unconfirmed: dict[int, list[bytes]] = {}
+        self._batch = 0
+        self._next_claim = 0.0
 
     @classmethod
     def validate(cls, url: Any) -> None:
@@ -72,136 +75,185 @@ class RedisStreamSource(Source):
 
     async def consume(self) -> None:
         try:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import AuthenticationError, ResponseError
+            import hiredis  # noqa: F401  (the reply parser of RespConnection)
         except ImportError:
-            raise FatalSourceError("the Redis sources need redis and hiredis: "
+            raise FatalSourceError("the Redis sources need hiredis: "
                                    "pip install 'fastfeed[redis]'") from None
+        for ids in self._unconfirmed.values():
+            for entry_id in ids:
+                self.seen.add(entry_id)
+        self._unconfirmed = {}
         u = self.url
-        db = int(u.path.strip("/") or 0) if u.path.strip("/").isdigit() else 0
-        # No retries inside the client: a lost connection surfaces here, is counted, and the
-        # reconnect loop (with back-off) takes over.
-        r = self._redis = aioredis.Redis(
-            host=u.host, port=u.port or 6379, db=db, username=u.username, password=u.password,
-            ssl=u.scheme.startswith("rediss"), socket_connect_timeout=10,
-            socket_timeout=max(10.0, 3 * self.block / 1000), retry=Retry(NoBackoff(), 0),
-            single_connection_client=True, client_name=u.str("name", "fastfeed"), protocol=2)
-        r.response_callbacks["XREADGROUP"] = _raw
-        r.response_callbacks["XAUTOCLAIM"] = _raw
+        conn = self._conn = await RespConnection.open(
+            u.host, u.port or 6379, tls=u.scheme.startswith("rediss"))
         try:
-            await r.ping()
-        except AuthenticationError as exc:
-            raise FatalSourceError(f"Redis refused the credentials: {u.scrub(str(exc))}") \
-                from None
-        except ResponseError as exc:
-            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise FatalSourceError(f"Redis refused the credentials: {u.scrub(str(exc))}") \
+            if u.password is not None:
+                await conn.call("AUTH", *([u.username] if u.username else []), u.password)
+            db = u.path.strip("/")
+            if db and db != "0":
+                await conn.call("SELECT", db)
+            await conn.call("CLIENT", "SETNAME", u.str("name", "fastfeed") or "fastfeed")
+        except RespError as exc:
+            text = str(exc)
+            if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid")):
+                raise FatalSourceError(f"Redis refused the credentials: {u.scrub(text)}") \
                     from None
             raise
         try:
-            await r.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
+            await conn.call("XGROUP", "CREATE", self.stream, self.group, self.start, "MKSTREAM")
             log.info("created consumer group %s on stream %s", self.group.decode(),
                      self.stream.decode())
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise FatalSourceError(f"cannot create the consumer group: {exc}") from None
+        except RespError as exc:
+            text = str(exc)
+            if text.startswith(("WRONGTYPE", "NOPERM")):
+                raise FatalSourceError(f"cannot create the consumer group: {text}") from None
+            if "BUSYGROUP" not in text:
+                raise  # LOADING (a restarted server replaying its file) and the like: retry
         self.connected()
-        await self._loop(r)
+        await self._loop(conn)
 
-    async def _loop(self, r: Any) -> None:
+    def _read(self) -> bytes:
+        """XREADGROUP of new entries (">"), blocking up to ``block`` ms."""
+        return resp_command("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT",
+                            self.count, "BLOCK", self.block, "STREAMS", self.stream, ">")
+
+    async def _loop(self, conn: RespConnection) -> None:
         # Start with this consumer's own pending entries: delivered before, never acknowledged.
-        pending_from: bytes | None = b"0"
-        next_claim = 0.0
-        loop_time = time.monotonic
+        self._next_claim = 0.0
         while not self.stopping:
-            if self.claim_idle and loop_time() >= next_claim:
-                await self._claim(r)
-                next_claim = loop_time() + min(self.claim_idle / 2000, 5.0)
-            if pending_from is not None:
-                reply = await r.execute_command(
-                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
-                    "STREAMS", self.stream, pending_from)
-            else:
-                reply = await r.execute_command(
-                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
-                    "BLOCK", self.block, "STREAMS", self.stream, ">")
-            entries = reply[0][1] if reply else []
-            if pending_from is not None:
-                if not entries:
-                    pending_from = None  # own backlog done: on to new entries
-                    continue
-                pending_from = entries[-1][0]
-                self.counts["redelivered"] += len(entries)
-            if not entries:
-                continue
-            refused = await self._commit(r, entries, now_us())
-            if refused:
-                # A ring was full past its wait: those entries stay pending; read them again
-                # from the start of the pending list after a short pause.
-                pending_from = b"0"
-                await self.sleep(0.01)
+            await self._drain_pending(conn)
+            await self._stream(conn)
 
-    async def _commit(self, r: Any, entries: list[Any], ts: int) -> int:
-        """Write each entry's frame, acknowledge what is committed; returns how many were not."""
-        write = self.out.write
-        seen = self.seen
+    async def _drain_pending(self, conn: RespConnection) -> None:
+        """Re-read this consumer's pending list from the start until it is empty (the slow,
+        rare path: after a (re)connect, and after a ring refused entries)."""
+        from_id = b"0"
+        while not self.stopping:
+            reply = await conn.call("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT",
+                                    self.count, "STREAMS", self.stream, from_id)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            from_id = entries[-1][0]
+            self.counts["redelivered"] += len(entries)
+            ids, refused = self._commit(entries, now_us())
+            if ids:
+                await self._ack(conn, ids)
+            if refused:
+                await self.sleep(0.01)  # let the workers catch up, then start over
+                from_id = b"0"
+
+    async def _stream(self, conn: RespConnection) -> None:
+        """New entries, pipelined: the next read is on its way while this batch is written,
+        and acknowledgements ride along; returns to re-read pending entries after a refusal."""
+        timeout = 10.0 + self.block / 1000
+        read = conn.request(self._read())
+        while True:
+            reply = await asyncio.wait_for(read, timeout)
+            entries = reply[0][1] if reply else []
+            last = self.stopping
+            if not last:
+                read = conn.request(self._read())
+            refused = 0
+            if entries:
+                ids, refused = self._commit(entries, now_us())
+                if ids:
+                    ack = self._ack(conn, ids)
+                    if last:
+                        await ack
+            if last:
+                return
+            if refused:
+                # Entries the ring refused stay pending; the read in flight is handled as
+                # usual (committed or left pending), then the pending list is read again.
+                reply = await asyncio.wait_for(read, timeout)
+                entries = reply[0][1] if reply else []
+                if entries:
+                    ids, _ = self._commit(entries, now_us())
+                    if ids:
+                        await self._ack(conn, ids)
+                await self.sleep(0.01)
+                return
+            if self.claim_idle and time.monotonic() >= self._next_claim:
+                await self._claim(conn)
+                self._next_claim = time.monotonic() + min(self.claim_idle / 2000, 5.0)
+
+    def _ack(self, conn: RespConnection, ids: list[bytes]) -> asyncio.Future[Any]:
+        """XACK ``ids`` (already committed); counted once the server confirms. Until then they
+        are kept: if the connection goes first, their redelivery is recognised."""
+        batch = self._batch = self._batch + 1
+        self._unconfirmed[batch] = ids
+        fut = conn.request(resp_command("XACK", self.stream, self.group, *ids))
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.counts["acked"] += len(self._unconfirmed.pop(batch, ()))
+        fut.add_done_callback(done)
+        return fut
+
+    def _commit(self, entries: list[Any], ts: int) -> tuple[list[bytes], int]:
+        """Write each entry's frame; returns (ids to acknowledge, how many a ring refused)."""
         field = self.field
-        acks: list[bytes] = []
-        refused = 0
+        seen = self.seen
+        check = len(seen) > 0
+        ids: list[bytes] = []
+        payloads: list[bytes] = []
+        done: list[bytes] = []
         for entry_id, fields in entries:
-            if entry_id in seen:
+            if check and entry_id in seen:
                 self.counts["messages"] += 1
                 self.counts["duplicates"] += 1
-                acks.append(entry_id)
+                done.append(entry_id)
                 continue
             payload = None
             if fields:
-                # fields is [name, value, name, value, ...]
-                for i in range(0, len(fields) - 1, 2):
-                    if fields[i] == field:
-                        payload = fields[i + 1]
-                        break
+                # fields is [name, value, name, value, ...]; the frame is normally the only one.
+                if fields[0] == field:
+                    payload = fields[1]
+                else:
+                    for i in range(2, len(fields) - 1, 2):
+                        if fields[i] == field:
+                            payload = fields[i + 1]
+                            break
             if payload is None:
                 # Deleted entry (trimmed while pending) or no frame field: nothing to decode.
                 self.counts["messages"] += 1
                 self.counts["control"] += 1
-                acks.append(entry_id)
+                done.append(entry_id)
                 continue
-            if write(payload, ts):
-                seen.add(entry_id)
-                acks.append(entry_id)
-            else:
-                refused += 1
-        if acks:
-            await r.execute_command("XACK", self.stream, self.group, *acks)
-            self.counts["acked"] += len(acks)
-        return refused
+            ids.append(entry_id)
+            payloads.append(payload)
+        refused = self.out.write_batch(payloads, ts)
+        if refused:
+            skip = set(refused)
+            ids = [x for i, x in enumerate(ids) if i not in skip]
+        ids += done
+        return ids, len(refused)
 
-    async def _claim(self, r: Any) -> None:
+    async def _claim(self, conn: RespConnection) -> None:
         """Take over entries other consumers left pending longer than ``claim_idle``."""
         start = b"0-0"
         for _ in range(100):  # bounded: a huge backlog is taken over a slice per pass
-            reply = await r.execute_command(
-                "XAUTOCLAIM", self.stream, self.group, self.consumer, self.claim_idle, start,
-                "COUNT", self.count)
+            reply = await conn.call("XAUTOCLAIM", self.stream, self.group, self.consumer,
+                                    self.claim_idle, start, "COUNT", self.count)
             start, entries = reply[0], reply[1]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
                 # Entries trimmed away while pending: XAUTOCLAIM drops them from the group.
                 self.counts["reclaimed"] += len(deleted)
+            entries = [e for e in entries if e is not None]
             if entries:
                 self.counts["reclaimed"] += len(entries)
+                self.counts["redelivered"] += len(entries)
                 log.info("reclaimed %d entries from idle consumers", len(entries))
-                await self._commit(r, entries, now_us())
-            if start in (b"0-0", "0-0") or self.stopping:
+                ids, _ = self._commit(entries, now_us())
+                if ids:
+                    await self._ack(conn, ids)
+            if start == b"0-0" or self.stopping:
                 return
 
     async def close(self) -> None:
-        r, self._redis = self._redis, None
-        if r is not None:
-            try:
-                await r.aclose()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone
-                pass
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await asyncio.wait({conn.lost}, timeout=2.0)
