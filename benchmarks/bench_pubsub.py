@@ -161,7 +161,7 @@ def _obvious(kind: str, port: int, n: int, ready: Any, out: Any) -> None:
     bars: list[tuple[Any, ...]] = []
     arrays: list[Any] = []
     nan = float("nan")
-    state = {"msgs": 0, "rows": 0, "t_last": 0.0}
+    state = {"msgs": 0, "rows": 0, "t_last": 0.0, "t_first": 0.0}
 
     def us(x: Any) -> int:
         return int(round(x * 1e6)) if x is not None else -(2**63)
@@ -193,6 +193,8 @@ def _obvious(kind: str, port: int, n: int, ready: Any, out: Any) -> None:
         else:
             one(d)
         state["msgs"] += 1
+        if state["msgs"] == 1:
+            state["t_first"] = time.time()
         if state["msgs"] % CHUNK == 0:
             flush()
             arrays.clear()  # a real consumer hands them on
@@ -251,7 +253,21 @@ def _obvious(kind: str, port: int, n: int, ready: Any, out: Any) -> None:
 
     import uvloop
     uvloop.run({"redis": redis_pubsub, "stream": redis_stream, "nats": nats_core}[kind]())
-    out.put((state["msgs"], state["rows"], state["t_last"]))
+    out.put((state["msgs"], state["rows"], state["t_first"], state["t_last"]))
+
+
+def preload(port: int, n: int, data: bytes) -> float:
+    """Fill the stream before a Streams run; returns the XADD rate Redis sustained."""
+    import redis
+    r = redis.Redis(port=port)
+    r.delete("feed")
+    t0 = time.time()
+    send("stream", port, data)
+    while r.xlen("feed") < n:
+        time.sleep(0.001)
+    rate = n / (time.time() - t0)
+    r.close()
+    return rate
 
 
 def run_obvious(kind: str, port: int, n: int, data: bytes) -> tuple[float, int]:
@@ -264,9 +280,13 @@ def run_obvious(kind: str, port: int, n: int, data: bytes) -> tuple[float, int]:
         raise RuntimeError("obvious client did not start")
     time.sleep(0.2)
     t0 = time.time()
-    send(kind, port, data)
-    msgs, rows, t_last = out.get(timeout=600)
+    if kind != "stream":
+        send(kind, port, data)
+    msgs, rows, t_first, t_last = out.get(timeout=600)
     p.join(30)
+    if kind == "stream":
+        # A backlog: from the first message decoded to the last.
+        return (msgs - 1) / (t_last - t_first), rows
     return msgs / (t_last - t0), rows
 
 
@@ -286,7 +306,14 @@ def run_fastfeed(kind: str, port: int, n: int, data: bytes, workers: int) -> tup
             time.sleep(0.01)
         time.sleep(0.2)
         t0 = time.time()
-        send(kind, port, data)
+        c0 = 0
+        if kind == "stream":
+            # A backlog: from the first frames decoded to the last.
+            while (c0 := feed.frames_decoded()) == 0:
+                time.sleep(0.0005)
+            t0 = time.time()
+        else:
+            send(kind, port, data)
         deadline = time.monotonic() + 600
         while feed.frames_decoded() < n:
             if time.monotonic() > deadline:
@@ -295,7 +322,7 @@ def run_fastfeed(kind: str, port: int, n: int, data: bytes, workers: int) -> tup
         t1 = time.time()
         stats = feed.stats()
     rows = stats["ticks"] + stats["quotes"] + stats["bars"]
-    return n / (t1 - t0), rows, stats
+    return (n - c0) / (t1 - t0), rows, stats
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -338,6 +365,7 @@ def main() -> None:
     expected_rows = sent_rows["ticks"] + sent_rows["quotes"] + sent_rows["bars"]
     avg = sum(map(len, payloads)) / len(payloads)
     results = []
+    xadd_rates: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench_pubsub.") as tmp:
         work = Path(tmp)
         rproc, rport = start_redis(work)
@@ -350,12 +378,10 @@ def main() -> None:
                     continue
                 data = wire(kind, payloads)
                 if kind == "stream":
-                    subprocess.run(["redis-cli", "-p", str(rport), "DEL", "feed"],
-                                   capture_output=True)
+                    xadd_rates.append(preload(rport, args.messages, data))
                 ob_rate, ob_rows = run_obvious(kind, port, args.messages, data)
                 if kind == "stream":
-                    subprocess.run(["redis-cli", "-p", str(rport), "DEL", "feed"],
-                                   capture_output=True)
+                    xadd_rates.append(preload(rport, args.messages, data))
                 ff_rate, ff_rows, stats = run_fastfeed(kind, port, args.messages, data,
                                                        args.workers)
                 ok = ff_rows == expected_rows and ob_rows == expected_rows
