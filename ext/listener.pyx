@@ -93,10 +93,19 @@ cdef int32_t _route(const char *p, Py_ssize_t n) noexcept nogil:
 
 
 def route_of(code) -> int:
-    """The route of a symbol code (``bytes`` or ``str``): its ring is ``route % n_rings``."""
+    """The route of a symbol code, or of a whole frame (``bytes`` or ``str``): its ring is
+    ``route % n_rings``; -1 for a frame with no symbol (the listener's control path).
+
+    A frame (text starting with ``{`` or ``[``) is routed exactly as the listener routes
+    it, by the first string ``"c"`` in it; anything else is taken as a bare code.
+    """
     if isinstance(code, str):
         code = code.encode()
-    cdef bytes frame = b'{"c":"' + bytes(code) + b'"}'
+    cdef bytes data = bytes(code)
+    cdef bytes stripped = data.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return _route(data, len(data))
+    cdef bytes frame = b'{"c":"' + data + b'"}'
     return _route(frame, len(frame))
 
 

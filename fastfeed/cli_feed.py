@@ -122,6 +122,8 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     deadline = None if duration is None else time.monotonic() + duration
     next_show = time.monotonic() + 1.0
+    from .feed import FeedError
+
     try:
         feed.start()
         while not stop["flag"]:
@@ -143,6 +145,8 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
             if now >= next_show:
                 next_show = now + 1.0
                 display.update(feed.stats(), feed.symbols)
+    except FeedError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -287,12 +291,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     _check_run_args(args)
     if args.speed < 0:
         raise CommandError("--speed must not be negative", EXIT_USAGE)
+    from .capture import capture_files
     from .feed import Feed
 
     try:
-        feed = Feed(replay=args.capture, speed=args.speed, workers=args.workers)
+        capture_files(args.capture)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
+    feed = Feed(replay=args.capture, speed=args.speed, workers=args.workers)
     stats = _consume(feed, count=None, duration=args.duration, until_done=True,
                      display=Display("fastfeed replay", quiet=args.quiet or args.json))
     return _finish(args, stats, feed)

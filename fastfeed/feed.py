@@ -122,6 +122,7 @@ class Feed:
         self._started_at = 0.0
         self._stopped = False
         self._final: dict[str, Any] | None = None
+        self._tables_after: tuple[Any, ...] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class Feed:
         except BaseException:
             self._pool.stop(drain=False)
             self._pool.close()
+            self._pool = None
             raise
         self._started_at = time.monotonic()
         return self
@@ -172,6 +174,9 @@ class Feed:
         if self.output:
             self._drain_outputs()
         self._final = self._collect()  # the segments the counters live in go away next
+        # keep the codes readable after the shared tables are gone
+        self._tables_after = tuple(list(t) if t is not None else None for t in
+                                   (self._pool.symbols, self._pool.statuses, self._pool.bar_types))
         self._pool.close()
 
     def _drain_outputs(self) -> None:
@@ -313,18 +318,28 @@ class Feed:
 
     # -- state ------------------------------------------------------------------------------
 
+    def _table(self, i: int) -> Any:
+        if self._tables_after is not None:
+            return self._tables_after[i]
+        if self._pool is None:
+            return None
+        return (self._pool.symbols, self._pool.statuses, self._pool.bar_types)[i]
+
     @property
     def symbols(self) -> Any:
-        """The symbol table (``feed.symbols[id]`` is the code), the same in every process."""
-        return self._pool.symbols if self._pool is not None else None
+        """The symbol table (``feed.symbols[id]`` is the code), the same in every process;
+        a plain list of the codes once the feed has stopped."""
+        return self._table(0)
 
     @property
     def statuses(self) -> Any:
-        return self._pool.statuses if self._pool is not None else None
+        """``ss`` codes by id (id 0 is "", absent)."""
+        return self._table(1)
 
     @property
     def bar_types(self) -> Any:
-        return self._pool.bar_types if self._pool is not None else None
+        """``bt`` codes by id (id 0 is "", absent)."""
+        return self._table(2)
 
     def source_done(self) -> bool:
         """True when a finite source (a replay) has written everything and the workers

@@ -57,11 +57,25 @@ class ParquetSink:
         self._thread = threading.Thread(target=self._run, name="fastfeed-parquet", daemon=True)
         self._thread.start()
 
+    def _codes(self) -> tuple[list[str] | None, ...]:
+        """The code lists as of now, grown in place: the writer thread may run after the
+        feed (and its shared tables) is gone, so it never reads the live tables."""
+        if self.tables is None:
+            return (None, None, None)
+        live = self.tables()
+        if not hasattr(self, "_code_lists"):
+            self._code_lists: list[list[str]] = [[], [], []]
+        for have, table in zip(self._code_lists, live, strict=True):
+            if table is not None:
+                have.extend(table[i] for i in range(len(have), len(table)))
+        return tuple(self._code_lists)
+
     def write(self, batch: Any) -> None:
         """Queue a batch's rows (copied: the batch may be a view that is about to go)."""
         item = [(k, getattr(batch, k).copy()) for k in _KINDS if len(getattr(batch, k))]
         if not item:
             return
+        item.append(self._codes())  # type: ignore[arg-type]
         try:
             self._q.put_nowait(item)
         except queue.Full:
@@ -75,8 +89,10 @@ class ParquetSink:
             if item is None:
                 break
             try:
-                tables = self.tables() if self.tables is not None else (None, None, None)
-                for kind, arr in item:
+                *parts, lists = item
+                # the lists only grow: the first len() entries are this batch's codes
+                tables = tuple(None if c is None else c[:len(c)] for c in lists)
+                for kind, arr in parts:
                     self._writer(kind, arr, tables, to_arrow)
             except BaseException as exc:  # noqa: BLE001 - reported by close()
                 self.error = exc

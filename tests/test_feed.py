@@ -1,0 +1,274 @@
+"""The whole pipeline against the real simulator: Feed, the commands, capture and replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastfeed import Decoder, shm
+from fastfeed.capture import frames_array, read_capture
+from fastfeed.config import load_settings
+from fastfeed.feed import Feed
+from fastfeed.sim.process import SimulatorProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ours() -> set[str]:
+    """fastfeed segments owned by this process (commands run as subprocesses are checked
+    by their own pid; other test runs on the machine may own segments too)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fastfeed.{os.getpid()}.")}
+
+
+@pytest.fixture(autouse=True)
+def no_segments_left():
+    before = _ours()
+    yield
+    left = _ours() - before
+    shm.cleanup_stale()
+    assert not left, f"shared-memory segments left behind: {left}"
+
+
+def settings_for(sim: SimulatorProcess, tmp_path: Path):
+    return load_settings(sim.settings_args(token_cache=str(tmp_path / "token.json")), env={})
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "fastfeed", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_feed_delivers_every_row_the_simulator_sent(tmp_path):
+    n = 150_000
+    with SimulatorProcess("--rate", "0", "--count", str(n), "--symbols", "300") as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=2)
+        rows = {"ticks": 0, "quotes": 0, "bars": 0}
+        syms: set[int] = set()
+        with feed:
+            deadline = time.monotonic() + 90
+            for b in feed:
+                for k in rows:
+                    rows[k] += len(getattr(b, k))
+                syms.update(np.unique(b.ticks["sym"]).tolist())
+                if feed.frames_decoded() >= n and sum(rows.values()) >= sum(feed.stats()[k] for k in rows):
+                    break
+                assert time.monotonic() < deadline, feed.stats()
+            stats = feed.stats()
+            names = {feed.symbols[i] for i in syms}
+        sent = sim.stop()
+    assert stats["frames"] == n == sent["frames_sent"]
+    assert rows == {"ticks": sent["ticks"], "quotes": sent["quotes"], "bars": sent["bars"]}
+    assert (stats["errors"], stats["dropped"], stats["gaps"]) == (0, 0, 0)
+    assert stats["latency_us"]["p50"] > 0 and len(names) == len(syms) > 100
+
+
+def test_stream_json_counts_match_the_simulator(tmp_path):
+    n = 200_000
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        args = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        r = _stream(args, n)
+        sent = sim.stop()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for k in ("frames", "ticks", "quotes", "bars", "errors", "control", "dropped", "gaps",
+              "reconnects", "latency_us"):
+        assert k in out
+    assert out["frames"] == n == sent["frames_sent"]
+    assert (out["ticks"], out["quotes"], out["bars"]) == (sent["ticks"], sent["quotes"], sent["bars"])
+    assert (out["errors"], out["dropped"], out["gaps"]) == (0, 0, 0)
+    assert set(out["latency_us"]) == {"p50", "p99", "p999", "max"}
+    assert "fastfeed-sim-secret" not in r.stdout + r.stderr
+
+
+def _stream(args: dict, n: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["FASTFEED_CLIENT_SECRET"] = args["client_secret"]
+    return subprocess.run(
+        [sys.executable, "-m", "fastfeed", "stream", "--host", args["host"],
+         "--authority", args["authority"], "--tenant", args["tenant_id"],
+         "--client-id", args["client_id"], "--scope", args["scope"],
+         "--token-cache", args["token_cache"], "--email", "ops@example.com",
+         "--count", str(n), "--json", *extra],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def _kill_one_worker(feed: Feed) -> int:
+    pid = next(p for p in feed._pool.pids() if p)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killing_a_worker_mid_stream_loses_nothing(tmp_path):
+    n = 300_000
+    with SimulatorProcess("--rate", "150000", "--count", str(n)) as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=2)
+        rows = 0
+        killed = None
+        with feed:
+            deadline = time.monotonic() + 90
+            for b in feed:
+                rows += len(b.ticks) + len(b.quotes) + len(b.bars)
+                if killed is None and feed.frames_decoded() > n // 4:
+                    killed = _kill_one_worker(feed)
+                s = feed.stats()
+                if s["frames"] >= n and rows >= s["ticks"] + s["quotes"] + s["bars"]:
+                    break
+                assert time.monotonic() < deadline, s
+            stats = feed.stats()
+        sent = sim.stop()
+    assert killed is not None and stats["worker_restarts"] >= 1
+    assert stats["frames"] == n
+    assert rows == sent["ticks"] + sent["quotes"] + sent["bars"]
+    assert (stats["ticks"], stats["quotes"], stats["bars"]) == (sent["ticks"], sent["quotes"], sent["bars"])
+    assert (stats["errors"], stats["dropped"]) == (0, 0)
+
+
+def test_record_capture_then_replay_gives_identical_rows(tmp_path):
+    n = 50_000
+    cap = tmp_path / "cap"
+    with SimulatorProcess("--rate", "0", "--count", str(n), "--fault", "malformed=0.01") as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=2, capture=str(cap), output=False)
+        stats = feed.run(frames=n, duration=90)
+        sent = sim.stop()
+    assert stats["frames"] == n
+    frames, ts = frames_array(cap)
+    assert len(frames) == n and len(list(cap.glob("*.ffcap"))) == 2
+    # the decoder alone, over the captured frames in replay order: the expected rows
+    dec = Decoder()
+    want = dec.decode(frames, recv_ts=ts)
+    assert len(want.errors) == sent["malformed"] > 0
+
+    got: dict[str, list] = {"ticks": [], "quotes": [], "bars": []}
+    with Feed(replay=str(cap), workers=1) as replay:
+        deadline = time.monotonic() + 60
+        while True:
+            b = replay.poll(timeout=0.05)
+            if b is not None:
+                for k in got:
+                    got[k].append(getattr(b, k).copy())
+            elif replay.source_done():
+                # decoded rows are published before they are counted: take what is left
+                while (b := replay.poll(timeout=0)) is not None:
+                    for k in got:
+                        got[k].append(getattr(b, k).copy())
+                break
+            assert time.monotonic() < deadline, replay.stats()
+        symbols = list(replay.symbols)
+    rstats = replay.stats()
+    assert rstats["frames"] == n and rstats["errors"] == len(want.errors)
+    for k in got:
+        arr = np.concatenate(got[k]) if got[k] else np.empty(0, getattr(want, k).dtype)
+        w = getattr(want, k)
+        assert len(arr) == len(w), k
+        # ids may differ between the two decoders: compare codes, then every other field
+        assert [symbols[i] for i in arr["sym"]] == [dec.symbols[i] for i in w["sym"]]
+        for f in w.dtype.names:
+            if f not in ("sym", "status", "bar_type"):
+                assert arr[f].tobytes() == w[f].tobytes(), (k, f)
+
+
+def test_replay_command_and_read_capture(tmp_path):
+    n = 20_000
+    cap = tmp_path / "cap"
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=2, capture=str(cap), output=False)
+        feed.run(frames=n, duration=60)
+        sent = sim.stop()
+    assert sum(1 for _ in read_capture(cap)) == n
+    r = run_cli("replay", str(cap), "--json", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == n
+    assert (out["ticks"], out["quotes"], out["bars"]) == (sent["ticks"], sent["quotes"], sent["bars"])
+    r = run_cli("replay", str(tmp_path / "missing"))
+    assert r.returncode != 0 and "capture not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_and_exits_zero():
+    r = run_cli("demo", "--duration", "3", "--json", timeout=90)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] > 1000 and out["errors"] == 0 and out["ticks"] > 0
+
+
+def test_sigint_stops_stream_cleanly_and_removes_segments(tmp_path):
+    with SimulatorProcess("--rate", "20000") as sim:
+        args = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["FASTFEED_CLIENT_SECRET"] = args["client_secret"]
+        p = subprocess.Popen(
+            [sys.executable, "-m", "fastfeed", "stream", "--host", args["host"], "--authority",
+             args["authority"], "--tenant", args["tenant_id"], "--client-id", args["client_id"],
+             "--scope", args["scope"], "--token-cache", args["token_cache"], "--email", "a@b.c",
+             "--workers", "2", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        # wait until it streams: the simulator has sent it a good number of frames
+        deadline = time.monotonic() + 60
+        while json.loads(urllib.request.urlopen(sim.url + "/stats", timeout=5).read())["frames_sent"] < 5000:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["frames"] > 0 and summary["dropped"] == 0
+    assert not [n for n in os.listdir("/dev/shm") if f".{p.pid}." in n]
+
+
+def test_commands_fail_with_one_clear_line():
+    r = run_cli("stream", "--workers", "0")
+    assert r.returncode == 2 and r.stderr.strip().startswith("fastfeed: error:")
+    assert "Traceback" not in r.stderr
+    r = run_cli("stream", "--host", "http://127.0.0.1:9", "--email", "a@b", "--count", "1", "--duration", "5")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    for cmd in ("demo", "stream", "record", "replay", "bench"):
+        h = run_cli(cmd, "--help")
+        assert h.returncode == 0 and "usage: fastfeed " + cmd in h.stdout
+
+
+def test_parquet_sink_and_conversions(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from fastfeed.convert import to_arrow, to_pandas
+    from fastfeed.sinks import ParquetSink
+
+    n = 20_000
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=1)
+        sink = ParquetSink(tmp_path / "pq", tables=lambda: (feed.symbols, feed.statuses, feed.bar_types),
+                           roll_rows=5000)
+        with feed:
+            deadline = time.monotonic() + 60
+            for b in feed:
+                sink.write(b)
+                s = feed.stats()
+                d = s["delivered"]
+                if s["frames"] >= n and d["ticks"] + d["quotes"] + d["bars"] >= s["ticks"] + s["quotes"] + s["bars"]:
+                    break
+                assert time.monotonic() < deadline
+            stats = feed.stats()
+        sink.close()
+        sim.stop()
+    ticks = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "pq").glob("ticks-*.parquet"))])
+    assert ticks.num_rows == stats["ticks"] and len(list((tmp_path / "pq").glob("ticks-*"))) > 1
+    assert ticks.schema.field("ts").type == pa.timestamp("us")
+    assert str(ticks.column("sym")[0]).startswith(("NASDAQ:", "NYSE:")) or ":" in str(ticks.column("sym")[0])
+    dec = Decoder()
+    b = dec.decode([b'{"c":"A:B","t":1.5,"p":2,"v":3}'])
+    df = to_pandas(b.ticks, dec.symbols)
+    assert df["sym"].iloc[0] == "A:B" and str(df["ts"].dtype) == "datetime64[us]"
+    assert to_arrow(b.ticks, dec.symbols).num_rows == 1
