@@ -109,7 +109,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consume(feed: Any, *, count: int | None, duration: float | None, display: Display,
-             sink: Any = None, until_done: bool = False) -> dict[str, Any]:
+             sink: Any = None, until_done: bool = False,
+             metrics_port: int | None = None) -> dict[str, Any]:
     """Iterate the feed until count/duration/Ctrl-C (or the replay is done); return stats."""
     import signal
 
@@ -126,6 +127,13 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
 
     try:
         feed.start()
+        if metrics_port is not None:
+            from .metrics import serve_metrics
+
+            try:
+                serve_metrics(feed, metrics_port)
+            except (RuntimeError, OSError) as exc:
+                raise CommandError(f"--metrics-port: {exc}") from None
         while not stop["flag"]:
             b = feed.poll(timeout=0.05) if feed.output else None
             if b is not None:
@@ -183,6 +191,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="S", help="exit after S seconds")
     p.add_argument("--json", action="store_true", help="print one JSON summary at exit")
     p.add_argument("--quiet", action="store_true", help="no live statistics")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT/metrics "
+                        "(needs prometheus-client)")
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
@@ -232,7 +243,8 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     _check_run_args(args)
     feed = _feed_from_args(args)
     stats = _consume(feed, count=args.count, duration=args.duration,
-                     display=Display("fastfeed stream", quiet=args.quiet or args.json))
+                     display=Display("fastfeed stream", quiet=args.quiet or args.json),
+                     metrics_port=args.metrics_port)
     return _finish(args, stats, feed)
 
 
@@ -267,7 +279,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
         feed = _feed_from_args(args)
         sink = ParquetSink(args.out, tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
     stats = _consume(feed, count=args.count, duration=args.duration, sink=sink,
-                     display=Display("fastfeed record", quiet=args.quiet or args.json))
+                     display=Display("fastfeed record", quiet=args.quiet or args.json),
+                     metrics_port=args.metrics_port)
     if sink is not None:
         stats["parquet_files"] = [str(f) for f in sink.files]
         stats["parquet_dropped"] = sink.dropped
@@ -342,7 +355,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                   f"{args.workers} worker(s); Ctrl-C to stop", flush=True)
         stats = _consume(feed, count=args.count, duration=args.duration,
                          display=Display("fastfeed demo", quiet=args.quiet or args.json,
-                                         show_quotes=True))
+                                         show_quotes=True), metrics_port=args.metrics_port)
         return _finish(args, stats, feed)
 
 
