@@ -327,9 +327,16 @@ def run_fastfeed(kind: str, port: int, n: int, data: bytes, workers: int) -> tup
 
 # -- report --------------------------------------------------------------------------------------
 
+def _dist(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
 def versions() -> str:
     import hiredis
-    import nats
     import numpy
     import orjson
     import redis
@@ -347,7 +354,7 @@ def versions() -> str:
     return (f"{cpu}, {os.cpu_count()} logical CPUs, Linux {platform.release()}, "
             f"Python {platform.python_version()}, NumPy {numpy.__version__}, "
             f"redis-py {redis.__version__}, hiredis {hiredis.__version__}, "
-            f"nats-py {nats.__version__}, orjson {orjson.__version__}; "
+            f"nats-py {_dist('nats-py')}, orjson {orjson.__version__}; "
             f"{rs.split()[2] if rs else 'redis ?'}, {ns.strip() or 'nats-server ?'}")
 
 

@@ -102,3 +102,19 @@ def test_restart_mid_stream(nats_server: BrokerProcess) -> None:
     assert sc["ticks"] == c1["ticks"] + c2["ticks"] and sc["session"]["reconnects"] == 1
     assert sj["ticks"] == j1["ticks"] + j2["ticks"], sj["session"]
     assert sj["frames"] == 6000 and sj["session"]["reconnects"] == 1
+
+
+def test_two_instances_split_the_symbols_by_subject(nats_server: BrokerProcess) -> None:
+    """Fan-out scale-out without a queue group: subjects feed.{shard}, one shard each."""
+    port = nats_server.port
+    with Feed(source=url(port, subject="feed.0"), workers=1) as f0, \
+            Feed(source=url(port, subject="feed.1"), workers=1) as f1:
+        wait_for(lambda: feed_connected(f0) and feed_connected(f1), what="subscriptions")
+        sent = publish(url(port, subject="feed.{shard}"), count=10000, shards=2)
+        a, b = collect_ticks([f0, f1], 10000)
+        syms0 = set(f0.symbols.to_list()) - {""}
+        syms1 = set(f1.symbols.to_list()) - {""}
+    both = np.concatenate([a, b])
+    assert len(a) > 0 and len(b) > 0
+    assert len(both) == sent["ticks"] and len(np.unique(both)) == len(both)
+    assert syms0 and syms1 and not (syms0 & syms1), "a symbol went to both instances"

@@ -82,6 +82,8 @@ def test_kafka_config_takes_every_broker_and_sasl() -> None:
     (b'{ "p": 1.0, "c" : "NYSE:IBM" }', b"NYSE:IBM"),
     (b'{"s":[{"t":1,"c":243.08}],"c":"ARCA:SPY","bt":"1m"}', b"ARCA:SPY"),
     (b'[{"c":"BATS:X","p":1},{"c":"BATS:X","p":2}]', b"BATS:X"),
+    (b'\n {"c":"NYSE:WS","p":1}', b"NYSE:WS"),
+    (b'garbage "c":"NYSE:GB"', b"NYSE:GB"),
     (b'{"c":"NASDAQ:TRUNC', None),
     (b'{"status":"ok"}', None),
     (b"pong", None),
@@ -92,6 +94,7 @@ def test_routing_matches_the_websocket_listener(frame: bytes, symbol: bytes | No
         counts = dict.fromkeys(("messages", "frames", "bytes", "control", "ring_drops",
                                 "too_big"), 0)
         w = RingWriter([ring], counts)
+        assert w.route(frame) == (route_of(symbol) if symbol is not None else -1)
         assert w.write(frame, 123)
         if symbol is None:
             assert counts["control"] == 1 and ring.written == 0

@@ -51,6 +51,20 @@ def symbol_of(payload: bytes) -> bytes | None:
     return m.group(1) if m is not None else None
 
 
+def _slow_route(payload: bytes) -> int:
+    """The route of a frame not in the provider's usual layout (arrays, other key orders,
+    whitespace, garbage), -1 when it has no symbol."""
+    first = payload[:1]
+    if first not in (b"{", b"["):
+        first = payload.lstrip()[:1]
+    if first in (b"{", b"["):
+        # route_of scans a JSON text with the listener's own C code.
+        return int(route_of(payload))
+    # route_of would take anything else for a bare symbol code: find the "c" key here.
+    code = symbol_of(payload)
+    return -1 if code is None else int(route_of(code))
+
+
 class RingWriter:
     """Routes frames by symbol and writes them into the rings; counts what happens.
 
@@ -71,9 +85,12 @@ class RingWriter:
 
     def route(self, payload: bytes) -> int:
         """The route of the frame's symbol, or -1 when it has none (a control message)."""
-        code = symbol_of(payload)
-        if code is None:
+        if payload[:6] != _FAST_PREFIX:
+            return _slow_route(payload)
+        end = payload.find(b'"', 6)
+        if end < 0:
             return -1
+        code = payload[6:end]
         r = self._cache.get(code)
         if r is None:
             if len(self._cache) >= _ROUTE_CACHE_MAX:
@@ -113,21 +130,22 @@ class RingWriter:
         frames = nbytes = control = 0
         refused: list[int] = []
         for i, p in enumerate(payloads):
-            if p[:6] == _FAST_PREFIX:
-                end = p.find(b'"', 6)
-                code = p[6:end] if end >= 0 else None
+            if p[:6] == _FAST_PREFIX and (end := p.find(b'"', 6)) >= 0:
+                # '{"c":"CODE"...': the provider's own layout; the route of each code is
+                # computed once.
+                code = p[6:end]
+                r = cache.get(code)
+                if r is None:
+                    if len(cache) >= _ROUTE_CACHE_MAX:
+                        cache.clear()
+                    r = cache[code] = route_of(code)
             else:
-                code = symbol_of(p)
-            if code is None:
-                control += 1
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("control message: %r", p[:200])
-                continue
-            r = cache.get(code)
-            if r is None:
-                if len(cache) >= _ROUTE_CACHE_MAX:
-                    cache.clear()
-                r = cache[code] = route_of(code)
+                r = _slow_route(p)
+                if r < 0:
+                    control += 1
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("control message: %r", p[:200])
+                    continue
             try:
                 ok = writes[r % n](p, recv_ts=recv_ts, route=r)
             except ValueError:

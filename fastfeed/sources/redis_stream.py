@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from typing import Any
 
 from .._decoder import now_us
@@ -36,6 +37,9 @@ from .resp import RespConnection, RespError, resp_command
 from .url import SourceURLError
 
 __all__ = ["RedisStreamSource"]
+
+# Reads in flight at once: Redis serves the next batch while this process writes the last.
+_DEPTH = 2
 
 log = logging.getLogger("fastfeed.sources.redis")
 
@@ -144,37 +148,44 @@ class RedisStreamSource(Source):
                 from_id = b"0"
 
     async def _stream(self, conn: RespConnection) -> None:
-        """New entries, pipelined: the next read is on its way while this batch is written,
-        and acknowledgements ride along; returns to re-read pending entries after a refusal."""
+        """New entries, pipelined: ``_DEPTH`` reads are on their way while a batch is written
+        (so Redis always has the next one to serve), acknowledgements ride along; returns to
+        re-read pending entries after a refusal, or when stopping (then every read in flight
+        is committed and acknowledged first, leaving nothing pending)."""
         timeout = 10.0 + self.block / 1000
-        read = conn.request(self._read())
-        while True:
-            reply = await asyncio.wait_for(read, timeout)
+        reads = deque(conn.request(self._read()) for _ in range(_DEPTH))
+        try:
+            await self._pipeline(conn, reads, timeout)
+        finally:
+            # After a lost connection the reads still queued hold its error: retrieve it
+            # (asyncio would report it as never retrieved).
+            for f in reads:
+                if f.done() and not f.cancelled():
+                    f.exception()
+                else:
+                    f.cancel()
+
+    async def _pipeline(self, conn: RespConnection, reads: deque[asyncio.Future[Any]],
+                        timeout: float) -> None:
+        refused = 0
+        while reads:
+            reply = await asyncio.wait_for(reads.popleft(), timeout)
+            if not (self.stopping or refused):
+                reads.append(conn.request(self._read()))
             entries = reply[0][1] if reply else []
-            last = self.stopping
-            if not last:
-                read = conn.request(self._read())
-            refused = 0
             if entries:
-                ids, refused = self._commit(entries, now_us())
+                ids, r = self._commit(entries, now_us())
+                refused += r
                 if ids:
                     ack = self._ack(conn, ids)
-                    if last:
+                    if self.stopping or refused:
                         await ack
-            if last:
-                return
-            if refused:
-                # Entries the ring refused stay pending; the read in flight is handled as
-                # usual (committed or left pending), then the pending list is read again.
-                reply = await asyncio.wait_for(read, timeout)
-                entries = reply[0][1] if reply else []
-                if entries:
-                    ids, _ = self._commit(entries, now_us())
-                    if ids:
-                        await self._ack(conn, ids)
+            if refused and not reads:
+                # Entries a ring refused stay pending: pause for the workers, then re-read
+                # the pending list.
                 await self.sleep(0.01)
                 return
-            if self.claim_idle and time.monotonic() >= self._next_claim:
+            if self.claim_idle and not refused and time.monotonic() >= self._next_claim:
                 await self._claim(conn)
                 self._next_claim = time.monotonic() + min(self.claim_idle / 2000, 5.0)
 
