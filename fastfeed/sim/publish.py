@@ -25,6 +25,8 @@ symbol over several instances (``channel=feed.{shard}``, ``subject=feed.{shard}`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -43,38 +45,50 @@ _BATCH = 1000
 _STATUS = b'{"status":"ok","message":"simulator status"}'
 
 
-def publish(url: str, *, count: int, rate: float = 0.0, symbols: int = 100, seed: int = 0,
-            mix: tuple[float, float, float] = (0.7, 0.25, 0.05), malformed: float = 0.0,
-            arrays: float = 0.0, status_every: int = 0, shards: int = 1,
+def publish(url: str, *, count: int | None, rate: float = 0.0, symbols: int = 100,
+            seed: int = 0, mix: tuple[float, float, float] = (0.7, 0.25, 0.05),
+            malformed: float = 0.0, arrays: float = 0.0, status_every: int = 0,
+            shards: int = 1, duration: float | None = None,
             start_time: float | None = None) -> dict[str, Any]:
     """Publish ``count`` data frames of the synthetic market into the broker at ``url``.
 
+    Stops after ``count`` frames (None: no limit), after ``duration`` seconds, or on
+    SIGINT/SIGTERM, whichever comes first, and returns the counts of what was published.
     ``rate``: frames per second (0: as fast as the broker takes them). ``symbols``, ``seed``,
     ``mix``, ``malformed``, ``arrays``: as ``fastfeed sim`` (a malformed frame keeps its symbol,
     so a source routes it and the decoder counts an error). ``status_every`` > 0 publishes a
     status object (a control message) after every that many frames. ``shards``: the modulus
     of ``{shard}`` in the destination. Returns the counts (see the module docstring).
     """
+    coro = publish_async(url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
+                         malformed=malformed, arrays=arrays, status_every=status_every,
+                         shards=shards, duration=duration, start_time=start_time,
+                         handle_signals=True)
     try:
         import uvloop
-        return uvloop.run(publish_async(
-            url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
-            malformed=malformed, arrays=arrays, status_every=status_every, shards=shards,
-            start_time=start_time))
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(publish_async(
-            url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
-            malformed=malformed, arrays=arrays, status_every=status_every, shards=shards,
-            start_time=start_time))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
-async def publish_async(url: str, *, count: int, rate: float = 0.0, symbols: int = 100,
+async def publish_async(url: str, *, count: int | None, rate: float = 0.0, symbols: int = 100,
                         seed: int = 0, mix: tuple[float, float, float] = (0.7, 0.25, 0.05),
                         malformed: float = 0.0, arrays: float = 0.0, status_every: int = 0,
-                        shards: int = 1, start_time: float | None = None) -> dict[str, Any]:
-    """:func:`publish` on the running event loop."""
-    if count < 0 or rate < 0 or shards < 1 or status_every < 0:
+                        shards: int = 1, duration: float | None = None,
+                        start_time: float | None = None,
+                        handle_signals: bool = False) -> dict[str, Any]:
+    """:func:`publish` on the running event loop (``handle_signals``: stop on SIGINT and
+    SIGTERM, as the command does)."""
+    if (count is not None and count < 0) or rate < 0 or shards < 1 or status_every < 0:
         raise ValueError("count, rate and status_every must not be negative; shards >= 1")
+    if count is None and duration is None and rate == 0 and not handle_signals:
+        raise ValueError("give count or duration (or rate and a signal to stop)")
+    stop = asyncio.Event()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
     u = SourceURL.parse(url)
     pub = _publisher(u, shards)
     market = Market(symbols, seed=seed, mix=mix, malformed=malformed, arrays=arrays)
@@ -82,17 +96,24 @@ async def publish_async(url: str, *, count: int, rate: float = 0.0, symbols: int
     counts: dict[str, Any] = dict.fromkeys(("frames_sent", *KINDS, "bytes_sent"), 0)
     await pub.open()
     started = time.monotonic()
+    deadline = None if duration is None else started + duration
+    limit = count if count is not None else float("inf")
     try:
         sent = 0
         since_status = 0
-        while sent < count:
-            n = min(_BATCH, count - sent)
+        while sent < limit and not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            n = int(min(_BATCH, limit - sent))
             if rate > 0:
                 # Pace: never ahead of the wall clock, in slices of about 10 ms.
                 n = min(n, max(1, int(rate / 100)))
                 due = (sent + n) / rate - (time.monotonic() - started)
                 if due > 0:
-                    await asyncio.sleep(due)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), due)
+                    if stop.is_set():
+                        break
             block = market.block(n, t0_us + sent, 1)
             payloads: list[bytes] = []
             for p in block.payloads:
