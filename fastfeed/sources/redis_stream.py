@@ -265,8 +265,9 @@ class RedisStreamSource(Source):
             start, entries = reply[0], reply[1]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
-                # Entries trimmed away while pending: XAUTOCLAIM drops them from the group.
-                self.counts["reclaimed"] += len(deleted)
+                # Entries trimmed away while pending: XAUTOCLAIM drops them from the pending
+                # list itself; there is nothing left to decode.
+                log.info("%d pending entries were trimmed from the stream", len(deleted))
             entries = [e for e in entries if e is not None]
             if entries:
                 self.counts["reclaimed"] += len(entries)
