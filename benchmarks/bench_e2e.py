@@ -160,26 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--latency-seconds", type=float, default=4.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", choices=("throughput", "latency"), help="run one part")
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    thr: dict[str, Any] = {}
+    lat: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        thr = {}
-        thr["fastfeed, 1 worker"] = run_fastfeed(args.frames, 1, tmp)
-        thr["fastfeed, 2 workers"] = run_fastfeed(args.frames, 2, tmp)
-        thr["picows + orjson + arrays (1 process)"] = run_naive(args.frames, tmp)
-        lat = [run_latency(r, args.latency_seconds, busy, tmp)
-               for r in (10_000, 100_000, 500_000) for busy in (False, True)]
+        if args.only != "latency":
+            thr["fastfeed, 1 worker"] = run_fastfeed(args.frames, 1, tmp)
+            thr["fastfeed, 2 workers"] = run_fastfeed(args.frames, 2, tmp)
+            thr["picows + orjson + arrays (1 process)"] = run_naive(args.frames, tmp)
+        if args.only != "throughput":
+            lat = [run_latency(r, args.latency_seconds, busy, tmp)
+                   for r in (10_000, 100_000, 500_000) for busy in (False, True)]
     out["throughput"] = thr
     out["latency"] = lat
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    base = thr["picows + orjson + arrays (1 process)"]["rate"]
     print(f"machine: {out['machine']}; {args.frames:,} frames per throughput run\n")
-    print("| client | frames/s | lost rows | dropped | vs. picows + orjson |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in thr.items():
-        print(f"| {name} | {r['rate'] / 1e6:.2f} M | {r['lost_rows']} | {r['dropped']} | {r['rate'] / base:.2f}x |")
+    if thr:
+        base = thr["picows + orjson + arrays (1 process)"]["rate"]
+        print("| client | frames/s | lost rows | dropped | vs. picows + orjson |")
+        print("|---|---:|---:|---:|---:|")
+        for name, r in thr.items():
+            print(f"| {name} | {r['rate'] / 1e6:.2f} M | {r['lost_rows']} | {r['dropped']} | {r['rate'] / base:.2f}x |")
     print("\n| rate (frames/s) | workers wait by | rows | p50 µs | p99 µs | p99.9 µs | max µs |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in lat:

@@ -35,6 +35,8 @@ __all__ = ["Faults", "SimConfig", "Simulator", "parse_faults", "run"]
 log = logging.getLogger("fastfeed.sim")
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# Above this paced rate, frames come from the pre-encoded pool (see _stream_paced_pool).
+_LIVE_PACED_MAX = 20000.0
 # Frames per write at rate 0: ~4096 * 70 bytes = ~300 kB, large enough that the per-write
 # Python overhead vanishes, small enough to interleave pongs promptly.
 _CHUNK = 4096
@@ -646,6 +648,8 @@ class _Conn(asyncio.Protocol):
                 return
             if self.sim.config.rate == 0:
                 await self._stream_max()
+            elif self.sim.config.rate > _LIVE_PACED_MAX:
+                await self._stream_paced_pool()
             else:
                 await self._stream_paced()
         except (ConnectionError, asyncio.CancelledError):
@@ -671,6 +675,43 @@ class _Conn(asyncio.Protocol):
             sim.cursor += k
             sim.account(pool, i, i + k, b - a)
             self.sent += k
+            if not self._after_send():
+                return
+            await asyncio.sleep(0)
+
+    async def _stream_paced_pool(self) -> None:
+        """Paced like _stream_paced, but sending slices of the pre-encoded pool: generating
+        frames live costs a few µs each in Python, which above some tens of thousands a
+        second would eat the core the client under test needs. Timestamps are the pool's,
+        not the send time."""
+        sim = self.sim
+        rate = sim.config.rate
+        pool = sim.pool()
+        offsets = sim._pool_offsets
+        view = memoryview(pool.data)
+        n = len(pool)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sent_here = 0
+        while not self.closing:
+            if self.paused:
+                await self.resumed.wait()
+                continue
+            due = int((loop.time() - started) * rate) - sent_here
+            if due <= 0:
+                await asyncio.sleep(0.0005)
+                continue
+            i = sim.cursor % n
+            k = self._limit(min(due, _CHUNK, n - i))
+            if k == 0:
+                return
+            a, b = offsets[i], offsets[i + k]
+            assert self.transport is not None
+            self.transport.write(view[a:b])
+            sim.cursor += k
+            sim.account(pool, i, i + k, b - a)
+            self.sent += k
+            sent_here += k
             if not self._after_send():
                 return
             await asyncio.sleep(0)
