@@ -220,3 +220,14 @@ def collect_ticks(feeds: list[Feed], frames: int, timeout: float = 60.0) -> list
     while drain(0.05):
         pass
     return [np.concatenate(x) if x else np.empty(0, np.int64) for x in out]
+
+
+def slow_handler(worker: int, batch: object) -> None:
+    """A worker handler that makes decoding slow, so a small ring fills and refuses frames
+    (the at-least-once sources must then hand them back and get them again)."""
+    time.sleep(0.05)
+
+
+#: Feed options for the refusal tests: a 16 KiB ring (some 150 frames) that drops at once
+#: when full, and workers slowed down by :func:`slow_handler`.
+REFUSING_FEED = {"ring_capacity": 1 << 14, "full_policy": "drop", "handler": slow_handler}

@@ -118,3 +118,18 @@ def test_two_instances_split_the_symbols_by_subject(nats_server: BrokerProcess) 
     assert len(a) > 0 and len(b) > 0
     assert len(both) == sent["ticks"] and len(np.unique(both)) == len(both)
     assert syms0 and syms1 and not (syms0 & syms1), "a symbol went to both instances"
+
+
+def test_jetstream_refused_messages_are_redelivered_and_decoded_once(
+        nats_server: BrokerProcess) -> None:
+    port = nats_server.port
+    sent = publish(url(port, subject="feed.x", stream="FEED"), count=3000)
+    src = url(port, subject="feed.>", stream="FEED", durable="ff")
+    with Feed(source=src, workers=1, **brokers.REFUSING_FEED) as feed:
+        wait_for(lambda: feed.frames_decoded() >= 3000, what="every message", timeout=90)
+        time.sleep(0.3)  # a message decoded twice would show up now
+        stats = feed.stats()
+    s = stats["session"]
+    assert s["nacked"] > 0 and s["redelivered"] > 0, s
+    assert stats["ticks"] == sent["ticks"] and stats["frames"] == 3000, s
+    assert s["duplicates"] == 0

@@ -127,6 +127,24 @@ def test_broker_restart_loses_nothing(rabbitmq: str, names: tuple[str, str]) -> 
     assert queue_depth(rabbitmq, queue) == 0
 
 
+def test_refused_frames_are_handed_back_and_decoded_once(rabbitmq: str,
+                                                         names: tuple[str, str]) -> None:
+    queue, exchange = names
+    declare_queue(rabbitmq, queue, exchange)
+    sent = publish(url(rabbitmq, exchange=exchange), count=3000)
+    src = url(rabbitmq, queue=queue, exchange=exchange)
+    with Feed(source=src, workers=1, **brokers.REFUSING_FEED) as feed:
+        wait_for(lambda: feed.stats()["ticks"] >= sent["ticks"], what="every message",
+                 timeout=90)
+        time.sleep(0.3)
+        stats = feed.stats()
+    s = stats["session"]
+    assert s["nacked"] > 0 and s["redelivered"] > 0, s
+    assert stats["ticks"] == sent["ticks"] and stats["frames"] == 3000, s
+    assert s["duplicates"] == 0 and s["acked"] == 3000
+    assert queue_depth(rabbitmq, queue) == 0
+
+
 def test_url_redacts_the_password(rabbitmq: str) -> None:
     u = SourceURL.parse("amqp://guest:p%40ss@127.0.0.1:5672/vh?queue=q")
     assert u.password == "p@ss" and "p%40ss" not in u.redacted and "p@ss" not in u.redacted

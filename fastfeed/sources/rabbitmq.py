@@ -91,6 +91,7 @@ class RabbitMQSource(Source):
         self._conn: Any = None
         self._last: Any = None  # the last message committed but not yet acknowledged
         self._unacked = 0
+        self._hold = 0
 
     @classmethod
     def validate(cls, url: SourceURL) -> None:
@@ -116,7 +117,7 @@ class RabbitMQSource(Source):
         channel.close_callbacks.add(on_close)
         await channel.set_qos(prefetch_count=self.prefetch)
         _, queue = await declare(channel, self.url)
-        self._last, self._unacked = None, 0
+        self._last, self._unacked, self._hold = None, 0, 0
         tag = await queue.consume(self._on_message, no_ack=False)
         self.connected()
         stop = asyncio.ensure_future(self._stop.wait())
@@ -136,6 +137,10 @@ class RabbitMQSource(Source):
             stop.cancel()
 
     async def _flush_acks(self) -> None:
+        if self._hold:
+            # A refused message's nack is on its way: an ack with ``multiple`` now would
+            # acknowledge it too. The flusher acknowledges once the nack went out.
+            return
         last, self._last = self._last, None
         if last is not None:
             n, self._unacked = self._unacked, 0
@@ -161,9 +166,13 @@ class RabbitMQSource(Source):
             if self._unacked >= max(1, self.prefetch // 4):
                 await self._flush_acks()
         else:
-            # Acknowledge what came before (multiple) first, then hand this one back.
-            await self._flush_acks()
-            await message.nack(requeue=True)
+            # aio-pika runs each delivery in a task of its own: hold acknowledgements until
+            # this one is handed back, or a later ack(multiple) would cover it.
+            self._hold += 1
+            try:
+                await message.nack(requeue=True)
+            finally:
+                self._hold -= 1
             c["nacked"] += 1
 
     async def close(self) -> None:
