@@ -146,3 +146,38 @@ def test_kafka_source_without_a_broker_retries_and_stops_cleanly() -> None:
         assert proc.stop() == 0 and proc.error is None
         c = proc.counters()
     assert c["frames"] == 0 and c["connects"] == 0
+
+
+@pytest.mark.parametrize("scheme_and_query", [
+    ("redis", "/0?channel=feed"),
+    ("redis+stream", "/0?stream=s"),
+    ("nats", "?subject=feed.>"),
+    ("nats", "?subject=feed.>&stream=S"),
+    ("amqp", "/?queue=q"),
+    ("kafka", "?topic=t"),
+])
+def test_no_log_line_shows_the_password(scheme_and_query: tuple[str, str],
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """Every source, logging at DEBUG, failing to connect (nothing listens on the port) and
+    retrying: its log lines name the broker but never the password."""
+    import time
+
+    from fastfeed.pool import WorkerPool
+    scheme, query = scheme_and_query
+    if scheme == "amqp":
+        pytest.importorskip("aio_pika")
+    if scheme == "nats":
+        pytest.importorskip("nats")
+    if scheme == "kafka":
+        pytest.importorskip("confluent_kafka")
+    secret = "Zq9-sekrit-pw"
+    port = brokers.free_port()
+    with WorkerPool(1) as pool:
+        proc = SourceProcess(f"{scheme}://user:{secret}@127.0.0.1:{port}{query}",
+                             pool.ring_names, log_level=logging.DEBUG).start()
+        time.sleep(1.5)
+        assert proc.stop() == 0, proc.error
+        assert proc.counters()["connect_errors"] > 0 or scheme == "kafka"
+    err = capfd.readouterr().err
+    assert f"127.0.0.1:{port}" in err, err[-2000:]  # it did log about this broker
+    assert secret not in err

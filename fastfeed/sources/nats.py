@@ -65,10 +65,13 @@ async def connect_nats(u: SourceURL, *, allow_reconnect: bool = False, **options
     if u.scheme == "tls":
         kwargs["tls"] = ssl.create_default_context()
     try:
-        return await nats.connect(f"nats://{u.host}:{u.port or 4222}",
-                                  name=u.str("name", "fastfeed"), connect_timeout=5,
-                                  allow_reconnect=allow_reconnect, max_reconnect_attempts=0,
-                                  **kwargs)
+        # nats-py's first connect retries a refused server forever unless its attempts are
+        # capped (0 means no cap): cap them, so the failure reaches the source's own counted
+        # back-off.
+        return await asyncio.wait_for(
+            nats.connect(f"nats://{u.host}:{u.port or 4222}", name=u.str("name", "fastfeed"),
+                         connect_timeout=5, allow_reconnect=allow_reconnect,
+                         max_reconnect_attempts=1, reconnect_time_wait=0.1, **kwargs), 10.0)
     except Exception as exc:
         text = str(exc).lower()
         if "authorization" in text or "authentication" in text:
