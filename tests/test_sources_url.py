@@ -48,6 +48,8 @@ def test_valid_urls_parse(url: str) -> None:
     ("kafka://h?group=g", "topic="),
     ("redis://h:notaport/0?channel=a", "port"),
     ("redis+stream://h/0?stream=s&block=soon", "integer"),
+    ("redis://h/0?channel=a&backoff_first=3&backoff_cap=1", "back-off"),
+    ("nats://h?subject=a&dedup_window=0", "dedup_window"),
 ])
 def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(SourceURLError, match=message):

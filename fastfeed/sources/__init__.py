@@ -92,6 +92,11 @@ def parse_source(url: str | SourceURL) -> SourceURL:
     u = url if isinstance(url, SourceURL) else SourceURL.parse(url)
     cls = source_class(u.scheme)
     u.check(cls.params + cls.COMMON_PARAMS)
+    first, cap = u.float("backoff_first", 0.05), u.float("backoff_cap", 2.0)
+    if first < 0 or cap < first:
+        raise SourceURLError("back-off needs 0 <= backoff_first <= backoff_cap")
+    if u.int("dedup_window", 1 << 18) < 1:
+        raise SourceURLError("dedup_window= must be at least 1")
     cls.validate(u)
     return u
 
