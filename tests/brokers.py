@@ -43,6 +43,17 @@ def missing(what: str, package: str) -> None:
     pytest.skip(msg)
 
 
+def need_module(name: str, extra: str) -> None:
+    """Skip (or, under CI=true, fail) when a broker's client library is not installed."""
+    try:
+        __import__(name)
+    except ImportError:
+        msg = f"{name} is not installed: pip install 'fastfeed[{extra}]'"
+        if IN_CI:
+            pytest.fail(f"{msg} (CI=true: a missing client is a failure)")
+        pytest.skip(msg, allow_module_level=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 
 from fastfeed import Feed
 from fastfeed.sim.publish import publish
@@ -19,7 +18,7 @@ from tests.brokers import (
     wait_for,
 )
 
-pytest.importorskip("nats")
+brokers.need_module("nats", "nats")
 
 nats_server = brokers.nats_server
 no_segment_left = brokers.no_segment_left

@@ -18,7 +18,7 @@ from fastfeed.sources.url import SourceURL
 from tests import brokers
 from tests.brokers import assert_rows_match, collect_ticks, feed_connected, unique, wait_for
 
-pytest.importorskip("aio_pika")
+brokers.need_module("aio_pika", "rabbitmq")
 
 rabbitmq = brokers.rabbitmq
 no_segment_left = brokers.no_segment_left

@@ -10,7 +10,6 @@ import socket
 import time
 
 import numpy as np
-import pytest
 
 from fastfeed import Feed
 from fastfeed.sim.publish import publish
@@ -29,8 +28,8 @@ from tests.brokers import (
 redis_server = brokers.redis_server
 no_segment_left = brokers.no_segment_left
 
-pytest.importorskip("redis")
-pytest.importorskip("hiredis")
+brokers.need_module("redis", "redis")
+brokers.need_module("hiredis", "redis")
 
 
 def redis_cmd(port: int, *args: str | int) -> bytes:
