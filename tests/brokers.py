@@ -239,6 +239,13 @@ def slow_handler(worker: int, batch: object) -> None:
     time.sleep(0.05)
 
 
+def gated_handler(gate: str, worker: int, batch: object) -> None:
+    """A worker handler that holds every batch until the file ``gate`` exists: the rings fill
+    up, and a source writing with the "block" policy stops reading its broker."""
+    while not os.path.exists(gate):
+        time.sleep(0.005)
+
+
 #: Feed options for the refusal tests: a 16 KiB ring (some 150 frames) that drops at once
 #: when full, and workers slowed down by :func:`slow_handler`.
 REFUSING_FEED = {"ring_capacity": 1 << 14, "full_policy": "drop", "handler": slow_handler}

@@ -6,8 +6,10 @@ process, rings, decoder workers) and checks the decoded rows against what was pu
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -244,3 +246,31 @@ def test_stream_refused_entries_are_read_again_and_decoded_once(
     assert stats["ticks"] == sent["ticks"] and stats["frames"] == 3000, s
     assert s["duplicates"] == 0 and s["acked"] == 3000
     assert redis_cmd(port, "XPENDING", "feed", "g").startswith(b"*4\r\n:0\r\n")
+
+
+def test_pubsub_slow_subscriber_is_evicted_and_counted(redis_server: BrokerProcess,
+                                                        tmp_path: Path) -> None:
+    """A real slow subscriber: the workers hold their batches and the ring blocks the source,
+    so Redis's output buffer for it passes client-output-buffer-limit and Redis drops it. The
+    source counts the eviction (same run_id), reconnects and streams again."""
+    port = redis_server.port
+    redis_cmd(port, "CONFIG", "SET", "client-output-buffer-limit", "pubsub 64kb 0 0")
+    url = f"redis://127.0.0.1:{port}/0?channel=feed"
+    gate = tmp_path / "gate"
+    with Feed(source=url, workers=1, ring_capacity=1 << 14, full_policy="block",
+              handler=functools.partial(brokers.gated_handler, str(gate))) as feed:
+        wait_for(lambda: feed_connected(feed), what="subscription")
+        # Publish until Redis has dropped the stalled subscriber (its socket buffers absorb
+        # the first megabytes), then let the workers go.
+        for _ in range(40):
+            publish(url, count=10000)
+            if b"name=fastfeed" not in redis_cmd(port, "CLIENT", "LIST", "TYPE", "pubsub"):
+                break
+        gate.touch()
+        wait_for(lambda: feed_connected(feed, 2), what="reconnect after eviction", timeout=60)
+        s = feed.stats()["session"]
+        assert s["evicted"] == 1 and s["broker_restarts"] == 0, s
+        before = s["frames"]
+        publish(url, count=500, seed=5)
+        wait_for(lambda: feed.stats()["session"]["frames"] >= before + 500,
+                 what="streaming after the eviction", timeout=60)
