@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fastfeed import Feed
 from fastfeed.sim.publish import publish
-from fastfeed.sources import SourceProcess
+from fastfeed.sources import SourceProcess, SourceURLError
 from fastfeed.sources.resp import resp_command
 from tests import brokers
 from tests.brokers import (
@@ -274,3 +275,27 @@ def test_pubsub_slow_subscriber_is_evicted_and_counted(redis_server: BrokerProce
         publish(url, count=500, seed=5)
         wait_for(lambda: feed.stats()["session"]["frames"] >= before + 500,
                  what="streaming after the eviction", timeout=60)
+
+
+def test_sim_publish_command_prints_the_simulator_counts(
+        redis_server: BrokerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """What `fastfeed sim --publish URL --json` runs: its JSON line is what the Feed decodes."""
+    import argparse
+    import json
+
+    from fastfeed.sim.publish import publish_command
+    from fastfeed.sim.server import parse_faults
+    port = redis_server.port
+    url = f"redis+stream://127.0.0.1:{port}/0?stream=cli&maxlen=100000"
+    args = argparse.Namespace(publish=url, count=3000, rate=0.0, symbols=50, seed=4,
+                              mix=(0.6, 0.3, 0.1), start_time=None, shards=1, duration=None,
+                              json=True)
+    counts = publish_command(args, parse_faults(["malformed=0.02", "status-every=500"]))
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == counts and counts["control_sent"] == 6 and counts["malformed"] > 0
+    with Feed(source=f"redis+stream://127.0.0.1:{port}/0?stream=cli&start=0", workers=2) as feed:
+        stats = feed.run(frames=3000, duration=60)
+    assert_rows_match(stats, counts)
+    with pytest.raises(SourceURLError):
+        publish_command(argparse.Namespace(**{**vars(args), "publish": "redis://h/0"}),
+                        parse_faults([]))

@@ -37,7 +37,7 @@ from ..sources.base import symbol_of
 from ..sources.url import SourceURL, SourceURLError
 from .market import KINDS, Market
 
-__all__ = ["publish", "publish_async"]
+__all__ = ["publish", "publish_async", "publish_command"]
 
 # Frames generated and sent per round: big enough to amortise a round trip to the broker,
 # small enough that pacing at a modest rate stays smooth.
@@ -135,6 +135,35 @@ async def publish_async(url: str, *, count: int | None, rate: float = 0.0, symbo
     finally:
         await pub.close()
     counts["elapsed_s"] = round(time.monotonic() - started, 3)
+    return counts
+
+
+def publish_command(args: Any, faults: Any) -> dict[str, Any]:
+    """``fastfeed sim --publish URL``: publish with the ``sim`` command's options.
+
+    ``args``: the parsed ``sim`` arguments (``publish``, ``count``, ``rate``, ``duration``,
+    ``symbols``, ``seed``, ``mix``, ``start_time``, ``shards``, ``json``); ``faults``: the
+    parsed ``--fault`` options (``malformed``, ``arrays`` and ``status_every`` apply; the
+    others concern the WebSocket). Prints the counts as one JSON line with ``--json``, else a
+    one-line summary; returns them. Raises :class:`~fastfeed.sources.url.SourceURLError` or
+    ``ValueError`` for a bad URL or option (the command shows it as a usage error).
+    """
+    import json
+
+    from ..sources.url import SourceURL
+    url = SourceURL.parse(args.publish)
+    _publisher(url, 1)  # checks the scheme and destination before anything is generated
+    counts = publish(args.publish, count=args.count, rate=args.rate, symbols=args.symbols,
+                     seed=args.seed, mix=tuple(args.mix), malformed=faults.malformed,
+                     arrays=faults.arrays, status_every=faults.status_every,
+                     shards=getattr(args, "shards", 1) or 1, duration=args.duration,
+                     start_time=args.start_time)
+    if args.json:
+        print(json.dumps(counts), flush=True)
+    else:
+        print(f"published {counts['frames_sent']:,} frames ({counts['ticks']:,} ticks, "
+              f"{counts['quotes']:,} quotes, {counts['bars']:,} bars, {counts['malformed']:,} "
+              f"malformed) to {url.redacted} in {counts['elapsed_s']:.1f}s", flush=True)
     return counts
 
 
