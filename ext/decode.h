@@ -281,6 +281,57 @@ static inline void *ff_vec_push(ff_vec *v)
     return v->data + (v->len++) * v->itemsize;
 }
 
+/* ---- rows ----------------------------------------------------------------- */
+
+static inline int ff_emit_tick(ff_dec *d, int32_t sym, int64_t t, double price, double volume)
+{
+    ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
+    if (FF_UNLIKELY(!r)) return -1;
+    r->sym = sym;
+    r->_pad = 0;
+    r->ts = t;
+    r->price = price;
+    r->volume = volume;
+    r->recv_ts = d->recv_ts;
+    return 0;
+}
+
+static inline int ff_emit_quote(ff_dec *d, int32_t sym, uint8_t status, int64_t lt, double last,
+                                double volume, double bid, double ask, double bid_size,
+                                double ask_size)
+{
+    ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
+    if (FF_UNLIKELY(!r)) return -1;
+    r->sym = sym;
+    r->status = status;
+    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+    r->ts = lt;
+    r->last = last;
+    r->volume = volume;
+    r->bid = bid;
+    r->ask = ask;
+    r->bid_size = bid_size;
+    r->ask_size = ask_size;
+    r->recv_ts = d->recv_ts;
+    return 0;
+}
+
+/* Bars [from, len) were appended while their `s` array was read; the fields of the
+ * enclosing message are known only at its end. */
+static inline void ff_finish_bars(ff_dec *d, size_t from, int32_t sym, int16_t bar_type,
+                                  int64_t bar_end, int64_t last_update)
+{
+    ff_bar *r = (ff_bar *)d->bars.data + from, *end = (ff_bar *)d->bars.data + d->bars.len;
+    for (; r < end; r++) {
+        r->sym = sym;
+        r->bar_type = bar_type;
+        r->_pad = 0;
+        r->bar_end = bar_end;
+        r->last_update = last_update;
+        r->recv_ts = d->recv_ts;
+    }
+}
+
 /* ---- errors ------------------------------------------------------------- */
 
 static int ff_fail(ff_dec *d, const uint8_t *at, const char *what)
@@ -1111,44 +1162,17 @@ static int ff_message(ff_dec *d, int depth)
     int32_t sym;
     if (ff_intern(d, &d->symbols, &c_str, INT32_MAX, "symbol", &sym) < 0) return -1;
     if (kind == 2) {
-        ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
-        if (!r) return ff_fail_msg(d, obj_start, "out of memory");
-        r->sym = sym;
-        r->_pad = 0;
-        r->ts = t;
-        r->price = p;
-        r->volume = v;
-        r->recv_ts = d->recv_ts;
+        if (ff_emit_tick(d, sym, t, p, v) < 0) return ff_fail_msg(d, obj_start, "out of memory");
     } else if (kind == 3) {
         int32_t st = 0;
         if (ss_kind && ff_intern(d, &d->statuses, &ss_str, 255, "status", &st) < 0) return -1;
-        ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
-        if (!r) return ff_fail_msg(d, obj_start, "out of memory");
-        r->sym = sym;
-        r->status = (uint8_t)st;
-        r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
-        r->ts = lt;
-        r->last = lp;
-        r->volume = v;
-        r->bid = b;
-        r->ask = a;
-        r->bid_size = bs;
-        r->ask_size = as;
-        r->recv_ts = d->recv_ts;
+        if (ff_emit_quote(d, sym, (uint8_t)st, lt, lp, v, b, a, bs, as) < 0)
+            return ff_fail_msg(d, obj_start, "out of memory");
     } else {
         int32_t bt = 0;
         if (bt_kind && ff_intern(d, &d->bar_types, &bt_str, INT16_MAX, "bar type", &bt) < 0)
             return -1;
-        ff_bar *r = (ff_bar *)(d->bars.data) + bars_start;
-        ff_bar *e = (ff_bar *)(d->bars.data) + d->bars.len;
-        for (; r < e; r++) {
-            r->sym = sym;
-            r->bar_type = (int16_t)bt;
-            r->_pad = 0;
-            r->bar_end = be;
-            r->last_update = lu;
-            r->recv_ts = d->recv_ts;
-        }
+        ff_finish_bars(d, bars_start, sym, (int16_t)bt, be, lu);
     }
     return 0;
 }
@@ -1207,15 +1231,7 @@ sym_end:
         FF_NUM(0, &volume, NULL);
         FF_EXPECT("}");
         id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
-        if (id < 0) return 0;
-        ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
-        if (!r) return 0;
-        r->sym = id;
-        r->_pad = 0;
-        r->ts = t;
-        r->price = price;
-        r->volume = volume;
-        r->recv_ts = d->recv_ts;
+        if (id < 0 || ff_emit_tick(d, id, t, price, volume) < 0) return 0;
     } else if (ff_lit(p, e, ",\"lt\":", 6)) {
         p += 6;
         int64_t lt;
@@ -1235,20 +1251,7 @@ sym_end:
         FF_NUM(0, &bs, NULL);
         FF_EXPECT("}");
         id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
-        if (id < 0) return 0;
-        ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
-        if (!r) return 0;
-        r->sym = id;
-        r->status = 0;
-        r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
-        r->ts = lt;
-        r->last = lp;
-        r->volume = v;
-        r->bid = b;
-        r->ask = a;
-        r->bid_size = bs;
-        r->ask_size = as;
-        r->recv_ts = d->recv_ts;
+        if (id < 0 || ff_emit_quote(d, id, 0, lt, lp, v, b, a, bs, as) < 0) return 0;
     } else if (ff_lit(p, e, ",\"be\":", 6)) {
         p += 6;
         int64_t be, lu;
@@ -1298,15 +1301,7 @@ sym_end:
         id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
         int32_t bt_id = ff_symtab_intern(&d->bar_types, (const char *)bt, nbt);
         if (id < 0 || bt_id < 0 || bt_id > INT16_MAX) goto bars_fail;
-        for (ff_bar *r = (ff_bar *)d->bars.data + b0, *end = (ff_bar *)d->bars.data + d->bars.len;
-             r < end; r++) {
-            r->sym = id;
-            r->bar_type = (int16_t)bt_id;
-            r->_pad = 0;
-            r->bar_end = be;
-            r->last_update = lu;
-            r->recv_ts = d->recv_ts;
-        }
+        ff_finish_bars(d, b0, id, (int16_t)bt_id, be, lu);
         goto done;
     bars_fail:
         d->bars.len = b0;
