@@ -183,3 +183,53 @@ def test_no_log_line_shows_the_password(scheme_and_query: tuple[str, str],
     err = capfd.readouterr().err
     assert f"127.0.0.1:{port}" in err, err[-2000:]  # it did log about this broker
     assert secret not in err
+
+
+def test_nats_protocol_parser_any_split() -> None:
+    """The core NATS parser (fast path and general path) against one byte stream cut at every
+    kind of place: MSG with and without reply subjects, HMSG, PING, INFO, a payload holding a
+    CRLF, an empty payload."""
+    import asyncio
+    import random
+    from types import SimpleNamespace
+
+    from fastfeed.sources.nats import _CoreProtocol
+
+    payloads = [b'{"c":"A:%d","p":1}' % i for i in range(300)]
+    payloads[17] = b'{"c":"A:17",\r\n "p":1}'
+    payloads[40] = b""
+    wire = []
+    for i, p in enumerate(payloads):
+        if i % 50 == 7:
+            wire.append(b"PING\r\n")
+        if i % 97 == 3:
+            wire.append(b'INFO {"server_id":"x"}\r\n')
+        if i % 31 == 5:
+            hdr = b"NATS/1.0\r\nX: y\r\n\r\n"
+            wire.append(b"HMSG feed.a 1 %d %d\r\n%s%s\r\n" % (len(hdr), len(hdr) + len(p),
+                                                              hdr, p))
+        elif i % 2:
+            wire.append(b"MSG feed.a 1 _INBOX.r %d\r\n%s\r\n" % (len(p), p))
+        else:
+            wire.append(b"MSG feed.a 1 %d\r\n%s\r\n" % (len(p), p))
+    data = b"".join(wire)
+
+    async def run(seed: int) -> tuple[list[bytes], list[bytes]]:
+        got: list[bytes] = []
+        sent: list[bytes] = []
+        src = SimpleNamespace(out=SimpleNamespace(
+            write_batch=lambda ps, ts: got.extend(ps) or []))
+        proto = _CoreProtocol(src)  # type: ignore[arg-type]
+        proto.send = sent.append  # type: ignore[method-assign]
+        rng = random.Random(seed)
+        pos = 0
+        while pos < len(data):
+            step = rng.choice((1, 2, 3, 7, 50, 400, 5000, 100000))
+            proto.data_received(data[pos:pos + step])
+            pos += step
+        return got, sent
+
+    for seed in range(30):
+        got, sent = asyncio.run(run(seed))
+        assert got == payloads, seed
+        assert sent.count(b"PONG\r\n") == sum(1 for i in range(300) if i % 50 == 7)

@@ -315,6 +315,38 @@ class _CoreProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ts = now_us()
         buf = self.buf + data if self.buf else data
+        if self.need < 0:
+            payloads = self._only_messages(buf)
+            if payloads is not None:
+                if payloads:
+                    self.source.out.write_batch(payloads, ts)
+                return
+        self._parse(buf, ts)
+
+    def _only_messages(self, buf: bytes) -> list[bytes] | None:
+        """The fast path: a read made only of ``MSG`` lines, each followed by its payload,
+        is split in one C call and checked (every header says MSG, every payload has the
+        size its header gives) with two comprehensions. None when the read holds anything
+        else (PING, INFO, HMSG, a payload with a CRLF inside): :meth:`_parse` takes it."""
+        parts = buf.split(b"\r\n")
+        k = (len(parts) - 1) // 2  # complete header/payload pairs (the last part is the rest)
+        heads = parts[0:2 * k:2]
+        payloads = parts[1:2 * k:2]
+        sizes = [int(h[h.rfind(b" ") + 1:]) if h[:4] == b"MSG " else -1 for h in heads]
+        if sizes != [len(p) for p in payloads]:
+            return None
+        if 2 * k == len(parts) - 1:
+            self.buf = parts[-1]
+        else:
+            # A header whose payload has not arrived (in full) yet: keep both for the next read.
+            head = parts[-2]
+            if head[:4] != b"MSG ":
+                return None
+            self.buf = head + b"\r\n" + parts[-1]
+        return payloads
+
+    def _parse(self, buf: bytes, ts: int) -> None:
+        """The general parser: any mix of protocol lines and payloads, split anywhere."""
         n = len(buf)
         pos = 0
         payloads: list[bytes] = []
