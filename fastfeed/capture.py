@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import multiprocessing as mp
 import os
 import struct
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from .child import ChildProcess
 
 __all__ = ["MAGIC", "CaptureWriter", "ReplayProcess", "read_capture", "capture_files"]
 
@@ -178,7 +179,7 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
     stop.wait()
 
 
-class ReplayProcess:
+class ReplayProcess(ChildProcess):
     """Replays a capture into rings from its own process; the interface of SessionProcess.
 
     ``speed``: 0 for as fast as possible, 1.0 for the recorded pace, 2.0 for twice as fast.
@@ -190,65 +191,14 @@ class ReplayProcess:
         capture_files(path)  # fail here, in the caller, on a missing capture
         if speed < 0:
             raise ValueError("speed must be >= 0")
-        ctx = mp.get_context("spawn")
-        self._counters = ctx.Array("q", len(COUNTERS), lock=False)
-        self._stop = ctx.Event()
-        self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_replay_main, name="fastfeed-replay", daemon=True,
-                                 args=(str(path), list(ring_names), speed, self._counters,
-                                       self._stop, send, log_level))
-        self._send = send
-        self.error: str | None = None
-        self._done = False
-
-    def start(self) -> ReplayProcess:
-        self._proc.start()
-        self._send.close()
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._proc.exitcode
-
-    def is_alive(self) -> bool:
-        return self._proc.is_alive()
+        super().__init__(_replay_main, (str(path), list(ring_names), speed), COUNTERS,
+                         name="fastfeed-replay", log_level=log_level)
 
     @property
     def done(self) -> bool:
         """True once every frame of the capture has been written (or the replay failed)."""
         self._collect()
-        return self._done
-
-    def counters(self) -> dict[str, int]:
-        return dict(zip(COUNTERS, self._counters[:], strict=True))
-
-    def _collect(self) -> None:
-        while self._recv.poll():
-            try:
-                kind, msg = self._recv.recv()
-            except EOFError:
-                break
-            self._done = True
-            if kind == "error":
-                self.error = msg
-
-    def join(self, timeout: float | None = None) -> int | None:
-        self._proc.join(timeout)
-        self._collect()
-        return self._proc.exitcode
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        self._stop.set()
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._collect()
-        return self._proc.exitcode
+        return self.finished
 
 
 def capture_size(path: str | os.PathLike[str]) -> int:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing as mp
 import random
 import re
 import signal
@@ -32,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .auth import Authenticator, AuthError, CredentialsError, Token
+from .child import ChildProcess
 from .config import ConfigError, Settings
 
 __all__ = ["COUNTERS", "Backoff", "FeedAuthError", "FeedSession", "SessionProcess", "run_session"]
@@ -392,7 +392,7 @@ def _process_main(settings: Settings, ring_names: list[str], counters: Any, stop
     conn.send(("ok", None))
 
 
-class SessionProcess:
+class SessionProcess(ChildProcess):
     """A :class:`FeedSession` in its own spawned process, writing into rings named by the parent.
 
     ``counters()`` reads the live counters from shared memory; ``error`` holds the one-line
@@ -402,67 +402,5 @@ class SessionProcess:
     def __init__(self, settings: Settings, ring_names: Sequence[str], *,
                  log_level: int = logging.WARNING) -> None:
         settings.require("host", "email")
-        ctx = mp.get_context("spawn")
-        self._counters = ctx.Array("q", len(COUNTERS), lock=False)
-        self._stop = ctx.Event()
-        self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_process_main, name="fastfeed-session", daemon=True,
-            args=(settings, list(ring_names), self._counters, self._stop, send, log_level))
-        self._send = send
-        self.error: str | None = None
-
-    def start(self) -> SessionProcess:
-        """Start the process; returns self."""
-        self._proc.start()
-        self._send.close()
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        """The process id (None before start)."""
-        return self._proc.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        """0 after a requested stop, 1 after a fatal error (see :attr:`error`), None if running."""
-        return self._proc.exitcode
-
-    def is_alive(self) -> bool:
-        """Whether the process is running."""
-        return self._proc.is_alive()
-
-    def counters(self) -> dict[str, int]:
-        """The session's counters (refreshed by the process every 50 ms)."""
-        return dict(zip(COUNTERS, self._counters[:], strict=True))
-
-    def _collect(self) -> None:
-        while self._recv.poll():
-            try:
-                kind, msg = self._recv.recv()
-            except EOFError:
-                break
-            if kind == "error":
-                self.error = msg
-
-    def join(self, timeout: float | None = None) -> int | None:
-        """Wait for the process to end; returns its exit code (None if still running)."""
-        self._proc.join(timeout)
-        self._collect()
-        return self._proc.exitcode
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """Close the connection politely, wait for the process, kill it past ``timeout``."""
-        self._stop.set()
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._collect()
-        return self._proc.exitcode
-
-    def __enter__(self) -> SessionProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(_process_main, (settings, list(ring_names)), COUNTERS,
+                         name="fastfeed-session", log_level=log_level)

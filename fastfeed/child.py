@@ -1,0 +1,98 @@
+"""The process a frame source runs in: the WebSocket session, a pub/sub source, a replay.
+
+Each is a spawned process that attaches the rings by name and writes frames into them.
+The parent sees it through this one interface: live counters in a shared array (the
+child refreshes them), a stop event, and a pipe on which the child sends ``("ok", None)``
+when it finishes or ``("error", one_line)`` when it stops on a fatal error (bad
+credentials, a refused token, an unreadable capture).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["ChildProcess"]
+
+
+class ChildProcess:
+    """``target(*args, counters, stop_event, conn, log_level)`` in a spawned process."""
+
+    def __init__(self, target: Callable[..., None], args: Sequence[Any],
+                 counter_names: Sequence[str], *, name: str,
+                 log_level: int = logging.WARNING) -> None:
+        ctx = mp.get_context("spawn")
+        self._names = tuple(counter_names)
+        self._counters = ctx.Array("q", len(self._names), lock=False)
+        self._stop = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=target, name=name, daemon=True,
+                                 args=(*args, self._counters, self._stop, send, log_level))
+        self._send = send
+        self.error: str | None = None
+        self.finished = False
+
+    def start(self) -> ChildProcess:
+        """Start the process; returns self."""
+        self._proc.start()
+        self._send.close()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (None before start)."""
+        return self._proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """0 after a requested stop, 1 after a fatal error (see :attr:`error`), None if running."""
+        return self._proc.exitcode
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def counters(self) -> dict[str, int]:
+        """The child's counters (as last refreshed by the child)."""
+        return dict(zip(self._names, self._counters[:], strict=True))
+
+    def _collect(self) -> None:
+        while self._recv.poll():
+            try:
+                kind, msg = self._recv.recv()
+            except EOFError:
+                break
+            self.finished = True
+            if kind == "error":
+                self.error = msg
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to end; returns its exit code (None if still running)."""
+        self._proc.join(timeout)
+        self._collect()
+        return self._proc.exitcode
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Ask the child to stop, wait for it, kill it past ``timeout``."""
+        self._stop.set()
+        if self._proc.pid is None:
+            return None
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._collect()
+        return self._proc.exitcode
+
+    def kill(self) -> None:
+        """SIGKILL the child (tests: a crash in the middle of a stream)."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+
+    def __enter__(self) -> ChildProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
