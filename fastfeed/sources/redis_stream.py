@@ -203,6 +203,11 @@ class RedisStreamSource(Source):
         def done(f: asyncio.Future[Any]) -> None:
             if not f.cancelled() and f.exception() is None:
                 self.counts["acked"] += len(self._unconfirmed.pop(batch, ()))
+            elif not f.cancelled() and isinstance(f.exception(), RespError):
+                # Refused (not lost with the connection): the entries stay pending and will
+                # be read again; they are committed already.
+                for entry_id in self._unconfirmed.pop(batch, ()):
+                    self.seen.add(entry_id)
         fut.add_done_callback(done)
         return fut
 
