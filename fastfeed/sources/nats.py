@@ -320,8 +320,13 @@ class _CoreProtocol(asyncio.Protocol):
             if payloads is not None:
                 if payloads:
                     self.source.out.write_batch(payloads, ts)
-                return
-        self._parse(buf, ts)
+            else:
+                self._parse(buf, ts)
+        else:
+            self._parse(buf, ts)
+        # Any data shows the connection alive, and writing may have waited on a full ring
+        # ("block" policy) while a PONG sat unread behind the messages.
+        self.last_pong = time.monotonic()
 
     def _only_messages(self, buf: bytes) -> list[bytes] | None:
         """The fast path: a read made only of ``MSG`` lines, each followed by its payload,

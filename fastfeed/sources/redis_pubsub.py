@@ -101,6 +101,9 @@ class _Subscriber(asyncio.Protocol):
         if payloads:
             # At-most-once: nothing to hand back, so what a ring refused is only counted.
             self.source.out.write_batch(payloads, ts)
+            # Writing may have waited on a full ring ("block" policy): the connection was
+            # alive all along, and the heartbeat must not take the wait for silence.
+            self.last_reply = time.monotonic()
 
 
 class RedisPubSubSource(Source):
