@@ -105,6 +105,15 @@ def _add_sim(sub: Any) -> None:
                    help=f"inject a fault (repeatable). {faults}")
     p.add_argument("--json", action="store_true",
                    help="print the counters as one JSON object on exit")
+    p.add_argument("--publish", metavar="URL",
+                   help="publish the market into a broker instead of serving it, as the "
+                        "provider's pub/sub delivery does: redis://HOST:PORT/DB?channel=..., "
+                        "redis+stream://...?stream=..., nats://...?subject=..., "
+                        "amqp://...?exchange=..., kafka://...?topic=...; --count/--rate/"
+                        "--duration bound it")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="with --publish: spread symbols over N channels/subjects "
+                        "(name.0 .. name.N-1) for sharded consumers")
     p.set_defaults(func=_cmd_sim)
 
 
@@ -124,6 +133,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         raise CommandError("--count must not be negative", EXIT_USAGE)
     if not 0 <= args.port <= 65535:
         raise CommandError("--port must be between 0 and 65535", EXIT_USAGE)
+    if args.publish:
+        from .sim.publish import publish_command
+        from .sources.url import SourceURLError
+        if args.count is None and args.duration is None:
+            raise CommandError("--publish needs --count or --duration", EXIT_USAGE)
+        try:
+            publish_command(args, faults)
+        except (SourceURLError, ValueError) as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        except (ConnectionError, OSError) as exc:
+            raise CommandError(f"cannot publish: {exc}") from None
+        return 0
     config = SimConfig(host=args.host, port=args.port, rate=args.rate, symbols=args.symbols,
                        count=args.count, seed=args.seed, tenant=args.tenant,
                        client_id=args.client_id, client_secret=args.client_secret,
