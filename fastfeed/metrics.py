@@ -50,9 +50,10 @@ class _Collector:
 def serve_metrics(feed: Any, port: int, addr: str = "127.0.0.1") -> Any:
     """Expose ``feed``'s counters on http://addr:port/metrics; returns the server."""
     try:
-        from prometheus_client import REGISTRY, start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
         raise RuntimeError("metrics need prometheus-client: pip install prometheus-client") from None
-    REGISTRY.register(_Collector(feed))
-    server, _thread = start_http_server(port, addr=addr)
+    registry = CollectorRegistry()  # one per feed: several feeds may serve in one process
+    registry.register(_Collector(feed))
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
     return server

@@ -217,7 +217,7 @@ def test_sigint_stops_stream_cleanly_and_removes_segments(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         # wait until it streams: the simulator has sent it a good number of frames
         deadline = time.monotonic() + 60
-        while json.loads(urllib.request.urlopen(sim.url + "/stats", timeout=5).read())["frames_sent"] < 5000:
+        while _sim_sent(sim) < 5000:
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.05)
         time.sleep(0.2)
@@ -227,6 +227,11 @@ def test_sigint_stops_stream_cleanly_and_removes_segments(tmp_path):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["frames"] > 0 and summary["dropped"] == 0
     assert not [n for n in os.listdir("/dev/shm") if f".{p.pid}." in n]
+
+
+def _sim_sent(sim: SimulatorProcess) -> int:
+    with urllib.request.urlopen(sim.url + "/stats", timeout=5) as resp:
+        return json.loads(resp.read())["frames_sent"]
 
 
 def test_commands_fail_with_one_clear_line():
@@ -272,3 +277,26 @@ def test_parquet_sink_and_conversions(tmp_path):
     df = to_pandas(b.ticks, dec.symbols)
     assert df["sym"].iloc[0] == "A:B" and str(df["ts"].dtype) == "datetime64[us]"
     assert to_arrow(b.ticks, dec.symbols).num_rows == 1
+
+
+def test_prometheus_metrics(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from fastfeed.metrics import serve_metrics
+
+    with SimulatorProcess("--rate", "0", "--count", "20000") as sim:
+        with Feed(settings_for(sim, tmp_path), workers=1) as feed:
+            server = serve_metrics(feed, 0)
+            try:
+                deadline = time.monotonic() + 60
+                while feed.frames_decoded() < 20000:
+                    feed.poll(timeout=0.05)
+                    assert time.monotonic() < deadline
+                url = f"http://127.0.0.1:{server.server_port}/metrics"
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    text = resp.read().decode()
+            finally:
+                server.shutdown()
+                server.server_close()
+        sim.stop()
+    assert "fastfeed_frames_total 20000.0" in text
+    assert 'fastfeed_latency_microseconds{quantile="0.5"}' in text
