@@ -43,6 +43,10 @@ __all__ = ["publish", "publish_async", "publish_command"]
 # small enough that pacing at a modest rate stays smooth.
 _BATCH = 1000
 _STATUS = b'{"status":"ok","message":"simulator status"}'
+# The optional extra that brings each scheme's client library.
+_EXTRAS = {"redis": "redis", "rediss": "redis", "redis+stream": "redis",
+           "rediss+stream": "redis", "nats": "nats", "tls": "nats", "amqp": "rabbitmq",
+           "amqps": "rabbitmq", "kafka": "kafka"}
 
 
 def publish(url: str, *, count: int | None, rate: float = 0.0, symbols: int = 100,
@@ -150,14 +154,18 @@ def publish_command(args: Any, faults: Any) -> dict[str, Any]:
     """
     import json
 
-    from ..sources.url import SourceURL
     url = SourceURL.parse(args.publish)
     _publisher(url, 1)  # checks the scheme and destination before anything is generated
-    counts = publish(args.publish, count=args.count, rate=args.rate, symbols=args.symbols,
-                     seed=args.seed, mix=tuple(args.mix), malformed=faults.malformed,
-                     arrays=faults.arrays, status_every=faults.status_every,
-                     shards=getattr(args, "shards", 1) or 1, duration=args.duration,
-                     start_time=args.start_time)
+    try:
+        counts = publish(args.publish, count=args.count, rate=args.rate, symbols=args.symbols,
+                         seed=args.seed, mix=tuple(args.mix), malformed=faults.malformed,
+                         arrays=faults.arrays, status_every=faults.status_every,
+                         shards=getattr(args, "shards", 1) or 1, duration=args.duration,
+                         start_time=args.start_time)
+    except ImportError as exc:
+        extra = _EXTRAS.get(url.scheme, "")
+        raise SourceURLError(f"publishing to {url.scheme}:// needs {exc.name}: "
+                             f"pip install 'fastfeed[{extra}]'") from None
     if args.json:
         print(json.dumps(counts), flush=True)
     else:
