@@ -16,7 +16,9 @@ its destination from it:
 
 A destination may contain ``{shard}``, replaced per frame by ``route_of(symbol) % shards``
 (the same hash the rings use), or ``{symbol}``: the recipes for sharding a fan-out feed by
-symbol over several instances (``channel=feed.{shard}``, ``subject=feed.{shard}``).
+symbol over several instances (``channel=feed.{shard}``, ``subject=feed.{shard}``). With
+``shards`` > 1 and no placeholder, ``.{shard}`` is appended (``channel=feed``: ``feed.0`` ..
+``feed.N-1``), as ``fastfeed sim --publish URL --shards N`` says.
 
 :func:`publish` returns the simulator's ``--json`` counts: ``frames_sent``, ``ticks``,
 ``quotes``, ``bars``, ``malformed``, ``control_sent``, ``bytes_sent`` (and ``elapsed_s``).
@@ -185,9 +187,15 @@ class _Publisher:
         self.shards = shards
 
     def destination(self, template: str) -> Callable[[bytes], str]:
-        """A function frame -> destination name for a template with {shard} or {symbol}."""
+        """A function frame -> destination name for a template with {shard} or {symbol}.
+
+        With ``shards`` > 1 and neither placeholder, ``.{shard}`` is appended: ``feed``
+        becomes ``feed.0`` .. ``feed.N-1``.
+        """
         if "{shard}" not in template and "{symbol}" not in template:
-            return lambda payload: template
+            if self.shards <= 1:
+                return lambda payload: template
+            template += ".{shard}"
         shards = self.shards
 
         def dest(payload: bytes) -> str:
