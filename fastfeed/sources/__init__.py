@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import multiprocessing as mp
 import signal
 from collections.abc import Sequence
 from typing import Any
 
+from ..child import ChildProcess
 from .url import SourceURL, SourceURLError
 
 __all__ = ["COUNTERS", "SOURCES", "SourceProcess", "SourceURL", "SourceURLError",
@@ -170,91 +170,22 @@ def _process_main(url: str, ring_names: list[str], counters: Any, stop_event: An
     conn.send(("ok", None))
 
 
-class SourceProcess:
+class SourceProcess(ChildProcess):
     """A pub/sub source in its own spawned process, writing into rings named by the parent.
 
-    The interface of :class:`fastfeed.session.SessionProcess`: ``counters()`` reads the live
-    counters (:data:`COUNTERS`) from shared memory; ``error`` holds the one-line reason when
-    the process stopped on a fatal error (refused credentials, missing client library).
-    The URL is checked here, in the caller's process: a bad one raises
-    :class:`SourceURLError` at once.
+    The interface of :class:`fastfeed.session.SessionProcess` (both are
+    :class:`fastfeed.child.ChildProcess`): ``counters()`` reads the live counters
+    (:data:`COUNTERS`) from shared memory; ``error`` holds the one-line reason when the
+    process stopped on a fatal error (refused credentials, missing client library). The URL
+    is checked here, in the caller's process: a bad one raises :class:`SourceURLError` at
+    once.
     """
 
     def __init__(self, url: str, ring_names: Sequence[str], *,
                  log_level: int = logging.WARNING) -> None:
         self.url = parse_source(url)
-        ctx = mp.get_context("spawn")
-        self._counters = ctx.Array("q", len(COUNTERS), lock=False)
-        self._stop = ctx.Event()
-        self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_process_main, name="fastfeed-source", daemon=True,
-            args=(url, list(ring_names), self._counters, self._stop, send, log_level))
-        self._send = send
-        self.error: str | None = None
+        super().__init__(_process_main, (url, list(ring_names)), COUNTERS,
+                         name="fastfeed-source", log_level=log_level)
 
     def __repr__(self) -> str:
         return f"SourceProcess({self.url.redacted!r}, pid={self.pid})"
-
-    def start(self) -> SourceProcess:
-        """Start the process; returns self."""
-        self._proc.start()
-        self._send.close()
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        """The process id (None before start)."""
-        return self._proc.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        """0 after a requested stop, 1 after a fatal error (see :attr:`error`), None if running."""
-        return self._proc.exitcode
-
-    def is_alive(self) -> bool:
-        """Whether the process is running."""
-        return self._proc.is_alive()
-
-    def counters(self) -> dict[str, int]:
-        """The source's counters (refreshed by the process every 50 ms)."""
-        return dict(zip(COUNTERS, self._counters[:], strict=True))
-
-    def _collect(self) -> None:
-        while self._recv.poll():
-            try:
-                kind, msg = self._recv.recv()
-            except EOFError:
-                break
-            if kind == "error":
-                self.error = msg
-
-    def join(self, timeout: float | None = None) -> int | None:
-        """Wait for the process to end; returns its exit code (None if still running)."""
-        self._proc.join(timeout)
-        self._collect()
-        return self._proc.exitcode
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """Finish the current batch (acknowledging it), close, wait; kill past ``timeout``."""
-        self._stop.set()
-        if self._proc.pid is None:
-            return None
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._collect()
-        return self._proc.exitcode
-
-    def kill(self) -> None:
-        """SIGKILL the process (tests: a crashed consumer leaves its messages unacknowledged)."""
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join()
-
-    def __enter__(self) -> SourceProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
