@@ -9,8 +9,8 @@ the fast decoder's output after mapping its ids through its tables.
 from __future__ import annotations
 
 import json
-import struct
 import math
+import struct
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 NAT = -(2**63)
