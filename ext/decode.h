@@ -66,6 +66,24 @@ static inline uint32_t ff_digits8(uint64_t w)
     return (uint32_t)(((w & 0x0000FFFF0000FFFFULL) * 42949672960001ULL) >> 32);
 }
 
+/* How many of the eight bytes, from the lowest, are ASCII digits before the first
+ * that is not. */
+static inline unsigned ff_ndigits8(uint64_t w)
+{
+    /* x = byte - '0': a digit leaves 0..9, whose high bit stays clear even after + 0x76;
+     * anything else sets it in x or in x + 0x76.  Borrows and carries only run upward,
+     * from a byte that is already flagged, so the lowest flagged byte is exact. */
+    uint64_t x = w - FF_ONES * '0';
+    uint64_t m = (x | (x + FF_ONES * 0x76)) & FF_HIGHS;
+    return m ? (unsigned)__builtin_ctzll(m) >> 3 : 8u;
+}
+
+/* The first n (1..8) digits of w as a number. */
+static inline uint64_t ff_lead_digits(uint64_t w, unsigned n)
+{
+    return ff_digits8(w << (64 - 8 * n));
+}
+
 static const uint64_t ff_ipow10[] = {1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL,
     1000000ULL, 10000000ULL, 100000000ULL, 1000000000ULL, 10000000000ULL, 100000000000ULL,
     1000000000000ULL, 10000000000000ULL, 100000000000000ULL, 1000000000000000ULL,
@@ -75,21 +93,6 @@ static const double ff_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
                                   1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
                                   1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 
-/* How many of the eight bytes, from the lowest, are ASCII digits before the first
- * that is not. */
-static inline unsigned ff_ndigits8(uint64_t w)
-{
-    uint64_t bad = ((w & 0xF0F0F0F0F0F0F0F0ULL) ^ (FF_ONES * 0x30)) |
-                   (((w & 0x0F0F0F0F0F0F0F0FULL) + FF_ONES * 6) & 0xF0F0F0F0F0F0F0F0ULL);
-    uint64_t nz = (((bad & 0x7F7F7F7F7F7F7F7FULL) + 0x7F7F7F7F7F7F7F7FULL) | bad) & FF_HIGHS;
-    return nz ? (unsigned)__builtin_ctzll(nz) >> 3 : 8u;
-}
-
-/* The first n (1..8) digits of w as a number. */
-static inline uint64_t ff_lead_digits(uint64_t w, unsigned n)
-{
-    return ff_digits8(w << (64 - 8 * n));
-}
 
 /* Eight bytes from p, of which those at or past e read as zero (a zero byte ends
  * any number).  Near the end of a frame it loads the last eight bytes of the
@@ -151,7 +154,7 @@ static inline int ff_fast_decimal(const uint8_t *p, const uint8_t *e, const uint
 /* A number in its common shape converted straight to a double (kind 0) or to
  * fixed-point int64 with `kind` decimals.  1: done, *after past it; 0: let the
  * general path parse it (other shapes, 17+ digits, overflow, errors). */
-static inline int ff_num_fast(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int kind,
+static inline __attribute__((always_inline)) int ff_num_fast(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int kind,
                               double *dv, int64_t *iv, const uint8_t **after)
 {
     int neg;
@@ -181,6 +184,7 @@ static inline int ff_num_fast(const uint8_t *p, const uint8_t *e, const uint8_t 
     return 1;
 }
 
+
 /* A run of ASCII digits at p: accumulates the first 19 into *mp and counts them
  * in *np; returns the first byte after the run.  Eight bytes per step: the count
  * of leading digits comes from one mask, their value from ff_digits8. */
@@ -191,13 +195,10 @@ static inline const uint8_t *ff_digit_run(const uint8_t *p, const uint8_t *e, ui
     uint32_t nsig = *np;
     while (e - p >= 8) {
         uint64_t w = ff_load8(p);
-        uint64_t bad = ((w & 0xF0F0F0F0F0F0F0F0ULL) ^ (FF_ONES * 0x30)) |
-                       (((w & 0x0F0F0F0F0F0F0F0FULL) + FF_ONES * 6) & 0xF0F0F0F0F0F0F0F0ULL);
-        uint64_t nz = (((bad & 0x7F7F7F7F7F7F7F7FULL) + 0x7F7F7F7F7F7F7F7FULL) | bad) & FF_HIGHS;
-        unsigned n = nz ? (unsigned)__builtin_ctzll(nz) >> 3 : 8u;
+        unsigned n = ff_ndigits8(w);
         if (n == 0) goto done;
         if (nsig + n > 19) break; /* past what a uint64 holds: finish byte by byte */
-        m = m * ff_ipow10[n] + ff_digits8(w << (64 - 8 * n));
+        m = m * ff_ipow10[n] + ff_lead_digits(w, n);
         nsig += n;
         p += n;
         if (n < 8) goto done;
@@ -1179,9 +1180,18 @@ static int ff_message(ff_dec *d, int depth)
 
 /* ---- the documented layouts, matched whole --------------------------------- */
 
-static inline int ff_lit(const uint8_t *p, const uint8_t *e, const char *lit, size_t n)
+static inline __attribute__((always_inline)) int ff_lit(const uint8_t *p, const uint8_t *e,
+                                                       const char *lit, size_t n)
 {
-    return (size_t)(e - p) >= n && memcmp(p, lit, n) == 0; /* constant n: inlined */
+    /* The literals are short constants: one masked 8-byte compare (the constant side
+     * folds at compile time), memcmp only near the end of a frame. */
+    if (n <= 8 && e - p >= 8) {
+        uint64_t want = 0;
+        memcpy(&want, lit, n);
+        uint64_t mask = n == 8 ? ~0ULL : ((1ULL << (8 * n)) - 1);
+        return (ff_load8(p) & mask) == want;
+    }
+    return (size_t)(e - p) >= n && memcmp(p, lit, n) == 0;
 }
 
 #define FF_EXPECT(lit) \
