@@ -241,9 +241,19 @@ class Feed:
             if b is not None:
                 break
         else:
-            # Nothing ready: sleep on one worker's ring (its futex wakes us at once), in
-            # short slices when there are several so that none waits on another.
-            b = self._pool.read_output(self._next_worker, timeout=timeout if n == 1 else min(timeout, 0.002))
+            # Nothing ready: sleep on the one worker's ring, or on the pool's doorbell
+            # that every worker rings after publishing, so none waits on another.
+            if n == 1:
+                b = self._pool.read_output(0, timeout=timeout)
+            else:
+                b = None
+                if self._pool.wait_output(timeout):
+                    for _ in range(n):
+                        w = self._next_worker
+                        self._next_worker = (w + 1) % n
+                        b = self._pool.read_output(w, timeout=0)
+                        if b is not None:
+                            break
             if b is None:
                 self.check()
                 return None

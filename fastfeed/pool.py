@@ -570,24 +570,36 @@ class WorkerPool:
                     self._spawn(i)
         deadline = time.monotonic() + timeout
         clean = True
-        for i, p in enumerate(self._procs):
-            if p is None:
-                continue
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                clean = False
-                if self.outputs:
-                    # It may be blocked on a full output ring nobody reads: release it (its
-                    # remaining output is dropped and counted), then let it go.
-                    self.outputs[i].shutdown()
-                    p.join(1)
-                p.terminate()
-                p.join(5)
+        for i in range(len(self._procs)):
+            for attempt in range(3):
+                p = self._procs[i]
+                if p is None:
+                    break
+                p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
-                    p.kill()
-                    p.join()
-            elif p.exitcode != 0:
+                    clean = False
+                    if self.outputs:
+                        # It may be blocked on a full output ring nobody reads: release it
+                        # (its remaining output is dropped and counted), then let it go.
+                        self.outputs[i].shutdown()
+                        p.join(1)
+                    p.terminate()
+                    p.join(5)
+                    if p.is_alive():
+                        p.kill()
+                        p.join()
+                    break
+                if p.exitcode == 0:
+                    break
+                # It died during the stop (a kill that landed just before it, a crash):
+                # its ring may still hold frames, so a fresh worker drains them.
+                if drain and self.restart and attempt < 2:
+                    assert self._state is not None
+                    self._state[_W0 + i, F_RESTARTS] += 1
+                    self._spawn(i)
+                    continue
                 clean = False
+                break
         return clean
 
     def close(self) -> None:
