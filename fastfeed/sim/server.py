@@ -35,7 +35,7 @@ __all__ = ["Faults", "SimConfig", "Simulator", "parse_faults", "run"]
 log = logging.getLogger("fastfeed.sim")
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# Above this paced rate, frames come from the pre-encoded pool (see _stream_paced_pool).
+# Above this paced rate, frames come from the pre-encoded pool (see _stream_pool).
 _LIVE_PACED_MAX = 20000.0
 # Frames per write at rate 0: ~4096 * 70 bytes = ~300 kB, large enough that the per-write
 # Python overhead vanishes, small enough to interleave pongs promptly.
@@ -646,46 +646,22 @@ class _Conn(asyncio.Protocol):
         try:
             if not self._after_send():
                 return
-            if self.sim.config.rate == 0:
-                await self._stream_max()
-            elif self.sim.config.rate > _LIVE_PACED_MAX:
-                await self._stream_paced_pool()
+            rate = self.sim.config.rate
+            if rate == 0 or rate > _LIVE_PACED_MAX:
+                await self._stream_pool(rate)
             else:
                 await self._stream_paced()
         except (ConnectionError, asyncio.CancelledError):
             pass
 
-    async def _stream_max(self) -> None:
-        sim = self.sim
-        pool = sim.pool()
-        offsets = sim._pool_offsets
-        view = memoryview(pool.data)
-        n = len(pool)
-        while not self.closing:
-            if self.paused:
-                await self.resumed.wait()
-                continue
-            i = sim.cursor % n
-            k = self._limit(min(_CHUNK, n - i))
-            if k == 0:
-                return  # count reached: stay connected, answer pings, send no more data
-            a, b = offsets[i], offsets[i + k]
-            assert self.transport is not None
-            self.transport.write(view[a:b])
-            sim.cursor += k
-            sim.account(pool, i, i + k, b - a)
-            self.sent += k
-            if not self._after_send():
-                return
-            await asyncio.sleep(0)
+    async def _stream_pool(self, rate: float = 0.0) -> None:
+        """Send slices of the pre-encoded pool: as fast as possible (rate 0), or paced.
 
-    async def _stream_paced_pool(self) -> None:
-        """Paced like _stream_paced, but sending slices of the pre-encoded pool: generating
-        frames live costs a few µs each in Python, which above some tens of thousands a
-        second would eat the core the client under test needs. Timestamps are the pool's,
-        not the send time."""
+        Pacing from the pool instead of generating frames live matters above some tens of
+        thousands a second, where live generation (a few µs a frame in Python) would eat
+        the core the client under test needs; the timestamps are then the pool's, not the
+        send time."""
         sim = self.sim
-        rate = sim.config.rate
         pool = sim.pool()
         offsets = sim._pool_offsets
         view = memoryview(pool.data)
@@ -697,14 +673,16 @@ class _Conn(asyncio.Protocol):
             if self.paused:
                 await self.resumed.wait()
                 continue
-            due = int((loop.time() - started) * rate) - sent_here
-            if due <= 0:
-                await asyncio.sleep(0.0005)
-                continue
+            want = _CHUNK
+            if rate > 0:
+                want = min(want, int((loop.time() - started) * rate) - sent_here)
+                if want <= 0:
+                    await asyncio.sleep(0.0005)
+                    continue
             i = sim.cursor % n
-            k = self._limit(min(due, _CHUNK, n - i))
+            k = self._limit(min(want, n - i))
             if k == 0:
-                return
+                return  # count reached: stay connected, answer pings, send no more data
             a, b = offsets[i], offsets[i + k]
             assert self.transport is not None
             self.transport.write(view[a:b])
