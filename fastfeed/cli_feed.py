@@ -182,6 +182,15 @@ def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
     return Feed(settings, workers=args.workers, **kw)
 
 
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    """Where frames come from: the feed's login settings, or a broker URL."""
+    add_settings_arguments(p)
+    p.add_argument("--email", metavar="ADDRESS", help="support e-mail sent on connect")
+    p.add_argument("--source", metavar="URL",
+                   help="read a broker instead of the WebSocket: redis://, redis+stream://, "
+                        "nats://, amqp://, kafka:// (see docs/pubsub.md)")
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="decoder worker processes (default 1)")
@@ -230,11 +239,7 @@ def _add_stream(sub: Any) -> None:
                     "--workers processes and hand the rows to this process; live statistics, "
                     "and with --json one summary at exit (frames, rows per kind, errors, "
                     "control, dropped, gaps, reconnects, latency_us).")
-    add_settings_arguments(p)
-    p.add_argument("--email", metavar="ADDRESS", help="support e-mail sent on connect")
-    p.add_argument("--source", metavar="URL",
-                   help="read a broker instead of the WebSocket: redis://, redis+stream://, "
-                        "nats://, amqp://, kafka:// (see docs/pubsub.md)")
+    _add_connection_options(p)
     _add_run_options(p)
     p.set_defaults(func=_cmd_stream)
 
@@ -257,9 +262,7 @@ def _add_record(sub: Any) -> None:
         description="Stream the feed and write it to --out: 'capture' keeps every raw frame "
                     "with its receive time (capture-w<N>.ffcap, replayable with 'fastfeed "
                     "replay'); 'parquet' writes the decoded rows, one file set per kind.")
-    add_settings_arguments(p)
-    p.add_argument("--email", metavar="ADDRESS", help="support e-mail sent on connect")
-    p.add_argument("--source", metavar="URL", help="read a broker instead of the WebSocket")
+    _add_connection_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", choices=("capture", "parquet"), default="capture")
     _add_run_options(p)
