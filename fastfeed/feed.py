@@ -217,7 +217,7 @@ class Feed:
         for kind, arr in b.parts:
             d[kind] += len(arr)
             if len(arr):
-                self._latency.record(now - arr["recv_ts"])
+                self._latency.record_rows(now, arr)
 
     def poll(self, timeout: float = 0.05) -> OutputBatch | None:
         """The next decoded batch, or None if none arrived within ``timeout`` seconds.

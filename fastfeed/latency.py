@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from ._decoder import record_latency
+
 _GROWTH = 1.02
 _NBUCKETS = 1200  # 1.02**1200 µs is far beyond any latency worth reporting
 _LOG_GROWTH = math.log(_GROWTH)
@@ -35,6 +37,14 @@ class LatencyHistogram:
         self.counts += np.bincount(idx, minlength=_NBUCKETS + 1)
         self.max_us = max(self.max_us, int(lat.max()))
         self.total += int(lat.size)
+
+    def record_rows(self, now_us: int, rows: np.ndarray) -> None:
+        """Add ``now_us - rows["recv_ts"]`` for decoded rows (any fastfeed row dtype), in C."""
+        n, mx = record_latency(self.counts, now_us, rows, _LOG_GROWTH)
+        if n:
+            self.total += n
+            if mx > self.max_us:
+                self.max_us = mx
 
     def merge(self, other: LatencyHistogram) -> None:
         self.counts += other.counts
