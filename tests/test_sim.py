@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+from decimal import Decimal
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -14,6 +16,7 @@ from websockets.sync.client import connect
 from fastfeed.auth import login
 from fastfeed.config import load_settings
 from fastfeed.sim import Market, SimulatorProcess, parse_faults
+from fastfeed.sim.market import TickStamper
 from fastfeed.sim.server import POOL_FRAMES
 
 from .conftest import ROOT
@@ -284,3 +287,138 @@ def test_simulator_in_process(tmp_path):
     got, stats = asyncio.run(main())
     assert len(got) == 100 and stats["frames_sent"] == 100 and stats["connections"] == 1
     assert {json.loads(g)["c"] for g in got} <= set(Market(5).codes)
+
+
+# -- --stamp-send ---------------------------------------------------------------------------
+
+_TICK_T = re.compile(rb'"t":\d{10}\.\d{6},"p":')
+
+
+def receive_timed(ws, n, timeout=10.0):
+    """The next ``n`` data frames, each with the receive time in µs (CLOCK_REALTIME)."""
+    out = []
+    while len(out) < n:
+        msg = ws.recv(timeout=timeout)
+        now_us = time.time_ns() // 1000
+        if msg != "pong":
+            out.append((msg if isinstance(msg, bytes) else msg.encode(), now_us))
+    return out
+
+
+def tick_times_us(frame):
+    """Every tick's "t" in a frame, exactly, in µs (Decimal: no float rounding)."""
+    obj = json.loads(frame, parse_float=Decimal)
+    objs = obj if isinstance(obj, list) else [obj]
+    return [int(o["t"] * 1_000_000) for o in objs if "p" in o]
+
+
+def rows_seen(frames):
+    kinds = {"ticks": 0, "quotes": 0, "bars": 0}
+    for f in frames:
+        obj = json.loads(f)
+        for o in obj if isinstance(obj, list) else [obj]:
+            if "p" in o:
+                kinds["ticks"] += 1
+            elif "s" in o:
+                kinds["bars"] += len(o["s"])
+            else:
+                kinds["quotes"] += 1
+    return kinds
+
+
+def check_send_stamps(timed, before_us, max_lag_us=1_000_000):
+    ticks = 0
+    for frame, recv_us in timed:
+        for t_us in tick_times_us(frame):
+            assert before_us <= t_us <= recv_us, (before_us, t_us, recv_us)
+            assert recv_us - t_us < max_lag_us
+            ticks += 1
+    return ticks
+
+
+def test_stamp_send_paced_live_ticks_carry_the_send_time(start_sim, tmp_path):
+    sim = start_sim("--rate", "2000", "--count", "600", "--stamp-send")
+    token = feed_token(sim, tmp_path)
+    before_us = time.time_ns() // 1000
+    with open_ws(sim, token) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        timed = receive_timed(ws, 600)
+    frames = [f for f, _ in timed]
+    ticks = check_send_stamps(timed, before_us)
+    assert ticks > 300
+    # Generation stays deterministic: the same market as ever, only the times differ (here
+    # bars and quotes carry the wall clock too, so every time is masked).
+    def mask(f):
+        return re.sub(rb'"lu":\d+', b"L", re.sub(rb"\d{10}\.\d{6}", b"T", f))
+    payloads = Market(100).block(600, int(START * 1e6), 1).payloads
+    assert [mask(f) for f in frames] == [mask(p) for p in payloads]
+    stats = sim.stop()
+    assert stats["frames_sent"] == 600
+    assert {k: stats[k] for k in ("ticks", "quotes", "bars")} == rows_seen(frames)
+
+
+@pytest.mark.parametrize("rate", ["50000", "0"])
+def test_stamp_send_pool_ticks_carry_the_send_time(start_sim, tmp_path, rate):
+    n = 20000 if rate != "0" else 2 * 4096 + 100  # rate 0: two full writes and a part
+    sim = start_sim("--rate", rate, "--count", str(n), "--stamp-send",
+                    "--start-time", str(START))
+    token = feed_token(sim, tmp_path)
+    before_us = time.time_ns() // 1000
+    with open_ws(sim, token) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        timed = receive_timed(ws, n)
+    frames = [f for f, _ in timed]
+    # Ticks carry the send time (the pool's are from START, long before before_us)...
+    assert check_send_stamps(timed, before_us) == rows_seen(frames)["ticks"] > n // 2
+    # ... and nothing else changed: every other byte, bar and quote times included, is the
+    # pool's, so frame lengths and byte counts are too.
+    pool = expected_pool()
+    assert [_TICK_T.sub(b"T", f) for f in frames] == [_TICK_T.sub(b"T", p) for p in pool[:n]]
+    stats = sim.stop()
+    assert stats["frames_sent"] == n
+    assert {k: stats[k] for k in ("ticks", "quotes", "bars")} == rows_seen(frames)
+
+
+def test_pool_rate_without_stamp_send_sends_the_pool_times(start_sim, tmp_path):
+    sim = start_sim("--rate", "50000", "--count", "5000", "--start-time", str(START))
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        frames = receive(ws, 5000)
+    assert frames == expected_pool()[:5000]
+    assert sim.stop()["frames_sent"] == 5000
+
+
+def test_stamp_send_needs_unfragmented_frames():
+    from fastfeed.sim import Faults, SimConfig, Simulator
+    with pytest.raises(ValueError, match="unfragmented"):
+        Simulator(SimConfig(stamp_send=True, faults=Faults(fragment=16)))
+    with pytest.raises(RuntimeError, match="--stamp-send needs unfragmented frames"):
+        SimulatorProcess("--stamp-send", "--fault", "fragment=16")
+
+
+def test_tick_stamper_matches_an_in_place_patch():
+    """TickStamper.stamped == the pool with its tick times overwritten, for any frame range;
+    bar times ("t" then "o"), quotes' "lt", broken and array frames included."""
+    import random
+
+    import numpy as np
+    block = Market(20, seed=3, arrays=0.3, malformed=0.1, ping_every=7, status_every=11).block(
+        4000, int(START * 1e6), 1)
+    stamper = TickStamper(block.data)
+    offs = stamper.offsets
+    assert len(offs) >= block.rows(0, len(block))[0] > 0
+    assert all(block.data[o - 4:o] == b'"t":' and block.data[o + 17:o + 22] == b',"p":'
+               for o in offs.tolist())
+    us = 1_800_000_000_123_456
+    stamp = np.frombuffer(b"1800000000.123456", dtype=np.uint8)
+    rng = random.Random(1)
+    for _ in range(200):
+        i = rng.randrange(len(block))
+        j = min(len(block), i + rng.choice((1, 2, 25, 1000)))
+        a, b = int(block.offsets[i]), int(block.offsets[j])
+        ref = bytearray(block.data)
+        idx = offs[np.searchsorted(offs, a):np.searchsorted(offs, b)]
+        np.frombuffer(ref, dtype=np.uint8)[idx[:, None] + np.arange(17)] = stamp
+        assert bytes(stamper.stamped(a, b, us)) == bytes(ref[a:b])
+    with pytest.raises(ValueError, match="not 17 bytes"):
+        TickStamper(Market(5).block(10, 5_000_000, 1).data)

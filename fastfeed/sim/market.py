@@ -11,14 +11,16 @@ so a test can rebuild exactly what a simulator sent.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import random
+import re
 import string
 
 import numpy as np
 
-__all__ = ["KINDS", "Block", "Market", "ws_header"]
+__all__ = ["KINDS", "Block", "Market", "TickStamper", "tick_time_offsets", "ws_header"]
 
 #: Row kinds, in the order of :attr:`Block.cum`'s rows (``control_sent``: status messages).
 KINDS = ("ticks", "quotes", "bars", "malformed", "control_sent")
@@ -53,6 +55,71 @@ def _frame(payload: bytes, fragment: int) -> bytes:
 def _secs(us: int) -> str:
     # Exact decimal seconds from integer microseconds: the provider's six-digit format.
     return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+
+
+#: Bytes of one tick time on the wire: ``DDDDDDDDDD.DDDDDD`` (epoch seconds 1e9..1e10).
+TICK_TIME_LEN = 17
+# A tick's time: "t" followed by the price. Bar times ("t" inside "s":[...]) are followed by
+# "o", quotes carry "lt": neither matches. No group can run into the next frame: that frame
+# starts with '{"c":"', and the value excludes '"' and ','.
+_TICK_TIME = re.compile(rb'"t":([^,"]*),"p":')
+_TICK_TIME_VALUE = re.compile(rb"\d{10}\.\d{6}")
+
+
+def tick_time_offsets(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Sorted byte offsets (int64) of every tick's ``t`` value in unfragmented wire data.
+
+    Each value must be exactly :data:`TICK_TIME_LEN` bytes (``\\d{10}\\.\\d{6}``) so that it
+    can be overwritten in place without changing any frame length; ValueError otherwise.
+    """
+    found = []
+    for m in _TICK_TIME.finditer(data):
+        if not _TICK_TIME_VALUE.fullmatch(m.group(1)):
+            raise ValueError(f"tick time {bytes(m.group(1))!r} at byte {m.start(1)} is not "
+                             f"{TICK_TIME_LEN} bytes DDDDDDDDDD.DDDDDD (epoch seconds between "
+                             "1e9 and 1e10)")
+        found.append(m.start(1))
+    return np.array(found, dtype=np.int64)
+
+
+class TickStamper:
+    """Copies of slices of immutable wire data with every tick's ``t`` set to one time.
+
+    ``stamped(a, b, us)`` is ``data[a:b]`` (``a`` and ``b`` frame boundaries) with each tick
+    time inside replaced by ``us`` as 17 bytes: the same length, so frame headers and byte
+    counts stay valid. The data is cut once, at the tick times, into the constant runs between
+    them; a slice is then one ``bytes.join`` of those runs with the time as separator, a
+    single C pass that builds the copy and stamps it (no per-frame Python loop). The result is
+    a new object, never a view of shared memory, so a transport may hold it unsent for as long
+    as it likes while other writes stamp the same region again.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+        #: Sorted byte offsets of the tick times (see :func:`tick_time_offsets`).
+        self.offsets = tick_time_offsets(self.data)
+        self._pos: list[int] = self.offsets.tolist()
+        pos, n, d = self._pos, TICK_TIME_LEN, self.data
+        ends = [*pos, len(d)]
+        starts = [0, *(p + n for p in pos)]
+        # _runs[i]: the constant bytes before tick time i (the last one: after the last time).
+        self._runs = [d[s:e] for s, e in zip(starts, ends, strict=True)]
+        self._view = memoryview(self.data)
+
+    def stamped(self, a: int, b: int, us: int) -> bytes | memoryview:
+        """``data[a:b]`` with every tick time in it set to ``us`` (µs since the epoch)."""
+        pos = self._pos
+        lo = bisect.bisect_left(pos, a)
+        hi = bisect.bisect_left(pos, b, lo)
+        if lo == hi:
+            return self._view[a:b]  # no tick inside: the data itself is immutable
+        stamp = _secs(us).encode()
+        if len(stamp) != TICK_TIME_LEN:
+            raise ValueError(f"time {us} us does not fit the {TICK_TIME_LEN}-byte tick time")
+        parts = self._runs[lo:hi + 1]
+        parts[0] = self.data[a:pos[lo]]
+        parts[-1] = self.data[pos[hi - 1] + TICK_TIME_LEN:b]
+        return stamp.join(parts)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,12 @@ frames and inject faults at the byte level (fragmentation, interleaved pings).
 Speed at ``rate=0``: a pool of pre-encoded frames (:class:`~fastfeed.sim.market.Block`) is
 cycled; each send is one ``transport.write`` of a memoryview slice holding thousands of frames,
 so Python does a few microseconds of work per several thousand frames.
+
+``stamp_send`` (``fastfeed sim --stamp-send``): every tick's ``t`` is the time its frame is
+written to the socket (``time.time_ns() // 1000`` just before ``transport.write``), so a client
+can measure wire-to-array latency. Live frames get the time directly; pool slices are sent as
+stamped copies (:class:`~fastfeed.sim.market.TickStamper`). Only ticks are stamped: quote and
+bar times are left as generated.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 from urllib.parse import parse_qs
 
-from .market import KINDS, Block, Market, ws_header
+from .market import KINDS, Block, Market, TickStamper, _secs, ws_header
 from .tokens import TokenSigner
 
 __all__ = ["Faults", "SimConfig", "Simulator", "parse_faults", "run"]
@@ -147,6 +153,9 @@ class SimConfig:
     #: Timestamp (seconds since epoch) of the first frame at rate 0; None: now.
     start_time: float | None = None
     faults: Faults = dataclasses.field(default_factory=Faults)
+    #: Every tick's "t" is the time its frame is written to the socket (for wire-to-array
+    #: latency measurement); needs unfragmented frames.
+    stamp_send: bool = False
 
 
 def _aad_error(status: int, error: str, code: int, text: str) -> tuple[int, dict[str, Any]]:
@@ -169,6 +178,9 @@ class Simulator:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
         f = self.config.faults
+        if self.config.stamp_send and f.fragment:
+            raise ValueError("stamp_send needs unfragmented frames: it cannot be combined "
+                             "with the fragment fault")
         self.market = Market(self.config.symbols, seed=self.config.seed, mix=self.config.mix,
                              malformed=f.malformed, arrays=f.arrays, fragment=f.fragment,
                              ping_every=f.ping_every, status_every=f.status_every)
@@ -183,6 +195,7 @@ class Simulator:
         self.cursor = 0
         self._pool: Block | None = None
         self._pool_offsets: list[int] = []
+        self._stamper: TickStamper | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
         self.host = self.config.host
@@ -198,13 +211,20 @@ class Simulator:
         """The pre-encoded frames cycled at rate 0 (built on first use)."""
         if self._pool is None:
             start = self.config.start_time if self.config.start_time is not None else time.time()
-            self._pool = self.market.block(POOL_FRAMES, int(round(start * 1e6)), 1)
-            self._pool_offsets = self._pool.offsets.tolist()
+            pool = self.market.block(POOL_FRAMES, int(round(start * 1e6)), 1)
+            if self.config.stamp_send:
+                # Find (and check) every tick time once, here, not per write.
+                self._stamper = TickStamper(pool.data)
+            self._pool_offsets = pool.offsets.tolist()
+            self._pool = pool
         return self._pool
 
     async def start(self) -> None:
         """Bind and listen (port 0 picks a free port; :attr:`port` holds the real one)."""
-        if self.config.rate == 0:
+        if self.config.rate == 0 or (self.config.stamp_send
+                                     and self.config.rate > _LIVE_PACED_MAX):
+            # stamp_send: build (and check) the pool before listening, so that a pool whose
+            # tick times cannot be stamped fails the start, not the first connection.
             self.pool()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Conn(self), self.config.host,
@@ -660,10 +680,18 @@ class _Conn(asyncio.Protocol):
         Pacing from the pool instead of generating frames live matters above some tens of
         thousands a second, where live generation (a few µs a frame in Python) would eat
         the core the client under test needs; the timestamps are then the pool's, not the
-        send time."""
+        send time, unless ``stamp_send``.
+
+        With ``stamp_send`` each slice is sent as a stamped copy
+        (:meth:`TickStamper.stamped`), not a view of the pool: a transport keeps a reference
+        to what it could not send yet (uvloop holds the memoryview, no copy, and at rate 0
+        the 4 MB high-water mark exceeds the 2.5 MB pool), so stamping the shared pool in place
+        could rewrite, or tear, times still queued. The copy costs about as much as the
+        stamping itself (a few tens of µs per 4096-frame write)."""
         sim = self.sim
         pool = sim.pool()
         offsets = sim._pool_offsets
+        stamper = sim._stamper
         view = memoryview(pool.data)
         n = len(pool)
         loop = asyncio.get_running_loop()
@@ -685,7 +713,10 @@ class _Conn(asyncio.Protocol):
                 return  # count reached: stay connected, answer pings, send no more data
             a, b = offsets[i], offsets[i + k]
             assert self.transport is not None
-            self.transport.write(view[a:b])
+            if stamper is None:
+                self.transport.write(view[a:b])
+            else:
+                self.transport.write(stamper.stamped(a, b, time.time_ns() // 1000))
             sim.cursor += k
             sim.account(pool, i, i + k, b - a)
             self.sent += k
@@ -701,6 +732,7 @@ class _Conn(asyncio.Protocol):
         # Wake often enough for smooth pacing, rarely enough to stay cheap at low rates.
         tick = min(0.05, max(0.001, 16.0 / rate))
         step_us = max(1, int(1e6 / rate))
+        stamp_send = sim.config.stamp_send
         started = loop.time()
         sent_here = 0
         while not self.closing:
@@ -715,9 +747,19 @@ class _Conn(asyncio.Protocol):
             if k == 0:
                 return
             now_us = time.time_ns() // 1000
-            block = sim.market.block(k, now_us - (k - 1) * step_us, step_us)
+            if stamp_send:
+                # All ticks at one time, then restamped with the time of the write itself:
+                # generating the block takes several µs a frame. Same length, same bytes
+                # otherwise; bar times (followed by "o") and quotes' "lt" are not touched.
+                block = sim.market.block(k, now_us, 0)
+                data = block.data.replace(
+                    b'"t":%s,"p":' % _secs(now_us).encode(),
+                    b'"t":%s,"p":' % _secs(time.time_ns() // 1000).encode())
+            else:
+                block = sim.market.block(k, now_us - (k - 1) * step_us, step_us)
+                data = block.data
             assert self.transport is not None
-            self.transport.write(block.data)
+            self.transport.write(data)
             sim.cursor += k
             sim.account(block, 0, k, len(block.data))
             self.sent += k
