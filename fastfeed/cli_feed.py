@@ -126,7 +126,10 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
     from .feed import FeedError
 
     try:
-        feed.start()
+        try:
+            feed.start()
+        except ValueError as exc:  # a bad pinning, say: the user's to fix
+            raise CommandError(str(exc), EXIT_USAGE) from None
         if metrics_port is not None:
             from .metrics import serve_metrics
 
@@ -175,11 +178,31 @@ def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
     from .feed import Feed
 
     if getattr(args, "source", None):
-        return Feed(source=args.source, workers=args.workers, **kw)
+        return Feed(source=args.source, **_pipeline_kwargs(args), **kw)
     from .cli import _settings
 
     settings = _settings(args)
-    return Feed(settings, workers=args.workers, **kw)
+    return Feed(settings, **_pipeline_kwargs(args), **kw)
+
+
+def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Feed options shared by every command: workers, waiting and CPU pinning."""
+    return dict(workers=args.workers, busy_poll=args.busy_poll, network_cpus=args.network_cpus,
+                worker_cpus=args.worker_cpus, consumer_cpus=args.consumer_cpus)
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``0,2-3`` -> {0, 2, 3}."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list like 0,2-3: {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError(f"no CPU in {text!r}")
+    return cpus
 
 
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
@@ -193,7 +216,15 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="decoder worker processes (default 1)")
+                   help="decoder worker processes (default 1); 0 decodes in this process "
+                        "(inline: one process hop fewer, the lowest latency)")
+    p.add_argument("--busy-poll", action="store_true",
+                   help="spin instead of sleeping while waiting for frames (lowest latency; "
+                        "takes a core: pin with --consumer-cpus / --worker-cpus)")
+    for who, what in (("network", "the network process"), ("worker", "the decoder workers"),
+                      ("consumer", "this process (the consumer)")):
+        p.add_argument(f"--{who}-cpus", type=_cpu_list, default=None, metavar="LIST",
+                       help=f"pin {what} to these CPUs, e.g. 0 or 0,2-3")
     if count:
         p.add_argument("--count", type=int, default=None, metavar="FRAMES",
                        help="exit after this many data frames are decoded")
@@ -206,8 +237,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
-    if args.workers < 1:
-        raise CommandError("--workers must be at least 1", EXIT_USAGE)
+    if args.workers < 0:
+        raise CommandError("--workers must be 0 (inline) or more", EXIT_USAGE)
     if getattr(args, "count", None) is not None and args.count < 0:
         raise CommandError("--count must not be negative", EXIT_USAGE)
     if args.duration is not None and args.duration < 0:
@@ -314,7 +345,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         capture_files(args.capture)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
-    feed = Feed(replay=args.capture, speed=args.speed, workers=args.workers)
+    feed = Feed(replay=args.capture, speed=args.speed, **_pipeline_kwargs(args))
     stats = _consume(feed, count=None, duration=args.duration, until_done=True,
                      display=Display("fastfeed replay", quiet=args.quiet or args.json))
     return _finish(args, stats, feed)
@@ -352,7 +383,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # a private token cache: the demo must not touch the user's real one
         settings = load_settings(sim.settings_args(token_cache=os.path.join(tmp, "token.json")),
                                  env={})
-        feed = Feed(settings, workers=args.workers)
+        feed = Feed(settings, **_pipeline_kwargs(args))
         if not (args.quiet or args.json):
             print(f"fastfeed demo: simulator at {sim.url}, {args.rate:,.0f} frames/s, "
                   f"{args.workers} worker(s); Ctrl-C to stop", flush=True)

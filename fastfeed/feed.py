@@ -30,7 +30,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict
 from types import FrameType, TracebackType
 from typing import Any
@@ -38,12 +38,21 @@ from typing import Any
 from ._decoder import now_us
 from .config import Settings, load_settings
 from .latency import LatencyHistogram
-from .pool import OutputBatch, WorkerPool
+from .pool import OutputBatch, WorkerPool, set_affinity
 from .session import SessionProcess
 
 __all__ = ["Feed", "FeedError"]
 
 log = logging.getLogger("fastfeed.feed")
+
+
+def _cpu_set(cpus: Iterable[int] | None, what: str) -> set[int] | None:
+    if cpus is None:
+        return None
+    out = {int(c) for c in cpus}
+    if not out or min(out) < 0:
+        raise ValueError(f"{what} must name at least one CPU number >= 0, got {sorted(out)}")
+    return out
 
 
 class FeedError(RuntimeError):
@@ -64,14 +73,20 @@ class Feed:
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
         ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
     workers: decoder processes (and rings); symbols are spread over them by hash, so each
-        symbol's order is kept.
-    handler: ``handler(worker_index, batch)`` run in the workers (see :meth:`run`).
+        symbol's order is kept. ``0``: no decoder process; this process decodes the ring
+        itself in :meth:`poll` (inline mode: one process hop fewer, the lowest latency).
+    handler: ``handler(worker_index, batch)`` run in the workers (see :meth:`run`); in
+        inline mode, in this process, inside :meth:`poll`.
     output: deliver batches to this process for iteration (turn off when a handler does
-        all the work: the workers then skip publishing).
+        all the work: the workers then skip publishing). Always on inline.
     ring_capacity: bytes per input ring (a power of two).
     full_policy: what the network process does when a ring is full: "wait" (default: wait
         up to ``wait_timeout_us``, then drop and count), "drop" (at once) or "block".
-    busy_poll: workers spin instead of sleeping when idle (lowest latency, a core each).
+    busy_poll: workers (inline: :meth:`poll`) spin instead of sleeping when idle (lowest
+        latency, a core each).
+    network_cpus, worker_cpus, consumer_cpus: pin the network process, the workers and the
+        thread that calls :meth:`start` (the consumer) to these CPUs; None leaves each to
+        the scheduler. A busy-polling consumer wants a core of its own.
     """
 
     def __init__(
@@ -89,12 +104,17 @@ class Feed:
         full_policy: str = "wait",
         wait_timeout_us: int = 5000,
         busy_poll: bool = False,
+        network_cpus: Iterable[int] | None = None,
+        worker_cpus: Iterable[int] | None = None,
+        consumer_cpus: Iterable[int] | None = None,
         config_file: str | None = None,
         log_level: int = logging.WARNING,
         **options: Any,
     ) -> None:
         if source is not None and replay is not None:
             raise ValueError("give either source or replay, not both")
+        if workers < 0:
+            raise ValueError("workers must be >= 0 (0: decode inline in this process)")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
         if settings is None and source is None and replay is None:
@@ -105,13 +125,19 @@ class Feed:
         self.source = source
         self.replay = replay
         self.speed = speed
-        self.workers = workers
+        self.inline = workers == 0
+        # An inline pool has one ring and no worker process; its "worker 0" is this process.
+        self.workers = max(workers, 1)
         self.handler = handler
-        self.output = output
+        # Inline, batches are decoded where they are consumed: there is no output to turn off.
+        self.output = output or self.inline
         self.log_level = log_level
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
-                                  capture_dir=capture)
+                                  capture_dir=capture, inline=self.inline,
+                                  cpus=_cpu_set(worker_cpus, "worker_cpus"))
+        self.network_cpus = _cpu_set(network_cpus, "network_cpus")
+        self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
         self._session: Any = None  # SessionProcess, or a pub/sub SourceProcess
         self._latency = LatencyHistogram()
@@ -130,7 +156,8 @@ class Feed:
         """Create the rings, start the workers, then the network process. Returns self."""
         if self._pool is not None:
             raise RuntimeError("feed already started")
-        self._pool = WorkerPool(self.workers, handler=self.handler, output=self.output,
+        self._pool = WorkerPool(self.workers, handler=self.handler,
+                                output=self.output and not self.inline,
                                 **self._pool_options).start()
         try:
             if self.replay is not None:
@@ -147,7 +174,15 @@ class Feed:
                 assert self.settings is not None
                 self._session = SessionProcess(self.settings, self._pool.ring_names,
                                                log_level=self.log_level).start()
+            if self.network_cpus is not None:
+                set_affinity(self._session.pid, self.network_cpus, "network_cpus")
+            if self.consumer_cpus is not None:
+                # Last: processes started from this thread would inherit the pinning.
+                set_affinity(0, self.consumer_cpus, "consumer_cpus")
         except BaseException:
+            if self._session is not None:
+                self._session.stop()
+                self._session = None
             self._pool.stop(drain=False)
             self._pool.close()
             self._pool = None
@@ -166,12 +201,16 @@ class Feed:
             self._current = None
         if self._session is not None:
             self._session.stop()
-        if self.output:
+        if self.inline:
+            # Decode what is left in the ring here, counted as delivered.
+            while (r := self._pool.read_inline(0.0)) is not None:
+                self._account(r)
+        elif self.output:
             # Drain what the workers still publish so that none of them waits on a full
             # output ring while stopping.
             self._drain_outputs()
         self._pool.stop(drain=True, timeout=timeout)
-        if self.output:
+        if self.output and not self.inline:
             self._drain_outputs()
         self._final = self._collect()  # the segments the counters live in go away next
         # keep the codes readable after the shared tables are gone
@@ -210,26 +249,37 @@ class Feed:
 
     # -- consuming --------------------------------------------------------------------------
 
-    def _account(self, b: OutputBatch) -> None:
+    def _account(self, b: Any) -> None:
         now = now_us()
         d = self._delivered
         d["batches"] += 1
-        for kind, arr in b.parts:
+        parts = b.parts if isinstance(b, OutputBatch) else (
+            ("ticks", b.ticks), ("quotes", b.quotes), ("bars", b.bars))
+        for kind, arr in parts:
             d[kind] += len(arr)
             if len(arr):
                 self._latency.record_rows(now, arr)
 
-    def poll(self, timeout: float = 0.05) -> OutputBatch | None:
+    def poll(self, timeout: float = 0.05) -> Any:
         """The next decoded batch, or None if none arrived within ``timeout`` seconds.
 
-        The batch's arrays are views into shared memory, valid until the next call
-        (or :meth:`stop`); ``.copy()`` what you keep.
+        With workers, the batch's arrays are views into shared memory, valid until the
+        next call (or :meth:`stop`); ``.copy()`` what you keep. Inline (``workers=0``) the
+        batch is a :class:`fastfeed.Batch` decoded here, whose arrays it owns (it also
+        carries ``errors`` and ``control``).
         """
         if self._pool is None:
             self.start()
         assert self._pool is not None
         if not self.output:
             raise RuntimeError("this feed was made with output=False")
+        if self.inline:
+            r = self._pool.read_inline(timeout)
+            if r is None:
+                self.check()
+                return None
+            self._account(r)
+            return r
         if self._current is not None:
             self._current.release()
             self._current = None

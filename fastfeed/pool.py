@@ -307,6 +307,77 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: np.nda
                 row[F_OUT_DROPPED] += 1
 
 
+def set_affinity(pid: int, cpus: set[int], what: str) -> None:
+    """``os.sched_setaffinity`` with an error that names the option and the machine's CPUs."""
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except (OSError, ValueError) as e:
+        have = sorted(os.sched_getaffinity(0))
+        raise ValueError(f"{what}={sorted(cpus)}: cannot pin to these CPUs ({e}); "
+                         f"this process may use CPUs {have}") from None
+
+
+class _Inline:
+    """The decoder of an inline pool: ring 0 read and decoded in the calling process.
+
+    No exactly-once bookkeeping is needed: the reader is the process that owns the pool,
+    so nothing survives it to resume. Counters go to worker 0's row of the state segment,
+    so :meth:`WorkerPool.stats` reads the same either way."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        from fastfeed._decoder import Decoder
+
+        assert pool._state is not None
+        self.ring = pool.rings[0]
+        self.row = pool._state[_W0]
+        self.batch_size = pool.batch_size
+        self.busy_poll = pool.busy_poll
+        self.handler = pool.handler
+        t = pool._tables
+        self.dec = Decoder(symbols=t[0], statuses=t[1], bar_types=t[2])
+        self.capture = None
+        if pool.capture_dir is not None:
+            from fastfeed.capture import CaptureWriter
+
+            self.capture = CaptureWriter(os.path.join(pool.capture_dir, "capture-w0.ffcap"), 0)
+        self.row[F_PID] = os.getpid()
+        self.row[F_STATE] = S_RUNNING
+
+    def read(self, timeout: float | None, busy_poll: bool | None = None) -> Any:
+        b = self.ring.read_batch(self.batch_size, timeout,
+                                 busy_poll=self.busy_poll if busy_poll is None else busy_poll)
+        if b is None:
+            return None
+        try:
+            res = self.dec.decode_region(b.buffer, b.offsets, b.lengths, b.recv_ts)
+            if self.capture is not None:
+                self.capture.write_batch(b, 0, len(b))
+        finally:
+            # The rows are copies: the ring space can go back to the producer at once.
+            b.release()
+        row = self.row
+        if self.handler is not None:
+            try:
+                self.handler(0, res)
+            except Exception:
+                row[F_HANDLER_ERRORS] += 1
+                traceback.print_exc(file=sys.stderr)
+        row[F_BATCHES] += 1
+        row[F_FRAMES] += res.frames
+        row[F_TICKS] += len(res.ticks)
+        row[F_QUOTES] += len(res.quotes)
+        row[F_BARS] += len(res.bars)
+        row[F_ERRORS] += len(res.errors)
+        row[F_CONTROL] += len(res.control)
+        return res
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        self.row[F_STATE] = S_EXITED
+
+
 # -------------------------------------------------------------------------------------------
 # parent side
 
@@ -379,6 +450,10 @@ class WorkerPool:
     symbol_capacity: size of the shared symbol table.
     capture_dir: write every frame each worker takes (raw, with its receive time) to
         ``capture_dir/capture-w<N>.ffcap`` (see :mod:`fastfeed.capture`).
+    inline: no worker process: the calling process decodes ring 0 itself with
+        :meth:`read_inline` (one process hop fewer, for the lowest latency); needs
+        ``workers=1``. The handler then runs in the calling process.
+    cpus: the CPUs the worker processes may run on (``os.sched_setaffinity``); None: any.
     """
 
     def __init__(
@@ -398,16 +473,20 @@ class WorkerPool:
         symbol_capacity: int = 65536,
         name: str | None = None,
         capture_dir: str | None = None,
+        inline: bool = False,
+        cpus: set[int] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if inline and workers != 1:
+            raise ValueError("an inline pool has exactly one ring (workers=1)")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if handler is not None and not callable(handler):
             raise ValueError("handler must be callable")
         self.workers = workers
         self.handler = handler
-        self.output = output
+        self.output = output and not inline  # inline, read_inline hands the rows over
         self.ring_capacity = ring_capacity
         self.full_policy = full_policy
         self.wait_timeout_us = wait_timeout_us
@@ -418,6 +497,9 @@ class WorkerPool:
         self.restart = restart
         self.symbol_capacity = symbol_capacity
         self.capture_dir = capture_dir
+        self.inline = inline
+        self.cpus = set(cpus) if cpus is not None else None
+        self._inline: _Inline | None = None
         self.small_capacity = 1024  # statuses and bar types: a handful of distinct codes
         self.name = name or f"pool{next(_pool_ids)}"
         self.rings: list[Ring] = []
@@ -451,6 +533,9 @@ class WorkerPool:
         shm.cleanup_stale()
         try:
             self._create_segments()
+            if self.inline:
+                self._inline = _Inline(self)
+                return self
             for i in range(self.workers):
                 self._spawn(i)
         except BaseException:
@@ -502,6 +587,8 @@ class WorkerPool:
         p.start()
         self._procs[i] = p
         self._started_at[i] = time.monotonic()
+        if self.cpus is not None:
+            set_affinity(p.pid, self.cpus, "worker_cpus")
 
     def _supervise(self) -> None:
         """Restart workers that die while the pool runs. A worker that keeps dying right after
@@ -545,6 +632,13 @@ class WorkerPool:
         (stop the producer before calling this). Workers still running after ``timeout``
         seconds are terminated, then killed. Returns True if every worker exited on its own."""
         if not self._started or self._stopping:
+            return True
+        if self._inline is not None:
+            if drain:
+                while self._inline.read(0.0) is not None:
+                    pass
+            self._stopping = True
+            self._inline.close()
             return True
         with self._lock:
             self._stopping = True
@@ -609,6 +703,9 @@ class WorkerPool:
         if self._started and not self._stopping:
             self.stop(drain=False)
         self._closed = True
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         self._tables = []
         self._state = None
         self._bell = None
@@ -705,6 +802,14 @@ class WorkerPool:
         self._seen[worker] = seen
         return OutputBatch(worker, parts, b, self._dtypes)
 
+    def read_inline(self, timeout: float | None = 0.0, *, busy_poll: bool | None = None) -> Any:
+        """Inline pools only: decode what is in ring 0 in this process and return it as a
+        :class:`fastfeed.Batch` (rows owned by the batch), or None if nothing arrived within
+        ``timeout`` seconds (None: wait). Runs the handler, if any, on the batch first."""
+        if self._inline is None:
+            raise RuntimeError("read_inline needs a started pool made with inline=True")
+        return self._inline.read(timeout, busy_poll)
+
     def wait_output(self, timeout: float | None = None) -> bool:
         """Sleep until any worker's output ring has records (True) or ``timeout`` seconds pass
         (False; None waits indefinitely). One futex for all workers: the workers ring the
@@ -744,9 +849,11 @@ class WorkerPool:
         for i in range(self.workers):
             r = self._state[_W0 + i]
             p = self._procs[i]
+            running = (int(r[F_STATE]) == S_RUNNING if self.inline
+                       else bool(p is not None and p.is_alive()))
             out.append(WorkerStats(
                 index=i, pid=int(r[F_PID]), restarts=int(r[F_RESTARTS]),
-                running=bool(p is not None and p.is_alive()), batches=int(r[F_BATCHES]),
+                running=running, batches=int(r[F_BATCHES]),
                 frames=int(r[F_FRAMES]), ticks=int(r[F_TICKS]), quotes=int(r[F_QUOTES]),
                 bars=int(r[F_BARS]), errors=int(r[F_ERRORS]), control=int(r[F_CONTROL]),
                 handler_errors=int(r[F_HANDLER_ERRORS]), done_seq=int(r[F_DONE_SEQ]),

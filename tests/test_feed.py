@@ -300,3 +300,80 @@ def test_prometheus_metrics(tmp_path):
         sim.stop()
     assert "fastfeed_frames_total 20000.0" in text
     assert 'fastfeed_latency_microseconds{quantile="0.5"}' in text
+
+
+@pytest.fixture
+def own_affinity():
+    """Give this thread its CPUs back: consumer_cpus pins the thread that starts a feed."""
+    before = os.sched_getaffinity(0)
+    yield before
+    os.sched_setaffinity(0, before)
+
+
+def test_inline_feed_delivers_every_row_and_pins_each_process(tmp_path, own_affinity):
+    n = 100_000
+    cpus = sorted(own_affinity)
+    net, mine = {cpus[0]}, {cpus[-1]}
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=0, network_cpus=net, consumer_cpus=mine)
+        rows = {"ticks": 0, "quotes": 0, "bars": 0}
+        with feed:
+            assert os.sched_getaffinity(feed._session.pid) == net
+            assert os.sched_getaffinity(0) == mine
+            assert feed._pool.pids() == [None]  # no worker process: this one decodes
+            deadline = time.monotonic() + 60
+            kept = None
+            for b in feed:
+                assert b.errors == [] and b.frames > 0
+                if kept is None and len(b.ticks):
+                    kept, copy = b.ticks, b.ticks.copy()
+                for k in rows:
+                    rows[k] += len(getattr(b, k))
+                if feed.frames_decoded() >= n:
+                    break
+                assert time.monotonic() < deadline, feed.stats()
+            stats = feed.stats()
+        sent = sim.stop()
+    # inline batches own their rows: one kept past later batches is unchanged
+    assert kept is not None and bool((kept == copy).all())
+    assert stats["frames"] == n == sent["frames_sent"]
+    assert rows == {"ticks": sent["ticks"], "quotes": sent["quotes"], "bars": sent["bars"]}
+    assert (stats["errors"], stats["dropped"], stats["gaps"]) == (0, 0, 0)
+    assert stats["workers"][0]["pid"] == os.getpid() and stats["workers"][0]["running"]
+    assert not feed.stats()["workers"][0]["running"]
+    assert stats["delivered"]["ticks"] > 0 and stats["latency_us"]["p50"] > 0
+
+
+def test_inline_handler_and_capture_run_in_this_process(tmp_path):
+    n = 30_000
+    cap = tmp_path / "cap"
+    seen = {"rows": 0, "pids": set()}
+
+    def handler(worker: int, batch) -> None:  # a closure: inline needs no pickling
+        seen["rows"] += batch.rows
+        seen["pids"].add((worker, os.getpid()))
+
+    with SimulatorProcess("--rate", "0", "--count", str(n), "--fault", "malformed=0.01") as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=0, capture=str(cap), output=False,
+                    handler=handler)
+        stats = feed.run(frames=n, duration=60)
+        sent = sim.stop()
+    assert stats["frames"] == n and stats["errors"] == sent["malformed"] > 0
+    assert seen["pids"] == {(0, os.getpid())}
+    assert seen["rows"] == sent["ticks"] + sent["quotes"] + sent["bars"]
+    frames, _ = frames_array(cap)
+    assert len(frames) == n
+
+
+def test_bad_pinning_is_one_clear_error(tmp_path, own_affinity):
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        Feed(replay=str(tmp_path), workers=-1)
+    with pytest.raises(ValueError, match="network_cpus"):
+        Feed(replay=str(tmp_path), network_cpus=[-1])
+    with SimulatorProcess("--rate", "1000") as sim:
+        feed = Feed(settings_for(sim, tmp_path), workers=0, network_cpus=[4096])
+        with pytest.raises(ValueError, match=r"network_cpus=\[4096\].*may use CPUs"):
+            feed.start()
+        assert os.sched_getaffinity(0) == own_affinity
+    r = run_cli("stream", "--host", "http://127.0.0.1:1", "--consumer-cpus", "x")
+    assert r.returncode != 0 and "not a CPU list" in r.stderr and "Traceback" not in r.stderr

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from fastfeed import shm
+from fastfeed._ring import Ring
 from fastfeed.pool import WorkerPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -410,3 +411,26 @@ def test_wait_output_sleeps_until_any_worker_publishes() -> None:
         assert ob is not None and ob.ticks["volume"].tolist() == [7.0]
         ob.release()
         assert pool.wait_output(timeout=0) is False
+
+
+def test_inline_pool_has_one_ring_and_no_process():
+    with pytest.raises(ValueError, match="exactly one ring"):
+        WorkerPool(2, inline=True)
+    with WorkerPool(1, inline=True) as pool:
+        assert pool.pids() == [None]
+        w = Ring.attach(pool.ring_names[0])
+        try:
+            assert w.write(b'{"c":"X:Y","t":1.5,"p":2.0,"v":3.0}', route=1)
+            assert w.write(b'{"c":"X:Y","t":oops}', route=1)
+        finally:
+            w.close()
+        b = pool.read_inline(timeout=5)
+        assert b.frames == 2 and len(b.ticks) == 1 and len(b.errors) == 1
+        assert pool.symbols[int(b.ticks["sym"][0])] == "X:Y"
+        assert pool.read_inline(timeout=0) is None
+        with pytest.raises(RuntimeError, match="output"):
+            pool.read_output(0)
+        s = pool.stats()[0]
+        assert (s.frames, s.ticks, s.errors, s.pid) == (2, 1, 1, os.getpid())
+    with pytest.raises(RuntimeError, match="inline=True"):
+        WorkerPool(1).read_inline()
