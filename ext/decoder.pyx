@@ -464,8 +464,9 @@ cdef extern from "<math.h>" nogil:
     double log(double x)
 
 
-def record_latency(cnp.int64_t[::1] counts, int64_t now, rows, double log_growth) -> tuple:
-    """Add ``now - rows["recv_ts"]`` of every row to the log-bucket ``counts`` of
+def record_latency(cnp.int64_t[::1] counts, int64_t now, rows, double log_growth,
+                   str field="recv_ts") -> tuple:
+    """Add ``now - rows[field]`` (default ``recv_ts``) of every row to the log-bucket ``counts`` of
     :class:`fastfeed.latency.LatencyHistogram` (bucket 0: below 1 µs; bucket i >= 1:
     ``floor(ln(lat) / log_growth) + 1``, capped at the last). Returns ``(rows, max µs)``.
 
@@ -480,10 +481,10 @@ def record_latency(cnp.int64_t[::1] counts, int64_t now, rows, double log_growth
         raise ValueError("rows must be a one-dimensional contiguous structured array")
     if nb < 1 or log_growth <= 0:
         raise ValueError("counts needs at least two buckets and log_growth must be > 0")
-    field = a.dtype.fields.get("recv_ts") if a.dtype.fields else None
-    if field is None or field[0] != np.dtype("<i8"):
-        raise ValueError("rows have no int64 recv_ts field")
-    cdef Py_ssize_t off = field[1]
+    f = a.dtype.fields.get(field) if a.dtype.fields else None
+    if f is None or f[0] != np.dtype("<i8"):
+        raise ValueError(f"rows have no int64 {field} field")
+    cdef Py_ssize_t off = f[1]
     cdef Py_ssize_t step = a.dtype.itemsize
     cdef const char *base = <const char *>cnp.PyArray_DATA(a) + off
     with nogil:

@@ -106,6 +106,10 @@ def _add_sim(sub: Any) -> None:
     p.add_argument("--stamp-send", action="store_true",
                    help='every tick\'s "t" is the time its frame is written to the socket, '
                         "for wire-to-array latency measurement (not with --fault fragment)")
+    p.add_argument("--write-interval-us", type=int, default=0, metavar="US",
+                   help="paced rates: write every US µs (default 0: about every 1 ms, so "
+                        "each write is a burst of rate/1000 frames); smaller means smaller "
+                        "bursts and more simulator CPU")
     p.add_argument("--json", action="store_true",
                    help="print the counters as one JSON object on exit")
     p.add_argument("--publish", metavar="URL",
@@ -142,6 +146,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     if args.stamp_send and args.start_time is not None and not 1e9 <= args.start_time < 9e9:
         # The pool's tick times are replaced byte for byte: they need the 17 bytes of now.
         raise CommandError("--stamp-send needs --start-time between 1e9 and 9e9", EXIT_USAGE)
+    if not 0 <= args.write_interval_us <= 1_000_000:
+        raise CommandError("--write-interval-us must be between 0 and 1000000", EXIT_USAGE)
     if args.stamp_send and args.publish:
         raise CommandError("--stamp-send applies to the WebSocket simulator, not --publish",
                            EXIT_USAGE)
@@ -162,7 +168,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                        client_id=args.client_id, client_secret=args.client_secret,
                        token_lifetime=args.token_lifetime, mix=args.mix,
                        start_time=args.start_time, faults=faults,
-                       stamp_send=args.stamp_send)
+                       stamp_send=args.stamp_send, write_interval_us=args.write_interval_us)
     try:
         import uvloop
         runner: Callable[..., Any] = uvloop.run

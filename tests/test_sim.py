@@ -422,3 +422,25 @@ def test_tick_stamper_matches_an_in_place_patch():
         assert bytes(stamper.stamped(a, b, us)) == bytes(ref[a:b])
     with pytest.raises(ValueError, match="not 17 bytes"):
         TickStamper(Market(5).block(10, 5_000_000, 1).data)
+
+
+def test_write_interval_sends_smaller_bursts(start_sim, tmp_path):
+    # 100 k frames/s written every 100 µs is 10 frames a write; the event loop's 1 ms timer
+    # would make it about 100. The bound leaves room for sleeps overshooting on a busy machine.
+    n = 30_000
+    sim = start_sim("--rate", "100000", "--count", str(n), "--write-interval-us", "100")
+    with open_ws(sim, feed_token(sim, tmp_path)) as ws:
+        ws.send(json.dumps({"email": "a@example.com"}))
+        t0 = time.monotonic()
+        assert len(receive(ws, n, timeout=30)) == n
+        elapsed = time.monotonic() - t0
+    stats = sim.stop()
+    assert stats["frames_sent"] == n and stats["data_writes"] >= n / 40, stats["data_writes"]
+    assert elapsed > 0.2  # paced, not sent at once (0.3 s at the asked rate)
+
+
+def test_write_interval_is_checked():
+    r = subprocess.run([sys.executable, "-m", "fastfeed", "sim", "--write-interval-us", "-1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "--write-interval-us must be between" in r.stderr
+    assert "Traceback" not in r.stderr

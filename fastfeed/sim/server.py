@@ -156,6 +156,22 @@ class SimConfig:
     #: Every tick's "t" is the time its frame is written to the socket (for wire-to-array
     #: latency measurement); needs unfragmented frames.
     stamp_send: bool = False
+    #: Paced rates: write every this many µs (0: every ~1 ms, the event loop's timer
+    #: granularity, so each write is a burst of rate/1000 frames). A smaller interval sends
+    #: smaller bursts, nearer a feed that writes each message as it is made, and costs the
+    #: simulator more CPU (one wake-up per write).
+    write_interval_us: int = 0
+
+
+def _precise_timers() -> None:
+    """Sleep for what was asked: Linux adds up to 50 µs of timer slack to every sleep of a
+    normal thread, as much as half of a short write interval."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 µs
+    except (OSError, AttributeError):
+        pass  # not Linux: sleeps are a little longer, pacing a little burstier
 
 
 def _aad_error(status: int, error: str, code: int, text: str) -> tuple[int, dict[str, Any]]:
@@ -177,6 +193,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
+        self.precise_timers = False
         f = self.config.faults
         if self.config.stamp_send and f.fragment:
             raise ValueError("stamp_send needs unfragmented frames: it cannot be combined "
@@ -186,7 +203,7 @@ class Simulator:
                              ping_every=f.ping_every, status_every=f.status_every)
         self.signer = TokenSigner()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("frames_sent", *KINDS, "bytes_sent", "connections", "open_connections",
+            ("frames_sent", *KINDS, "bytes_sent", "data_writes", "connections", "open_connections",
              "upgrades_refused", "token_requests", "tokens_issued", "token_errors", "throttled",
              "exchanges", "exchange_errors", "emails", "protocol_errors", "pings", "pongs_sent",
              "rfc_pongs", "subscriptions", "control_messages", "drops", "stalls"), 0)
@@ -263,6 +280,7 @@ class Simulator:
             c[kind] += rows
         c["frames_sent"] += j - i
         c["bytes_sent"] += nbytes
+        c["data_writes"] += 1
 
     # -- HTTP endpoints -----------------------------------------------------------------------
 
@@ -674,6 +692,21 @@ class _Conn(asyncio.Protocol):
         except (ConnectionError, asyncio.CancelledError):
             pass
 
+    async def _pace(self, default_s: float) -> None:
+        """Wait before the next paced write: ``default_s`` on the event loop's timer, or
+        ``write_interval_us`` with a precise blocking sleep (the loop's timers have 1 ms
+        granularity). The blocking sleep is short and the loop runs between writes, so
+        pings and new connections are still served."""
+        us = self.sim.config.write_interval_us
+        if us > 0:
+            if not self.sim.precise_timers:
+                _precise_timers()
+                self.sim.precise_timers = True
+            time.sleep(us / 1e6)
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(default_s)
+
     async def _stream_pool(self, rate: float = 0.0) -> None:
         """Send slices of the pre-encoded pool: as fast as possible (rate 0), or paced.
 
@@ -694,8 +727,10 @@ class _Conn(asyncio.Protocol):
         stamper = sim._stamper
         view = memoryview(pool.data)
         n = len(pool)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # time.monotonic, not loop.time(): uvloop's clock moves in whole milliseconds,
+        # which would turn any pacing into 1 ms bursts.
+        clock = time.monotonic
+        started = clock()
         sent_here = 0
         while not self.closing:
             if self.paused:
@@ -703,9 +738,9 @@ class _Conn(asyncio.Protocol):
                 continue
             want = _CHUNK
             if rate > 0:
-                want = min(want, int((loop.time() - started) * rate) - sent_here)
+                want = min(want, int((clock() - started) * rate) - sent_here)
                 if want <= 0:
-                    await asyncio.sleep(0.0005)
+                    await self._pace(0.0005)
                     continue
             i = sim.cursor % n
             k = self._limit(min(want, n - i))
@@ -728,20 +763,22 @@ class _Conn(asyncio.Protocol):
     async def _stream_paced(self) -> None:
         sim = self.sim
         rate = sim.config.rate
-        loop = asyncio.get_running_loop()
+        # time.monotonic, not loop.time(): uvloop's clock moves in whole milliseconds,
+        # which would turn any pacing into 1 ms bursts.
+        clock = time.monotonic
         # Wake often enough for smooth pacing, rarely enough to stay cheap at low rates.
         tick = min(0.05, max(0.001, 16.0 / rate))
         step_us = max(1, int(1e6 / rate))
         stamp_send = sim.config.stamp_send
-        started = loop.time()
+        started = clock()
         sent_here = 0
         while not self.closing:
             if self.paused:
                 await self.resumed.wait()
                 continue
-            due = int((loop.time() - started) * rate) - sent_here
+            due = int((clock() - started) * rate) - sent_here
             if due <= 0:
-                await asyncio.sleep(tick)
+                await self._pace(tick)
                 continue
             k = self._limit(min(due, _CHUNK))
             if k == 0:
