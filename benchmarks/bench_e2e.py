@@ -30,8 +30,10 @@ import numpy as np
 import orjson
 
 from fastfeed import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE
+from fastfeed._decoder import now_us
 from fastfeed.config import load_settings
 from fastfeed.feed import Feed
+from fastfeed.latency import LatencyHistogram
 from fastfeed.sim.process import SimulatorProcess
 
 
@@ -70,9 +72,9 @@ def run_fastfeed(n: int, workers: int, tmp: str) -> dict[str, Any]:
 class _NaiveClient:
     """picows + orjson + row-by-row array filling, in one process (what a user would write)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, capacity: int | None = None) -> None:
         self.n = n
-        cap = n + 16
+        cap = (n if capacity is None else capacity) + 16
         self.ticks = np.empty(cap, TICK_DTYPE)
         self.quotes = np.empty(cap, QUOTE_DTYPE)
         self.bars = np.empty(cap * 2, BAR_DTYPE)
@@ -145,58 +147,191 @@ def run_naive(n: int, tmp: str) -> dict[str, Any]:
     return {"frames": client.frames, "seconds": t, "rate": client.frames / t, "lost_rows": 0, "dropped": 0}
 
 
-def run_latency(rate: int, seconds: float, busy: bool, tmp: str) -> dict[str, Any]:
-    with SimulatorProcess("--rate", str(rate)) as sim:
-        feed = Feed(settings(sim, tmp), workers=1, busy_poll=busy)
-        with feed:
-            # let the connection settle before recording
-            t_end = time.monotonic() + 1.0
-            while time.monotonic() < t_end:
-                feed.poll(timeout=0.01)
-            feed._latency.__init__()
-            t_end = time.monotonic() + seconds
-            while time.monotonic() < t_end:
-                feed.poll(timeout=0.01)
-            s = feed.stats()
+# Latency runs: the simulator stamps every tick with its send time (--stamp-send) and
+# writes every --write-interval-us (default 100 µs: 10 frames a write at 100 k/s; its event
+# loop's 1 ms timer alone sends bursts of 100). It runs at nice 19 on the first CPU, so
+# that it yields to the client under test rather than the other way round.
+LATENCY_CONFIGS: dict[str, dict[str, Any]] = {
+    "fastfeed, 1 worker, sleeping": dict(workers=1),
+    "fastfeed, inline, sleeping": dict(workers=0),
+    "fastfeed, inline, busy-poll, pinned": dict(workers=0, busy_poll=True, pinned=True),
+}
+NAIVE = "picows + orjson + arrays (1 process)"
+
+
+def _placement() -> tuple[set[int], set[int], set[int]]:
+    """CPUs for (simulator, network process, consumer): each its own when there are three
+    or more, else the simulator shares with the network process."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 3:
+        return {cpus[0]}, {cpus[1]}, {cpus[2]}
+    return {cpus[0]}, {cpus[0]}, {cpus[-1]}
+
+
+def _steal_ms() -> float:
+    """CPU time the hypervisor gave to other guests while ours waited (all CPUs, ms): on a
+    shared VM it shows up as multi-ms stalls in the latency tail."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def _start_latency_sim(rate: int, interval_us: int) -> SimulatorProcess:
+    sim = SimulatorProcess("--rate", str(rate), "--stamp-send", "--write-interval-us", str(interval_us))
+    os.sched_setaffinity(sim.proc.pid, _placement()[0])
+    os.setpriority(os.PRIO_PROCESS, sim.proc.pid, 19)
+    return sim
+
+
+def run_latency(rate: int, seconds: float, name: str, interval_us: int, tmp: str) -> dict[str, Any]:
+    """Per row: frame receipt (the network process's stamp) to the rows handed over in this
+    process; per tick: its send time (the simulator's stamp) to the same moment."""
+    opts = dict(LATENCY_CONFIGS[name])
+    pinned = opts.pop("pinned", False)
+    _, net, consumer = _placement()
+    if pinned:
+        opts.update(network_cpus=net, consumer_cpus=consumer)
+    mine = os.sched_getaffinity(0)
+    wire = LatencyHistogram()
+    try:
+        with _start_latency_sim(rate, interval_us) as sim:
+            feed = Feed(settings(sim, tmp), **opts)
+            with feed:
+                t_end = time.monotonic() + 1.0  # let the connection settle
+                while time.monotonic() < t_end:
+                    feed.poll(timeout=0.01)
+                feed._latency.__init__()
+                steal = _steal_ms()
+                t_end = time.monotonic() + seconds
+                while time.monotonic() < t_end:
+                    b = feed.poll(timeout=0.01)
+                    if b is not None:
+                        wire.record_rows(now_us(), b.ticks, "ts")
+                steal = _steal_ms() - steal
+                s = feed.stats()
+            sim.stop()
+    finally:
+        os.sched_setaffinity(0, mine)
+    return {"client": name, "rate": rate, "interval_us": interval_us, "rows": feed._latency.total,
+            "receipt": s["latency_us"], "wire": wire.summary(), "ticks": wire.total,
+            "dropped": s["dropped"], "steal_ms": steal}
+
+
+def run_naive_latency(rate: int, seconds: float, interval_us: int, tmp: str) -> dict[str, Any]:
+    """The single-process client's send-to-array latency: a tick's row is in the array when
+    ``on_frame`` returns. It runs on the CPU fastfeed's consumer gets."""
+    import picows
+    import uvloop
+
+    from fastfeed.auth import Authenticator
+
+    _, _, consumer = _placement()
+    mine = os.sched_getaffinity(0)
+    wire = LatencyHistogram()
+    with _start_latency_sim(rate, interval_us) as sim:
+        st = settings(sim, tmp)
+        token = Authenticator(st).get_token()
+        client = _NaiveClient(1 << 62, capacity=1 << 16)
+        record_from = time.monotonic() + 1.0
+        until = record_from + seconds
+
+        class Listener(picows.WSListener):
+            def on_ws_connected(self, transport: Any) -> None:
+                transport.send(picows.WSMsgType.TEXT, json.dumps({"email": "bench@example.com"}).encode())
+
+            def on_ws_frame(self, transport: Any, frame: Any) -> None:
+                if frame.msg_type != picows.WSMsgType.TEXT:
+                    return
+                nt = client.nt
+                client.on_frame(frame.get_payload_as_bytes())
+                if client.nt > nt and time.monotonic() >= record_from:
+                    wire.record_rows(now_us(), client.ticks[nt:client.nt], "ts")
+                if client.nt > len(client.ticks) - 64:
+                    client.nt = client.nq = client.nb = 0  # reuse the arrays: only times count here
+
+        async def main() -> None:
+            transport, _ = await picows.ws_connect(
+                Listener, st.ws_url, extra_headers={"X-ZUMO-AUTH": token.value})
+            await asyncio.sleep(until - time.monotonic())
+            transport.disconnect()
+
+        os.sched_setaffinity(0, consumer)
+        steal = _steal_ms()
+        try:
+            uvloop.run(main())
+            steal = _steal_ms() - steal
+        finally:
+            os.sched_setaffinity(0, mine)
         sim.stop()
-    return {"rate": rate, "busy_poll": busy, "rows": feed._latency.total, **s["latency_us"]}
+    return {"client": NAIVE, "rate": rate, "interval_us": interval_us, "rows": wire.total,
+            "receipt": None, "wire": wire.summary(), "ticks": wire.total, "dropped": 0,
+            "steal_ms": steal}
+
+
+def _lat_cell(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "– | –"
+    return f"{d['p50']:.0f} | {d['p99']:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--latency-seconds", type=float, default=4.0)
+    ap.add_argument("--rates", default="10000,100000,500000", help="latency rates, frames/s")
+    ap.add_argument("--write-interval-us", type=int, default=100,
+                    help="the simulator's write interval in the latency runs (0: its 1 ms timer)")
+    ap.add_argument("--bursts", action="store_true",
+                    help="also run the best configuration with the simulator's 1 ms bursts")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=("throughput", "latency"), help="run one part")
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     thr: dict[str, Any] = {}
     lat: list[dict[str, Any]] = []
+    rates = [int(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.only != "latency":
+            thr["fastfeed, inline (workers=0)"] = run_fastfeed(args.frames, 0, tmp)
             thr["fastfeed, 1 worker"] = run_fastfeed(args.frames, 1, tmp)
             thr["fastfeed, 2 workers"] = run_fastfeed(args.frames, 2, tmp)
-            thr["picows + orjson + arrays (1 process)"] = run_naive(args.frames, tmp)
+            thr[NAIVE] = run_naive(args.frames, tmp)
         if args.only != "throughput":
-            lat = [run_latency(r, args.latency_seconds, busy, tmp)
-                   for r in (10_000, 100_000, 500_000) for busy in (False, True)]
+            for r in rates:
+                for name in LATENCY_CONFIGS:
+                    lat.append(run_latency(r, args.latency_seconds, name, args.write_interval_us, tmp))
+                lat.append(run_naive_latency(r, args.latency_seconds, args.write_interval_us, tmp))
+            if args.bursts:
+                best = list(LATENCY_CONFIGS)[-1]
+                for r in rates:
+                    lat.append(run_latency(r, args.latency_seconds, best, 0, tmp))
+                    lat.append(run_naive_latency(r, args.latency_seconds, 0, tmp))
     out["throughput"] = thr
     out["latency"] = lat
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    sim_cpu, net, consumer = _placement()
     print(f"machine: {out['machine']}; {args.frames:,} frames per throughput run\n")
     if thr:
-        base = thr["picows + orjson + arrays (1 process)"]["rate"]
+        base = thr[NAIVE]["rate"]
         print("| client | frames/s | lost rows | dropped | vs. picows + orjson |")
         print("|---|---:|---:|---:|---:|")
         for name, r in thr.items():
             print(f"| {name} | {r['rate'] / 1e6:.2f} M | {r['lost_rows']} | {r['dropped']} | {r['rate'] / base:.2f}x |")
-    print("\n| rate (frames/s) | workers wait by | rows | p50 µs | p99 µs | p99.9 µs | max µs |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for r in lat:
-        print(f"| {r['rate']:,} | {'busy-poll' if r['busy_poll'] else 'sleeping'} | {r['rows']:,} | "
-              f"{r['p50']} | {r['p99']} | {r['p999']} | {r['max']} |")
+    if lat:
+        print(f"\nlatency: simulator on CPU {sorted(sim_cpu)} at nice 19; pinned = network process on "
+              f"CPU {sorted(net)}, consumer on CPU {sorted(consumer)}; {args.latency_seconds:g} s per row\n")
+        print("| rate (frames/s) | sim writes every | client | rows | receipt→consumer p50 | p99 µs "
+              "| send→consumer p50 | p99 µs | p99.9 µs | send p50 vs. picows + orjson | steal ms |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        naive = {(r["rate"], r["interval_us"]): r["wire"]["p50"] for r in lat if r["client"] == NAIVE}
+        for r in lat:
+            every = f"{r['interval_us']} µs" if r["interval_us"] else "1 ms"
+            base_p50 = naive.get((r["rate"], r["interval_us"]))
+            vs = f"{base_p50 / r['wire']['p50']:.2f}x" if base_p50 and r["wire"]["p50"] else "–"
+            print(f"| {r['rate']:,} | {every} | {r['client']} | {r['rows']:,} | {_lat_cell(r['receipt'])} | "
+                  f"{_lat_cell(r['wire'])} | {r['wire']['p999']:.0f} | {vs} | {r['steal_ms']:.0f} |")
     return 0
 
 

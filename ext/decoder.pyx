@@ -7,6 +7,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free
 from libc.string cimport memchr, memcpy, memset
 
+cimport cython
 cimport numpy as cnp
 
 import collections
@@ -211,6 +212,7 @@ cdef class SymbolTable:
         return f"SymbolTable({len(self)} of {self.capacity})"
 
 
+@cython.no_gc
 cdef class Batch:
     """What one ``decode`` call produced.
 
@@ -220,12 +222,28 @@ cdef class Batch:
     was not market data.  ``frames``: how many frames went in.
     """
 
+    # Not tracked by the garbage collector, and the two lists are made only when there is
+    # something to put in them or someone asks: a consumer taking thousands of batches a
+    # second would otherwise trigger collections, whose pauses (ms, with a big heap) land
+    # on the latency tail. A batch cannot be part of a cycle unless a caller builds one.
     cdef readonly object ticks
     cdef readonly object quotes
     cdef readonly object bars
-    cdef readonly list errors
-    cdef readonly list control
+    cdef list _errors
+    cdef list _control
     cdef readonly Py_ssize_t frames
+
+    @property
+    def errors(self) -> list:
+        if self._errors is None:
+            self._errors = []
+        return self._errors
+
+    @property
+    def control(self) -> list:
+        if self._control is None:
+            self._control = []
+        return self._control
 
     @property
     def rows(self) -> int:
@@ -254,20 +272,17 @@ cdef object _take(ff_vec *v, cnp.dtype dtype):
     return a
 
 
-cdef const int64_t *_i64_data(object arr, Py_ssize_t n, str what, list keep) except NULL:
-    """A pointer to at least ``n`` int64 values of ``arr``; converts (and keeps the copy
-    alive in ``keep``) only when it is not already a contiguous int64 array."""
-    cdef cnp.ndarray a
+cdef cnp.ndarray _as_i64(object arr, Py_ssize_t n, str what):
+    """``arr`` itself when it is a contiguous one-dimensional int64 array (the common case,
+    no allocation), else a converted copy; at least ``n`` long."""
     if (type(arr) is not np.ndarray or (<cnp.ndarray>arr).descr.type_num != cnp.NPY_INT64
             or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr) or (<cnp.ndarray>arr).ndim != 1):
         arr = np.ascontiguousarray(arr, dtype=np.int64)
         if (<cnp.ndarray>arr).ndim != 1:
             raise ValueError(f"{what} must be one-dimensional")
-        keep.append(arr)
-    a = <cnp.ndarray>arr
-    if a.shape[0] < n:
+    if (<cnp.ndarray>arr).shape[0] < n:
         raise ValueError(f"count {n} exceeds the offsets/lengths/recv_ts arrays")
-    return <const int64_t *>cnp.PyArray_DATA(a)
+    return <cnp.ndarray>arr
 
 
 cdef class Decoder:
@@ -281,6 +296,8 @@ cdef class Decoder:
     """
 
     cdef ff_dec d
+    cdef list _errors   # of the decode in progress; None until the first one
+    cdef list _control
     cdef readonly SymbolTable symbols
     cdef readonly SymbolTable statuses
     cdef readonly SymbolTable bar_types
@@ -314,29 +331,45 @@ cdef class Decoder:
         free(self.d.bars.data)
         free(self.d.scratch)
 
-    cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts, Py_ssize_t index,
-                         list errors, list control) except -1:
+    cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts,
+                         Py_ssize_t index) except -1:
         if ff_decode_frame(&self.d, p, n, recv_ts) == 0:
             if self.d.saw_control:
-                control.append(PyBytes_FromStringAndSize(<const char *>p, n))
+                if self._control is None:
+                    self._control = []
+                self._control.append(PyBytes_FromStringAndSize(<const char *>p, n))
             return 0
         reason = (<bytes>self.d.err).decode("utf-8", "replace")
-        errors.append((index, reason))
+        if self._errors is None:
+            self._errors = []
+        self._errors.append((index, reason))
         if self.last_errors.maxlen:
             self.last_errors.append((reason, PyBytes_FromStringAndSize(<const char *>p, n)))
         return 0
 
-    cdef Batch _finish(self, Py_ssize_t frames, list errors, list control):
+    cdef inline void _start(self):
+        # Also drops rows a decode that raised half-way left behind.
+        self.d.ticks.len = 0
+        self.d.quotes.len = 0
+        self.d.bars.len = 0
+        self._errors = None
+        self._control = None
+
+    cdef Batch _finish(self, Py_ssize_t frames):
         cdef Batch b = Batch.__new__(Batch)
         b.ticks = _take(&self.d.ticks, TICK_DTYPE)
         b.quotes = _take(&self.d.quotes, QUOTE_DTYPE)
         b.bars = _take(&self.d.bars, BAR_DTYPE)
-        b.errors = errors
-        b.control = control
+        b._errors = self._errors
+        b._control = self._control
         b.frames = frames
         self.frames_total += frames
-        self.errors_total += len(errors)
-        self.control_total += len(control)
+        if self._errors is not None:
+            self.errors_total += len(self._errors)
+        if self._control is not None:
+            self.control_total += len(self._control)
+        self._errors = None
+        self._control = None
         self.rows_total += len(b.ticks) + len(b.quotes) + len(b.bars)
         return b
 
@@ -346,8 +379,7 @@ cdef class Decoder:
         ``recv_ts``: the receive time stamped on every row, int64 µs since the
         epoch: ``None`` for now, one int for all frames, or one per frame.
         """
-        cdef list errors = []
-        cdef list control = []
+        self._start()
         cdef Py_ssize_t i, n
         cdef Py_buffer view
         cdef int64_t ts
@@ -363,24 +395,23 @@ cdef class Decoder:
             f = frames[i]
             if PyBytes_CheckExact(f):
                 self._one(<const uint8_t *>PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f), ts, i,
-                          errors, control)
+                          )
             else:
                 if isinstance(f, str):
                     raise TypeError(f"frame {i} is a str; frames must be bytes-like (UTF-8)")
                 PyObject_GetBuffer(f, &view, PyBUF_SIMPLE)
                 try:
-                    self._one(<const uint8_t *>view.buf, view.len, ts, i, errors, control)
+                    self._one(<const uint8_t *>view.buf, view.len, ts, i)
                 finally:
                     PyBuffer_Release(&view)
-        return self._finish(n, errors, control)
+        return self._finish(n)
 
     def decode_buffer(self, data, recv_ts=None) -> Batch:
         """Decode newline-delimited JSON (one frame per line; blank lines skipped).
 
         Frame indices in ``errors`` count the non-blank lines from 0.
         """
-        cdef list errors = []
-        cdef list control = []
+        self._start()
         cdef Py_buffer view
         cdef const uint8_t *p
         cdef const uint8_t *e
@@ -400,12 +431,12 @@ cdef class Decoder:
                 while q < nl and (q[0] == b' ' or q[0] == b'\t' or q[0] == b'\r'):
                     q += 1
                 if q < nl:
-                    self._one(p, nl - p, ts, index, errors, control)
+                    self._one(p, nl - p, ts, index)
                     index += 1
                 p = nl + 1
         finally:
             PyBuffer_Release(&view)
-        return self._finish(index, errors, control)
+        return self._finish(index)
 
     def decode_region(self, buffer, offsets, lengths, recv_ts, Py_ssize_t count=-1) -> Batch:
         """Decode frames that lie in one memory region, with no object per frame.
@@ -414,26 +445,27 @@ cdef class Decoder:
         ``recv_ts[i]`` (µs); the first ``count`` entries are used (all when -1).
         This is the entry point for workers reading straight out of a ring.
         """
-        cdef list errors = []
-        cdef list control = []
-        cdef list keep = []
+        self._start()
         cdef Py_buffer view
         cdef Py_ssize_t i
         if count < 0:
             count = len(offsets)
-        cdef const int64_t *off = _i64_data(offsets, count, "offsets", keep)
-        cdef const int64_t *ln = _i64_data(lengths, count, "lengths", keep)
-        cdef const int64_t *ts = _i64_data(recv_ts, count, "recv_ts", keep)
+        offsets = _as_i64(offsets, count, "offsets")
+        lengths = _as_i64(lengths, count, "lengths")
+        recv_ts = _as_i64(recv_ts, count, "recv_ts")
+        cdef const int64_t *off = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>offsets)
+        cdef const int64_t *ln = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>lengths)
+        cdef const int64_t *ts = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>recv_ts)
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         try:
             for i in range(count):
                 if off[i] < 0 or ln[i] < 0 or off[i] + ln[i] > view.len:
                     raise ValueError(
                         f"frame {i} ({off[i]}+{ln[i]}) lies outside the buffer of {view.len} bytes")
-                self._one(<const uint8_t *>view.buf + off[i], ln[i], ts[i], i, errors, control)
+                self._one(<const uint8_t *>view.buf + off[i], ln[i], ts[i], i)
         finally:
             PyBuffer_Release(&view)
-        return self._finish(count, errors, control)
+        return self._finish(count)
 
     def stats(self) -> dict:
         """Totals since the decoder was made."""

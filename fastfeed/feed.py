@@ -253,12 +253,18 @@ class Feed:
         now = now_us()
         d = self._delivered
         d["batches"] += 1
-        parts = b.parts if isinstance(b, OutputBatch) else (
-            ("ticks", b.ticks), ("quotes", b.quotes), ("bars", b.bars))
-        for kind, arr in parts:
-            d[kind] += len(arr)
-            if len(arr):
+        if isinstance(b, OutputBatch):
+            for kind, arr in b.parts:
+                d[kind] += len(arr)
                 self._latency.record_rows(now, arr)
+        else:
+            d["ticks"] += len(b.ticks)
+            d["quotes"] += len(b.quotes)
+            d["bars"] += len(b.bars)
+            rec = self._latency.record_rows
+            rec(now, b.ticks)
+            rec(now, b.quotes)
+            rec(now, b.bars)
 
     def poll(self, timeout: float = 0.05) -> Any:
         """The next decoded batch, or None if none arrived within ``timeout`` seconds.
