@@ -194,22 +194,28 @@ class FeedSession:
             except AuthError as exc:
                 log.warning("background token renewal failed, will retry: %s", exc)
 
+    async def _login(self, step: Callable[[], Any], backoff: Backoff) -> Any:
+        """Run a blocking login step in the executor. Bad credentials end the session; any
+        other failure is logged and waited out (None: the caller retries)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, step)
+        except CredentialsError:
+            raise
+        except AuthError as exc:
+            self.last_error = str(exc)
+            log.warning("login failed, will retry: %s", exc)
+            await self._sleep(backoff.next())
+            return None
+
     async def _run(self) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         backoff = Backoff(s.backoff_first, s.backoff_cap, s.backoff_reset_after)
         renewed_after_refusal = False
         while not self._stop.is_set():
             renewals = self.auth.renewals
-            try:
-                # The login is blocking HTTP (cold path): keep it off the event loop.
-                token = await loop.run_in_executor(None, self.auth.get_token)
-            except CredentialsError:
-                raise
-            except AuthError as exc:
-                self.last_error = str(exc)
-                log.warning("login failed, will retry: %s", exc)
-                await self._sleep(backoff.next())
+            # The login is blocking HTTP (cold path): keep it off the event loop.
+            token = await self._login(self.auth.get_token, backoff)
+            if token is None:
                 continue
             fresh = renewed_after_refusal or self.auth.renewals > renewals
             renewed_after_refusal = False
@@ -222,14 +228,7 @@ class FeedSession:
                         f"({self.last_error}); check the account's feed entitlement",
                         status=401)
                 # Expired or revoked: log in again (both steps) once, then retry at once.
-                try:
-                    await loop.run_in_executor(None, self.auth.renew, token)
-                except CredentialsError:
-                    raise
-                except AuthError as exc:
-                    self.last_error = str(exc)
-                    log.warning("login failed, will retry: %s", exc)
-                    await self._sleep(backoff.next())
+                if await self._login(lambda t=token: self.auth.renew(t), backoff) is None:
                     continue
                 renewed_after_refusal = True
                 continue

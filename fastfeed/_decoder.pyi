@@ -1,0 +1,76 @@
+"""Type stub for the extension fastfeed._decoder (sources: ext/decoder.pyx, ext/decode.h,
+ext/symtab.h)."""
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer
+
+TICK_DTYPE: np.dtype[np.void]
+QUOTE_DTYPE: np.dtype[np.void]
+BAR_DTYPE: np.dtype[np.void]
+NAT: int
+
+def now_us() -> int:
+    """The current CLOCK_REALTIME time in int64 microseconds, as stamped on frames."""
+
+class SymbolTable:
+    """An append-only table of codes to int ids, private or laid over shared memory."""
+
+    def __init__(self, buffer: Buffer | None = None, *, capacity: int = 65536,
+                 reserve_empty: bool = False) -> None: ...
+    @staticmethod
+    def nbytes(capacity: int = 65536) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> str: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def intern(self, code: str) -> int: ...
+    def to_list(self) -> list[str]: ...
+
+class Batch:
+    """What one decode call produced; the arrays belong to the batch."""
+
+    @property
+    def ticks(self) -> npt.NDArray[np.void]: ...
+    @property
+    def quotes(self) -> npt.NDArray[np.void]: ...
+    @property
+    def bars(self) -> npt.NDArray[np.void]: ...
+    @property
+    def errors(self) -> list[tuple[int, str]]: ...
+    @property
+    def control(self) -> list[bytes]: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+
+class Decoder:
+    """Configure once, decode many batches."""
+
+    symbols: SymbolTable
+    statuses: SymbolTable
+    bar_types: SymbolTable
+    last_errors: deque[tuple[str, bytes]]
+    frames_total: int
+    errors_total: int
+    control_total: int
+    rows_total: int
+
+    def __init__(self, *, symbols: SymbolTable | None = None, statuses: SymbolTable | None = None,
+                 bar_types: SymbolTable | None = None, error_store: int = 100) -> None: ...
+    def decode(self, frames: Iterable[Buffer], recv_ts: int | Sequence[int] | npt.ArrayLike | None = None,
+               ) -> Batch: ...
+    def decode_buffer(self, data: Buffer, recv_ts: int | None = None) -> Batch: ...
+    def decode_region(self, buffer: Buffer, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
+                      recv_ts: npt.ArrayLike, count: int = -1) -> Batch: ...
+    def stats(self) -> dict[str, Any]: ...
+
+def record_latency(counts: npt.NDArray[np.int64], now: int, rows: npt.NDArray[np.void],
+                   log_growth: float, field: str = "recv_ts") -> tuple[int, int]:
+    """Add ``now - rows[field]`` of every row to log-spaced latency buckets; (rows, max)."""
