@@ -91,6 +91,19 @@ def test_stream_json_counts_match_the_simulator(tmp_path):
     assert "fastfeed-sim-secret" not in r.stdout + r.stderr
 
 
+def test_stream_inline_busy_poll_counts_match_the_simulator(tmp_path):
+    n = 50_000
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        args = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        r = _stream(args, n, "--workers", "0", "--busy-poll")
+        sent = sim.stop()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == n
+    assert (out["ticks"], out["quotes"], out["bars"]) == (sent["ticks"], sent["quotes"], sent["bars"])
+    assert (out["errors"], out["dropped"], out["gaps"]) == (0, 0, 0)
+
+
 def _stream(args: dict, n: int, *extra: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
