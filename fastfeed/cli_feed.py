@@ -23,7 +23,8 @@ from typing import Any
 from .cli import EXIT_USAGE, CommandError, add_settings_arguments
 
 SUMMARY_KEYS = ("frames", "ticks", "quotes", "bars", "errors", "control", "dropped", "gaps",
-                "reconnects", "auth_renewals", "worker_restarts", "elapsed_s", "latency_us")
+                "reconnects", "auth_renewals", "worker_restarts", "poisoned", "elapsed_s",
+                "latency_us")
 
 
 # -- live display --------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class Display:
         t.add_column("total", justify="right")
         for k in ("frames", "ticks", "quotes", "bars"):
             t.add_row(k, f"{rates[k]:,.0f}", f"{s[k]:,}")
-        for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts"):
+        for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts", "poisoned"):
             t.add_row(k, "", f"{s[k]:,}")
         t.add_row("latency µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
         if self.latest and symbols is not None:

@@ -447,6 +447,7 @@ class Feed:
         out["reconnects"] = session.get("reconnects", 0)
         out["auth_renewals"] = session.get("auth_renewals", 0)
         out["worker_restarts"] = sum(w.restarts for w in workers)
+        out["poisoned"] = sum(w.poisoned for w in workers)
         out["received"] = session.get("frames", 0)
         out["delivered"] = dict(self._delivered)
         out["latency_us"] = self._latency.summary()

@@ -25,6 +25,7 @@ _COUNTERS = {
     "reconnects": "reconnections of the network process",
     "auth_renewals": "feed token renewals",
     "worker_restarts": "decoder workers restarted",
+    "poisoned": "frames set aside after killing a worker repeatedly",
 }
 
 

@@ -64,11 +64,11 @@ _KIND_NAMES = {OUTPUT_TICKS: "ticks", OUTPUT_QUOTES: "quotes", OUTPUT_BARS: "bar
 # reserved. 32 bytes keep the rows behind it 8-byte aligned, as the ring's records are.
 _OUT_HDR = struct.Struct("<QQIIQ")
 
-# State segment: one 128-byte row (16 int64) per worker after a global row and the output
+# State segment: one 256-byte row (32 int64) per worker after a global row and the output
 # doorbell's row, so workers never write to the same cache line.
-_COLS = 16
+_COLS = 32
 G_STOP = 0  # 0 run, 1 drain then exit, 2 exit after the current batch
-_BELL_OFFSET = 128  # row 1: the doorbell workers ring after publishing output
+_BELL_OFFSET = _COLS * 8  # row 1: the doorbell workers ring after publishing output
 _W0 = 2  # row of worker 0
 F_PID = 0
 F_RESTARTS = 1
@@ -86,6 +86,14 @@ F_PENDING_END = 12  # end seq of the batch being published (> DONE only mid-publ
 F_HEARTBEAT = 13  # CLOCK_MONOTONIC ns of the worker's last loop
 F_SKIPPED = 14  # records skipped after a restart because they had been handled
 F_OUT_DROPPED = 15  # output records the output ring dropped (its policy)
+# Poison frames: a frame that kills the worker every time (a crash in a handler's C code,
+# say) would otherwise make it restart forever while its ring fills up.
+F_CRASH_SEQ = 16  # DONE_SEQ when the worker last died
+F_CRASHES = 17  # deaths in a row at that DONE_SEQ (the worker zeroes it once past it)
+F_POISONED = 18  # frames set aside because they killed the worker POISON_DEATHS times
+F_PUB_END = 19  # end seq of the range whose output publishing began (== PENDING_END: begun)
+F_CRASH_END = 20  # end seq of the range being handled at that death: isolate up to here
+POISON_DEATHS = 3
 S_IDLE, S_RUNNING, S_EXITED = 0, 1, 2
 
 _pool_ids = itertools.count()
@@ -133,6 +141,7 @@ class WorkerStats:
     done_seq: int
     skipped: int
     output_dropped: int
+    poisoned: int
 
 
 def _symbol_layout(symbol_capacity: int, small_capacity: int) -> tuple[list[tuple[int, int]], int]:
@@ -196,6 +205,12 @@ def _worker_main(spec: _WorkerSpec) -> None:
     row[F_PID] = os.getpid()
     row[F_STATE] = S_RUNNING
     gc.freeze()  # keep the collector's full passes short: they pause decoding
+    # After two deaths at the same place, take one frame at a time until past it, so that
+    # the frame that kills the worker is found; at the third death it is set aside. Only
+    # when the range being handled had published nothing: otherwise it must be handled
+    # again exactly as before (see _process_batch), and the death was not in decoding.
+    isolate = (int(row[F_CRASHES]) >= POISON_DEATHS - 1
+               and int(row[F_PUB_END]) < int(row[F_PENDING_END]))
     try:
         while True:
             row[F_HEARTBEAT] = time.monotonic_ns()
@@ -204,14 +219,22 @@ def _worker_main(spec: _WorkerSpec) -> None:
             if flag == 2:
                 break
             # While stopping, poll without waiting: an empty ring means drained.
-            batch = ring.read_batch(spec.batch_size, timeout=0 if stopping else 0.05)
+            batch = ring.read_batch(1 if isolate else spec.batch_size,
+                                    timeout=0 if stopping else 0.05)
             if batch is None:
                 if stopping:
                     break
                 if os.getppid() != spec.parent_pid:
                     break  # orphaned: the parent died; its segments are cleaned at next start
                 continue
+            if isolate and _set_aside(spec, batch, row):
+                batch.release()
+                continue
             _process_batch(spec, batch, dec, row, out, bell, capture)
+            if row[F_CRASHES] and row[F_DONE_SEQ] > row[F_CRASH_SEQ]:
+                row[F_CRASHES] = 0  # past the place it died at
+            if isolate and row[F_DONE_SEQ] >= row[F_CRASH_END]:
+                isolate = False  # past the whole range it died in
             if spec.fault is not None and spec.fault[0] == "before_release":
                 _maybe_crash(spec.fault[1])
             batch.release()
@@ -225,6 +248,25 @@ def _worker_main(spec: _WorkerSpec) -> None:
         ring.close()
         sym_seg.close()
         state_seg.close()
+
+
+def _set_aside(spec: _WorkerSpec, batch: Any, row: np.ndarray) -> bool:
+    """In isolation (one frame per batch): if this is the frame the worker died at
+    POISON_DEATHS times, count it, report it on stderr and mark it handled. True if so."""
+    seq = int(batch.seqs[0])
+    if int(row[F_CRASHES]) < POISON_DEATHS or seq != int(row[F_CRASH_SEQ]):
+        return False
+    off, n = int(batch.offsets[0]), int(batch.lengths[0])
+    head = bytes(batch.buffer[off : off + min(n, 120)])
+    print(f"fastfeed worker {spec.index}: frame seq {seq} ({n} bytes) killed the worker "
+          f"{int(row[F_CRASHES])} times; set aside, counted as poisoned: {head!r}",
+          file=sys.stderr, flush=True)
+    row[F_POISONED] += 1
+    row[F_PENDING_END] = seq + 1
+    row[F_PUB_END] = seq + 1
+    row[F_DONE_SEQ] = seq + 1
+    row[F_CRASHES] = 0
+    return True
 
 
 def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out: Ring | None,
@@ -266,6 +308,7 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
                 row[F_HANDLER_ERRORS] += 1
                 traceback.print_exc(file=sys.stderr)
         if out is not None:
+            row[F_PUB_END] = end_seq  # from here on, this range must be repeated identically
             _publish(out, spec.index, first_seq, end_seq, res, row)
             if bell is not None:
                 bell.ring()  # wake the parent if it sleeps in wait_output()
@@ -618,6 +661,7 @@ class WorkerPool:
                     self._procs[i] = None
                     assert self._state is not None
                     self._state[_W0 + i, F_STATE] = S_EXITED
+                    self._note_death(i)
                     if not self.restart:
                         continue
                     quick = now - self._started_at[i] < 1.0
@@ -630,6 +674,18 @@ class WorkerPool:
                         assert self._state is not None
                         self._state[_W0 + i, F_RESTARTS] += 1
                         self._spawn(i)
+
+    def _note_death(self, i: int) -> None:
+        """Count deaths in a row at the same stream position (see POISON_DEATHS)."""
+        assert self._state is not None
+        row = self._state[_W0 + i]
+        done = int(row[F_DONE_SEQ])
+        if int(row[F_CRASHES]) and int(row[F_CRASH_SEQ]) == done:
+            row[F_CRASHES] += 1
+        else:
+            row[F_CRASH_SEQ] = done
+            row[F_CRASHES] = 1
+        row[F_CRASH_END] = max(int(row[F_PENDING_END]), done + 1)
 
     def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
         """Stop the workers. With ``drain`` each first handles everything already in its ring
@@ -658,6 +714,7 @@ class WorkerPool:
                 # drained in answer to the stop flag).
                 p.join()
                 self._procs[i] = None
+                self._note_death(i)
         if drain and self.restart:
             # A worker that died and awaits its restart still has frames in its ring: start it
             # now; it sees the stop flag and drains.
@@ -668,8 +725,10 @@ class WorkerPool:
                     self._spawn(i)
         deadline = time.monotonic() + timeout
         clean = True
+        # Enough lives for a poison frame to be found and set aside while draining.
+        lives = POISON_DEATHS + 1
         for i in range(len(self._procs)):
-            for attempt in range(3):
+            for attempt in range(lives + 1):
                 p = self._procs[i]
                 if p is None:
                     break
@@ -691,7 +750,8 @@ class WorkerPool:
                     break
                 # It died during the stop (a kill that landed just before it, a crash):
                 # its ring may still hold frames, so a fresh worker drains them.
-                if drain and self.restart and attempt < 2:
+                self._note_death(i)
+                if drain and self.restart and attempt < lives:
                     assert self._state is not None
                     self._state[_W0 + i, F_RESTARTS] += 1
                     self._spawn(i)
@@ -861,7 +921,8 @@ class WorkerPool:
                 frames=int(r[F_FRAMES]), ticks=int(r[F_TICKS]), quotes=int(r[F_QUOTES]),
                 bars=int(r[F_BARS]), errors=int(r[F_ERRORS]), control=int(r[F_CONTROL]),
                 handler_errors=int(r[F_HANDLER_ERRORS]), done_seq=int(r[F_DONE_SEQ]),
-                skipped=int(r[F_SKIPPED]), output_dropped=int(r[F_OUT_DROPPED])))
+                skipped=int(r[F_SKIPPED]), output_dropped=int(r[F_OUT_DROPPED]),
+                poisoned=int(r[F_POISONED])))
         return out
 
     def pids(self) -> list[int | None]:

@@ -434,3 +434,31 @@ def test_inline_pool_has_one_ring_and_no_process():
         assert (s.frames, s.ticks, s.errors, s.pid) == (2, 1, 1, os.getpid())
     with pytest.raises(RuntimeError, match="inline=True"):
         WorkerPool(1).read_inline()
+
+
+def die_on_volume(volume: float, worker: int, batch: object) -> None:
+    """Handler: the worker dies (SIGKILL, as a crash in C code would) on one frame."""
+    ticks = batch.ticks  # type: ignore[attr-defined]
+    if len(ticks) and (ticks["volume"] == volume).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_frame_that_kills_the_worker_every_time_is_set_aside(capfd: pytest.CaptureFixture) -> None:
+    n, bad = 3000, 1234
+    with WorkerPool(1, handler=functools.partial(die_on_volume, float(bad)), full_policy="block",
+                    output_policy="block", batch_size=256) as pool:
+        rows: list[tuple[int, np.ndarray]] = []
+        push(pool, 0, n)
+        deadline = time.monotonic() + JOIN_S
+        while (st := pool.stats()[0]).frames + st.poisoned < n:
+            assert time.monotonic() < deadline, st
+            collect(pool, rows, timeout=0.01)
+        assert pool.stop() is True
+        collect(pool, rows)
+        st = pool.stats()[0]
+    vols = np.sort(np.concatenate([t for _, t in rows])["volume"].astype(np.int64))
+    # every other frame exactly once, in spite of the deaths around the bad one
+    assert np.array_equal(vols, np.delete(np.arange(n), bad))
+    assert st.poisoned == 1 and st.restarts >= 3 and st.frames == n - 1
+    err = capfd.readouterr().err
+    assert "killed the worker 3 times; set aside" in err and b'"v":1234.0' in err.encode()
