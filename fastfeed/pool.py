@@ -191,8 +191,10 @@ def _worker_main(spec: _WorkerSpec) -> None:
     ring = Ring.attach(spec.ring_name, busy_poll=spec.busy_poll)
     out = Ring.attach(spec.output_name) if spec.output_name else None
     assert state_seg.buf is not None and sym_seg.buf is not None
-    state = np.ndarray((state_seg.size // 8 // _COLS, _COLS), np.int64, state_seg.buf)
-    row = state[_W0 + spec.index]
+    # int64 cells as a memoryview: reading and bumping one gives a Python int, several times
+    # cheaper than a NumPy scalar, and the worker does it a dozen times per batch.
+    cells = state_seg.buf.cast("q")
+    row = _row_cells(cells, spec.index)
     bell = Doorbell(state_seg.buf, _BELL_OFFSET)
     tables = _tables(sym_seg.buf, spec.symbol_capacity, spec.small_capacity)
     dec = Decoder(symbols=tables[0], statuses=tables[1], bar_types=tables[2])
@@ -214,7 +216,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
     try:
         while True:
             row[F_HEARTBEAT] = time.monotonic_ns()
-            flag = int(state[0, G_STOP])
+            flag = cells[G_STOP]
             stopping = stop.requested or flag != 0
             if flag == 2:
                 break
@@ -242,7 +244,9 @@ def _worker_main(spec: _WorkerSpec) -> None:
         if capture is not None:
             capture.close()
         row[F_STATE] = S_EXITED
-        del row, state, dec, tables, bell
+        row.release()
+        cells.release()
+        del dec, tables, bell
         if out is not None:
             out.close()
         ring.close()
@@ -250,7 +254,12 @@ def _worker_main(spec: _WorkerSpec) -> None:
         state_seg.close()
 
 
-def _set_aside(spec: _WorkerSpec, batch: Any, row: np.ndarray) -> bool:
+def _row_cells(cells: memoryview, worker: int) -> memoryview:
+    """Worker ``worker``'s row of the state segment, as int64 cells."""
+    return cells[(_W0 + worker) * _COLS : (_W0 + worker + 1) * _COLS]
+
+
+def _set_aside(spec: _WorkerSpec, batch: Any, row: Any) -> bool:
     """In isolation (one frame per batch): if this is the frame the worker died at
     POISON_DEATHS times, count it, report it on stderr and mark it handled. True if so."""
     seq = int(batch.seqs[0])
@@ -269,7 +278,7 @@ def _set_aside(spec: _WorkerSpec, batch: Any, row: np.ndarray) -> bool:
     return True
 
 
-def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out: Ring | None,
+def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring | None,
                    bell: Doorbell | None = None, capture: Any = None) -> None:
     """Decode one ring batch, run the handler, publish the output; advance the watermark.
 
@@ -284,7 +293,8 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
     seqs = batch.seqs
     n = len(seqs)
     done = int(row[F_DONE_SEQ])
-    start = int(np.searchsorted(seqs, np.uint64(done))) if done else 0
+    # Searches only after a restart: normally the batch starts where the last one ended.
+    start = 0 if int(seqs[0]) >= done else int(np.searchsorted(seqs, np.uint64(done)))
     row[F_SKIPPED] += start
     while start < n:
         pending = int(row[F_PENDING_END])
@@ -294,9 +304,14 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
         end_seq = int(seqs[stop - 1]) + 1
         first_seq = int(seqs[start])
         row[F_PENDING_END] = end_seq
-        res = dec.decode_region(
-            batch.buffer, batch.offsets[start:stop], batch.lengths[start:stop],
-            batch.recv_ts[start:stop])
+        e0, c0 = dec.errors_total, dec.control_total
+        if start == 0:
+            res = dec.decode_region(batch.buffer, batch.offsets, batch.lengths, batch.recv_ts,
+                                    stop)
+        else:
+            res = dec.decode_region(
+                batch.buffer, batch.offsets[start:stop], batch.lengths[start:stop],
+                batch.recv_ts[start:stop])
         if capture is not None:
             capture.write_batch(batch, start, stop)
         if spec.handler is not None:
@@ -319,8 +334,8 @@ def _process_batch(spec: _WorkerSpec, batch: Any, dec: Any, row: np.ndarray, out
         row[F_TICKS] += len(res.ticks)
         row[F_QUOTES] += len(res.quotes)
         row[F_BARS] += len(res.bars)
-        row[F_ERRORS] += len(res.errors)
-        row[F_CONTROL] += len(res.control)
+        row[F_ERRORS] += dec.errors_total - e0  # len(res.errors) would make a list
+        row[F_CONTROL] += dec.control_total - c0
         row[F_DONE_SEQ] = end_seq
         done = end_seq
         start = stop
@@ -335,7 +350,7 @@ def _maybe_crash(marker: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: np.ndarray) -> None:
+def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any) -> None:
     """Write each non-empty array of a decoded batch to the output ring, chunked to fit."""
     room = out.max_payload - _OUT_HDR.size
     for kind, arr in ((OUTPUT_TICKS, res.ticks), (OUTPUT_QUOTES, res.quotes), (OUTPUT_BARS, res.bars)):
@@ -372,9 +387,10 @@ class _Inline:
     def __init__(self, pool: WorkerPool) -> None:
         from fastfeed._decoder import Decoder
 
-        assert pool._state is not None
+        assert pool._state_seg is not None and pool._state_seg.buf is not None
         self.ring = pool.rings[0]
-        self.row = pool._state[_W0]
+        self.cells = pool._state_seg.buf.cast("q")
+        self.row: Any = _row_cells(self.cells, 0)
         self.batch_size = pool.batch_size
         self.busy_poll = pool.busy_poll
         self.handler = pool.handler
@@ -422,7 +438,11 @@ class _Inline:
         if self.capture is not None:
             self.capture.close()
             self.capture = None
-        self.row[F_STATE] = S_EXITED
+        if self.row is not None:
+            self.row[F_STATE] = S_EXITED
+            self.row.release()  # the segment cannot be closed while a view of it is out
+            self.cells.release()
+            self.row = None
 
 
 # -------------------------------------------------------------------------------------------

@@ -105,24 +105,28 @@ class ParquetSink:
         import pyarrow.parquet as pq
 
         table = to_arrow(arr, *tables)
-        w = self._writers.get(kind)
-        if w is not None:
+        # Slices (zero-copy) so that no file passes roll_rows, however large the batches.
+        while table.num_rows:
+            w = self._writers.get(kind)
+            if w is not None:
+                opened, rows = self._opened[kind]
+                if rows >= self.roll_rows or time.monotonic() - opened >= self.roll_seconds \
+                        or w.schema != table.schema:
+                    w.close()
+                    w = None
+            if w is None:
+                self._seq[kind] += 1
+                path = self.out / f"{kind}-{self._seq[kind]:06d}.parquet"
+                w = pq.ParquetWriter(path, table.schema, compression=self.compression)
+                self._writers[kind] = w
+                self._opened[kind] = (time.monotonic(), 0)
+                self.files.append(path)
             opened, rows = self._opened[kind]
-            if rows >= self.roll_rows or time.monotonic() - opened >= self.roll_seconds \
-                    or w.schema != table.schema:
-                w.close()
-                w = None
-        if w is None:
-            self._seq[kind] += 1
-            path = self.out / f"{kind}-{self._seq[kind]:06d}.parquet"
-            w = pq.ParquetWriter(path, table.schema, compression=self.compression)
-            self._writers[kind] = w
-            self._opened[kind] = (time.monotonic(), 0)
-            self.files.append(path)
-        w.write_table(table)
-        opened, rows = self._opened[kind]
-        self._opened[kind] = (opened, rows + len(arr))
-        self.rows_written[kind] += len(arr)
+            room = max(1, self.roll_rows - rows)
+            part, table = table.slice(0, room), table.slice(room)
+            w.write_table(part)
+            self._opened[kind] = (opened, rows + part.num_rows)
+            self.rows_written[kind] += part.num_rows
 
     def close(self) -> None:
         """Write what is queued, close the files; re-raise a writer error."""
