@@ -13,7 +13,8 @@ import numpy as np
 
 from cpython.buffer cimport (PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release,
                               PyObject_GetBuffer)
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -179,6 +180,34 @@ cdef class Batch:
             raise IndexError(i)
         cdef int64_t off = self._ring._off_p[i]
         return self._ring._data_view[off:off + self._ring._len_p[i]]
+
+    def pack(self, Py_ssize_t start=0, Py_ssize_t stop=-1, uint32_t tag=0) -> bytes:
+        """Records [start, stop) (stop -1: to the end) as one ``bytes``, each record as
+        ``u32 length | u32 tag | i64 recv_ts | u64 seq | payload``, little-endian, unpadded:
+        the record layout of a fastfeed capture file. One pass in C, where a Python loop
+        over the records costs about 0.5 µs each."""
+        self._check()
+        if stop < 0:
+            stop = self.count
+        if start < 0 or start > stop or stop > self.count:
+            raise IndexError(f"records {start}..{stop} of a batch of {self.count}")
+        cdef Ring r = self._ring
+        cdef const uint8_t *data = ff_ring_data(r._live())
+        cdef Py_ssize_t i, total = 0
+        cdef uint32_t n
+        for i in range(start, stop):
+            total += 24 + r._len_p[i]
+        out = PyBytes_FromStringAndSize(NULL, total)
+        cdef char *q = PyBytes_AS_STRING(out)
+        for i in range(start, stop):
+            n = <uint32_t>r._len_p[i]
+            memcpy(q, &n, 4)
+            memcpy(q + 4, &tag, 4)
+            memcpy(q + 8, &r._ts_p[i], 8)
+            memcpy(q + 16, &r._seq_p[i], 8)
+            memcpy(q + 24, data + r._off_p[i], n)
+            q += 24 + n
+        return out
 
     def release(self):
         """Commit the consumer position past this batch; the producer may then reuse its space.

@@ -51,19 +51,9 @@ class CaptureWriter:
             self._f.write(MAGIC)
 
     def write_batch(self, batch: Any, start: int, stop: int) -> None:
-        """Records [start, stop) of a ring batch, payloads copied straight from ring memory."""
-        buf = batch.buffer
-        offs = batch.offsets[start:stop].tolist()
-        lens = batch.lengths[start:stop].tolist()
-        ts = batch.recv_ts[start:stop].tolist()
-        seqs = batch.seqs[start:stop].tolist()
-        parts: list[Any] = []
-        pack = RECORD.pack
-        w = self.worker
-        for o, n, t, s in zip(offs, lens, ts, seqs, strict=True):
-            parts.append(pack(n, w, t, s))
-            parts.append(buf[o:o + n])
-        self._f.write(b"".join(parts))
+        """Records [start, stop) of a ring batch, payloads copied straight from ring memory
+        (``Batch.pack`` lays them out in this file's record format)."""
+        self._f.write(batch.pack(start, stop, self.worker))
 
     def flush(self) -> None:
         self._f.flush()

@@ -641,3 +641,25 @@ def test_a_corrupted_record_header_is_reported_not_followed() -> None:
         b.release()
         with pytest.raises(RingError, match="corrupted"):
             ring.read_batch(timeout=0)
+
+
+def test_batch_pack_lays_out_capture_records():
+    with Ring.create("pk", 1 << 16) as r:
+        frames = [b"alpha", b"", b"gamma-gamma"]
+        for k, f in enumerate(frames):
+            assert r.write(f, recv_ts=1000 + k, route=k)
+        b = r.read_batch(16, timeout=1)
+        packed = b.pack(1, 3, tag=7)
+        recs, pos = [], 0
+        while pos < len(packed):
+            n, tag, ts, seq = struct.unpack_from("<IIqQ", packed, pos)
+            recs.append((tag, ts, seq, packed[pos + 24:pos + 24 + n]))
+            pos += 24 + n
+        seqs = b.seqs.tolist()
+        assert recs == [(7, 1001, seqs[1], b""), (7, 1002, seqs[2], b"gamma-gamma")]
+        assert b.pack() == b.pack(0, len(b), 0) and len(b.pack(2, 2)) == 0
+        with pytest.raises(IndexError):
+            b.pack(2, 5)
+        b.release()
+        with pytest.raises(RingError):
+            b.pack()
