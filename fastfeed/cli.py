@@ -134,23 +134,24 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise CommandError(f"--{name.replace('_', '-')} must not be negative", EXIT_USAGE)
-    if args.symbols < 1:
-        raise CommandError("--symbols must be at least 1", EXIT_USAGE)
-    if args.count is not None and args.count < 0:
-        raise CommandError("--count must not be negative", EXIT_USAGE)
-    if not 0 <= args.port <= 65535:
-        raise CommandError("--port must be between 0 and 65535", EXIT_USAGE)
-    if args.stamp_send and faults.fragment:
-        raise CommandError("--stamp-send needs unfragmented frames: not with --fault fragment",
-                           EXIT_USAGE)
-    if args.stamp_send and args.start_time is not None and not 1e9 <= args.start_time < 9e9:
-        # The pool's tick times are replaced byte for byte: they need the 17 bytes of now.
-        raise CommandError("--stamp-send needs --start-time between 1e9 and 9e9", EXIT_USAGE)
-    if not 0 <= args.write_interval_us <= 1_000_000:
-        raise CommandError("--write-interval-us must be between 0 and 1000000", EXIT_USAGE)
-    if args.stamp_send and args.publish:
-        raise CommandError("--stamp-send applies to the WebSocket simulator, not --publish",
-                           EXIT_USAGE)
+    stamp = args.stamp_send
+    # The pool's tick times are replaced byte for byte: they need the 17 bytes of "now".
+    usage_errors = (
+        (args.symbols < 1, "--symbols must be at least 1"),
+        (args.count is not None and args.count < 0, "--count must not be negative"),
+        (not 0 <= args.port <= 65535, "--port must be between 0 and 65535"),
+        (stamp and faults.fragment,
+         "--stamp-send needs unfragmented frames: not with --fault fragment"),
+        (stamp and args.start_time is not None and not 1e9 <= args.start_time < 9e9,
+         "--stamp-send needs --start-time between 1e9 and 9e9"),
+        (not 0 <= args.write_interval_us <= 1_000_000,
+         "--write-interval-us must be between 0 and 1000000"),
+        (stamp and bool(args.publish),
+         "--stamp-send applies to the WebSocket simulator, not --publish"),
+    )
+    for bad, message in usage_errors:
+        if bad:
+            raise CommandError(message, EXIT_USAGE)
     if args.publish:
         from .sim.publish import publish_command
         from .sources.url import SourceURLError

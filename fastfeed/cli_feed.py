@@ -81,7 +81,8 @@ class Display:
         t.add_column("total", justify="right")
         for k in ("frames", "ticks", "quotes", "bars"):
             t.add_row(k, f"{rates[k]:,.0f}", f"{s[k]:,}")
-        for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts", "poisoned"):
+        for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts",
+                  "poisoned"):
             t.add_row(k, "", f"{s[k]:,}")
         t.add_row("latency µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
         if self.latest and symbols is not None:
