@@ -148,7 +148,8 @@ def test_killing_a_worker_mid_stream_loses_nothing(tmp_path):
     assert (stats["errors"], stats["dropped"]) == (0, 0)
 
 
-def test_record_capture_then_replay_gives_identical_rows(tmp_path):
+@pytest.mark.parametrize("replay_workers", [1, 0], ids=["worker", "inline"])
+def test_record_capture_then_replay_gives_identical_rows(tmp_path, replay_workers):
     n = 50_000
     cap = tmp_path / "cap"
     with SimulatorProcess("--rate", "0", "--count", str(n), "--fault", "malformed=0.01") as sim:
@@ -164,7 +165,7 @@ def test_record_capture_then_replay_gives_identical_rows(tmp_path):
     assert len(want.errors) == sent["malformed"] > 0
 
     got: dict[str, list] = {"ticks": [], "quotes": [], "bars": []}
-    with Feed(replay=str(cap), workers=1) as replay:
+    with Feed(replay=str(cap), workers=replay_workers) as replay:
         deadline = time.monotonic() + 60
         while True:
             b = replay.poll(timeout=0.05)

@@ -48,9 +48,10 @@ def run_until_frames(feed: Feed, frames: int, timeout: float = 60.0) -> dict:
 
 # -- Pub/Sub ------------------------------------------------------------------------------------
 
-def test_pubsub_streams_the_published_market(redis_server: BrokerProcess) -> None:
+@pytest.mark.parametrize("workers", [2, 0], ids=["workers", "inline"])
+def test_pubsub_streams_the_published_market(redis_server: BrokerProcess, workers: int) -> None:
     port = redis_server.port
-    with Feed(source=f"redis://127.0.0.1:{port}/0?channel=feed", workers=2) as feed:
+    with Feed(source=f"redis://127.0.0.1:{port}/0?channel=feed", workers=workers) as feed:
         wait_for(lambda: feed_connected(feed), what="subscription")
         sent = publish(f"redis://127.0.0.1:{port}/0?channel=feed", count=20000,
                        malformed=0.01, arrays=0.05, status_every=1000)
