@@ -25,6 +25,7 @@ Three ways to consume:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -85,8 +86,9 @@ class Feed:
     busy_poll: workers (inline: :meth:`poll`) spin instead of sleeping when idle (lowest
         latency, a core each).
     network_cpus, worker_cpus, consumer_cpus: pin the network process, the workers and the
-        thread that calls :meth:`start` (the consumer) to these CPUs; None leaves each to
-        the scheduler. A busy-polling consumer wants a core of its own.
+        thread that calls :meth:`start` (the consumer; its CPUs are given back at
+        :meth:`stop`) to these CPUs; None leaves each to the scheduler. A busy-polling
+        consumer wants a core of its own.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class Feed:
         self._stopped = False
         self._final: dict[str, Any] | None = None
         self._tables_after: tuple[Any, ...] | None = None
+        self._unpin: tuple[int, set[int]] | None = None  # (thread id, its CPUs before start)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -177,8 +180,11 @@ class Feed:
             if self.network_cpus is not None:
                 set_affinity(self._session.pid, self.network_cpus, "network_cpus")
             if self.consumer_cpus is not None:
-                # Last: processes started from this thread would inherit the pinning.
-                set_affinity(0, self.consumer_cpus, "consumer_cpus")
+                # Last: processes started from this thread would inherit the pinning. The
+                # thread gets its CPUs back at stop().
+                tid = threading.get_native_id()
+                self._unpin = (tid, os.sched_getaffinity(0))
+                set_affinity(tid, self.consumer_cpus, "consumer_cpus")
         except BaseException:
             if self._session is not None:
                 self._session.stop()
@@ -217,6 +223,11 @@ class Feed:
         self._tables_after = tuple(list(t) if t is not None else None for t in
                                    (self._pool.symbols, self._pool.statuses, self._pool.bar_types))
         self._pool.close()
+        if self._unpin is not None:
+            tid, cpus = self._unpin
+            self._unpin = None
+            with contextlib.suppress(OSError):  # the thread may be gone
+                os.sched_setaffinity(tid, cpus)
 
     def _drain_outputs(self) -> None:
         assert self._pool is not None
