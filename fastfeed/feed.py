@@ -285,6 +285,8 @@ class Feed:
         batch is a :class:`fastfeed.Batch` decoded here, whose arrays it owns (it also
         carries ``errors`` and ``control``).
         """
+        if self._stopped:
+            raise RuntimeError("the feed has stopped: make a new Feed to read again")
         if self._pool is None:
             self.start()
         assert self._pool is not None

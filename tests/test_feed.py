@@ -358,6 +358,8 @@ def test_inline_feed_delivers_every_row_and_pins_each_process(tmp_path, own_affi
     assert stats["workers"][0]["pid"] == os.getpid() and stats["workers"][0]["running"]
     assert not feed.stats()["workers"][0]["running"]
     assert os.sched_getaffinity(0) == own_affinity  # given back at stop
+    with pytest.raises(RuntimeError, match="the feed has stopped"):
+        feed.poll()
     assert stats["delivered"]["ticks"] > 0 and stats["latency_us"]["p50"] > 0
 
 
