@@ -12,13 +12,15 @@ writes every data frame into the shared-memory ring of its symbol, and a pool of
 workers, one per ring; it supervises both and stops them cleanly (context manager,
 ``start()``/``stop()``, SIGINT/SIGTERM through :meth:`run`).
 
-Three ways to consume:
+Ways to consume:
 
 - ``for batch in feed`` / ``async for batch in feed``: decoded batches arrive in this
   process through output rings as NumPy views into shared memory, valid until the next
   batch is taken (``.copy()`` to keep rows);
 - ``feed.run(handler)``: ``handler(worker_index, batch)`` runs inside every worker on each
-  decoded batch (a :class:`fastfeed.Batch`), the lowest-latency path; it must be picklable;
+  decoded batch (a :class:`fastfeed.Batch`); it must be picklable;
+- ``Feed(workers=0)``: no worker process; :meth:`poll` decodes the ring in this process
+  (one process hop fewer: the lowest latency, with ``busy_poll`` and pinning);
 - ``feed.stats()`` at any time: every counter of every process.
 """
 
