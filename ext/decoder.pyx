@@ -394,8 +394,7 @@ cdef class Decoder:
                 ts = per[i]
             f = frames[i]
             if PyBytes_CheckExact(f):
-                self._one(<const uint8_t *>PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f), ts, i,
-                          )
+                self._one(<const uint8_t *>PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f), ts, i)
             else:
                 if isinstance(f, str):
                     raise TypeError(f"frame {i} is a str; frames must be bytes-like (UTF-8)")
