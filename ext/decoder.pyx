@@ -495,6 +495,10 @@ cdef extern from "<math.h>" nogil:
     double log(double x)
 
 
+# (dtype, field) -> byte offset of an int64 field: looked up once per row type.
+cdef dict _FIELD_OFFSETS = {}
+
+
 def record_latency(cnp.int64_t[::1] counts, int64_t now, rows, double log_growth,
                    str field="recv_ts") -> tuple:
     """Add ``now - rows[field]`` (default ``recv_ts``) of every row to the log-bucket ``counts`` of
@@ -506,16 +510,22 @@ def record_latency(cnp.int64_t[::1] counts, int64_t now, rows, double log_growth
     cdef cnp.ndarray a = <cnp.ndarray?>rows
     cdef Py_ssize_t n = a.shape[0] if a.ndim == 1 else 0
     cdef Py_ssize_t nb = counts.shape[0] - 1
-    cdef Py_ssize_t i, k
+    cdef Py_ssize_t i, k, off
     cdef int64_t lat, mx = 0
     if a.ndim != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
         raise ValueError("rows must be a one-dimensional contiguous structured array")
     if nb < 1 or log_growth <= 0:
         raise ValueError("counts needs at least two buckets and log_growth must be > 0")
-    f = a.dtype.fields.get(field) if a.dtype.fields else None
-    if f is None or f[0] != np.dtype("<i8"):
-        raise ValueError(f"rows have no int64 {field} field")
-    cdef Py_ssize_t off = f[1]
+    if n == 0:
+        return 0, 0
+    key = (a.dtype, field)
+    cached = _FIELD_OFFSETS.get(key)
+    if cached is None:
+        f = a.dtype.fields.get(field) if a.dtype.fields else None
+        if f is None or f[0] != np.dtype("<i8"):
+            raise ValueError(f"rows have no int64 {field} field")
+        cached = _FIELD_OFFSETS[key] = f[1]
+    off = cached
     cdef Py_ssize_t step = a.dtype.itemsize
     cdef const char *base = <const char *>cnp.PyArray_DATA(a) + off
     with nogil:

@@ -271,13 +271,11 @@ class Feed:
                 d[kind] += len(arr)
                 self._latency.record_rows(now, arr)
         else:
-            d["ticks"] += len(b.ticks)
-            d["quotes"] += len(b.quotes)
-            d["bars"] += len(b.bars)
             rec = self._latency.record_rows
-            rec(now, b.ticks)
-            rec(now, b.quotes)
-            rec(now, b.bars)
+            for kind, arr in (("ticks", b.ticks), ("quotes", b.quotes), ("bars", b.bars)):
+                if len(arr):
+                    d[kind] += len(arr)
+                    rec(now, arr)
 
     def poll(self, timeout: float = 0.05) -> Any:
         """The next decoded batch, or None if none arrived within ``timeout`` seconds.
