@@ -154,6 +154,8 @@ class Feed:
         self._final: dict[str, Any] | None = None
         self._tables_after: tuple[Any, ...] | None = None
         self._unpin: tuple[int, set[int]] | None = None  # (thread id, its CPUs before start)
+        self._pending: tuple[Any, int] | None = None  # (batch handed over, when), not counted yet
+        self._consumer: int | None = None  # the thread that polls
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Feed:
             return
         self._stopped = True
         self._stop_event.set()
+        self._flush()
         if self._current is not None:
             self._current.release()
             self._current = None
@@ -262,8 +265,18 @@ class Feed:
 
     # -- consuming --------------------------------------------------------------------------
 
-    def _account(self, b: Any) -> None:
-        now = now_us()
+    def _flush(self) -> None:
+        """Count the batch last handed over. It is counted after the hand-over, not
+        before: the consumer gets its rows a few µs sooner, and the latency stamp is the
+        moment it got them."""
+        p = self._pending
+        if p is not None:
+            self._pending = None
+            self._account(p[0], p[1])
+
+    def _account(self, b: Any, now: int | None = None) -> None:
+        if now is None:
+            now = now_us()
         d = self._delivered
         d["batches"] += 1
         if isinstance(b, OutputBatch):
@@ -292,12 +305,14 @@ class Feed:
         assert self._pool is not None
         if not self.output:
             raise RuntimeError("this feed was made with output=False")
+        self._consumer = threading.get_ident()
+        self._flush()  # before the release below: its arrays may be views into the ring
         if self.inline:
             r = self._pool.read_inline(timeout)
             if r is None:
                 self.check()
                 return None
-            self._account(r)
+            self._pending = (r, now_us())
             return r
         if self._current is not None:
             self._current.release()
@@ -326,8 +341,8 @@ class Feed:
             if b is None:
                 self.check()
                 return None
-        self._account(b)
         self._current = b
+        self._pending = (b, now_us())
         return b
 
     def __iter__(self) -> Iterator[OutputBatch]:
@@ -438,7 +453,12 @@ class Feed:
         decoded; ``dropped`` counts frames the network process could not put in a ring and
         output the parent did not take in time; ``gaps`` the sequence numbers the workers
         found missing; ``latency_us`` is frame receipt to rows handed over in this process.
+        ``delivered`` and ``latency_us`` count a batch once it has been handed over: in
+        the polling thread, at once; seen from another thread, from the next poll on.
         """
+        if threading.get_ident() == self._consumer:
+            self._flush()  # the consumer's own call: count what it holds (another thread
+            # must not: the batch may be released under it)
         if self._final is not None:
             out = dict(self._final)
             out["delivered"] = dict(self._delivered)
