@@ -317,33 +317,32 @@ class Feed:
         if self._current is not None:
             self._current.release()
             self._current = None
-        n = self.workers
-        for _ in range(n):
-            w = self._next_worker
-            self._next_worker = (w + 1) % n
-            b = self._pool.read_output(w, timeout=0)
-            if b is not None:
-                break
-        else:
+        b = self._take_output()
+        if b is None:
             # Nothing ready: sleep on the one worker's ring, or on the pool's doorbell
             # that every worker rings after publishing, so none waits on another.
-            if n == 1:
+            if self.workers == 1:
                 b = self._pool.read_output(0, timeout=timeout)
-            else:
-                b = None
-                if self._pool.wait_output(timeout):
-                    for _ in range(n):
-                        w = self._next_worker
-                        self._next_worker = (w + 1) % n
-                        b = self._pool.read_output(w, timeout=0)
-                        if b is not None:
-                            break
+            elif self._pool.wait_output(timeout):
+                b = self._take_output()
             if b is None:
                 self.check()
                 return None
         self._current = b
         self._pending = (b, now_us())
         return b
+
+    def _take_output(self) -> OutputBatch | None:
+        """The next ready output, taking the workers in turn so that none is starved."""
+        assert self._pool is not None
+        n = self.workers
+        for _ in range(n):
+            w = self._next_worker
+            self._next_worker = (w + 1) % n
+            b = self._pool.read_output(w, timeout=0)
+            if b is not None:
+                return b
+        return None
 
     def __iter__(self) -> Iterator[OutputBatch]:
         while not self._stop_event.is_set():
