@@ -9,13 +9,44 @@ credentials, a refused token, an unreadable capture).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["ChildProcess"]
+__all__ = ["ChildProcess", "serve"]
+
+
+async def serve(runner: Any, values: Callable[[], Iterable[int]], counters: Any | None,
+                stop_event: Any | None) -> None:
+    """Inside the child: ``await runner.run()`` while publishing ``values()`` into the shared
+    counters every 50 ms and turning SIGTERM/SIGINT or the parent's stop event into
+    ``runner.stop()``. The last counters are published on the way out."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.stop)
+
+    def publish() -> None:
+        if counters is not None:
+            for i, v in enumerate(values()):
+                counters[i] = v
+
+    async def publisher() -> None:
+        while True:
+            publish()
+            if stop_event is not None and stop_event.is_set():
+                runner.stop()
+            await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(publisher())
+    try:
+        await runner.run()
+    finally:
+        task.cancel()
+        publish()
 
 
 def _child_main(target: Callable[..., None], *args: Any) -> None:

@@ -24,14 +24,13 @@ import json
 import logging
 import random
 import re
-import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .auth import Authenticator, AuthError, CredentialsError, Token
-from .child import ChildProcess
+from .child import ChildProcess, serve
 from .config import ConfigError, Settings
 
 __all__ = ["COUNTERS", "Backoff", "FeedAuthError", "FeedSession", "SessionProcess", "run_session"]
@@ -345,35 +344,10 @@ def run_session(settings: Settings, ring_names: Sequence[str], *,
     rings = [Ring.attach(name) for name in ring_names]
     try:
         session = FeedSession(settings, rings)
-        uvloop.run(_serve(session, counters, stop_event))
+        uvloop.run(serve(session, lambda: session.counters().values(), counters, stop_event))
     finally:
         for r in rings:
             r.close()
-
-
-async def _serve(session: FeedSession, counters: Any | None, stop_event: Any | None) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, session.stop)
-
-    def publish() -> None:
-        if counters is not None:
-            for i, v in enumerate(session.counters().values()):
-                counters[i] = v
-
-    async def publisher() -> None:
-        while True:
-            publish()
-            if stop_event is not None and stop_event.is_set():
-                session.stop()
-            await asyncio.sleep(0.05)
-
-    task = asyncio.ensure_future(publisher())
-    try:
-        await session.run()
-    finally:
-        task.cancel()
-        publish()
 
 
 def _process_main(settings: Settings, ring_names: list[str], counters: Any, stop_event: Any,

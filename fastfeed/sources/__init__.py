@@ -24,11 +24,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import signal
 from collections.abc import Sequence
 from typing import Any
 
-from ..child import ChildProcess
+from ..child import ChildProcess, serve
 from .url import SourceURL, SourceURLError
 
 __all__ = ["COUNTERS", "SOURCES", "SourceProcess", "SourceURL", "SourceURLError",
@@ -117,39 +116,17 @@ def run_source(url: str | SourceURL, ring_names: Sequence[str], *, counters: Any
     rings = [Ring.attach(name) for name in ring_names]
     try:
         source = source_class(u.scheme)(u, rings)
+        def values() -> Any:
+            return (source.counts[n] for n in COUNTERS)
+
         try:
             import uvloop
-            uvloop.run(_serve(source, counters, stop_event))
+            uvloop.run(serve(source, values, counters, stop_event))
         except ImportError:  # pragma: no cover - uvloop is a dependency
-            asyncio.run(_serve(source, counters, stop_event))
+            asyncio.run(serve(source, values, counters, stop_event))
     finally:
         for r in rings:
             r.close()
-
-
-async def _serve(source: Any, counters: Any | None, stop_event: Any | None) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, source.stop)
-
-    def publish() -> None:
-        if counters is not None:
-            for i, name in enumerate(COUNTERS):
-                counters[i] = source.counts[name]
-
-    async def publisher() -> None:
-        while True:
-            publish()
-            if stop_event is not None and stop_event.is_set():
-                source.stop()
-            await asyncio.sleep(0.05)
-
-    task = asyncio.ensure_future(publisher())
-    try:
-        await source.run()
-    finally:
-        task.cancel()
-        publish()
 
 
 def _process_main(url: str, ring_names: list[str], counters: Any, stop_event: Any, conn: Any,
