@@ -25,6 +25,7 @@ cdef extern from "ring.h" nogil:
         FF_POLICY_DROP
         FF_POLICY_WAIT
         FF_POLICY_BLOCK
+        FF_POLICY_PAUSE
 
     ctypedef struct ff_rec_header:
         uint32_t length

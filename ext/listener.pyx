@@ -13,6 +13,13 @@ For a data frame this listener does, in C and without creating a Python object:
 3. ``ff_ring_write`` the payload straight from picows' buffer into that ring (the only copy
    between the socket and the decoder).
 
+**Backpressure.** When the rings were made with the "pause" policy (the default: lossless), a
+frame that does not fit is not dropped: it goes to a private backlog, the socket stops being
+read (``pause_reading``; TCP flow control then pushes back to the sender), and a timer on the
+event loop moves the backlog into the rings as the workers make room, then reads again. Frames
+keep their order and their receive time. Writing is not paused: the heartbeat's pings still go
+out, and the session's pong watchdog does not count the time it spent paused against the server.
+
 Everything else is the control path (cold): the text ``pong`` updates the heartbeat clock,
 other texts (status and error objects, anything without a symbol) are counted and handed to a
 Python callback. Fragmented messages are reassembled in a private buffer first.
@@ -20,20 +27,33 @@ Python callback. Fragmented messages are reassembled in a private buffer first.
 
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 from posix.unistd cimport getpid
 
-from ff_ring cimport ff_ring_set_producer, ff_ring_write
+from ff_ring cimport (FF_POLICY_PAUSE, ff_ring_hdr, ff_ring_set_producer, ff_ring_try_write,
+                     ff_ring_write)
+
+import asyncio
 
 cdef enum:
     # Record type of a data frame in the ring (the decoder reads every record as JSON text).
     _DATA_TYPE = 1
     # Largest reassembled message accepted; picows already bounds a single frame.
     _MAX_MESSAGE = 64 * 1024 * 1024
+    # Backlog record header: u32 length, i32 route, i64 receive time.
+    _BL_HDR = 16
+
+# Reading is paused as soon as the backlog is non-empty, so it only ever holds the rest of one
+# socket read (picows hands every frame of a read over at once): this bound is a guard against
+# a broken peer, not a working limit. Past it, frames are dropped and counted.
+cdef Py_ssize_t _BACKLOG_MAX = 1 << 30
+# How often the backlog is retried while the rings are full. uvloop's timers tick in whole
+# milliseconds; a 4 MiB ring takes longer than that to fill at the feed's rates.
+cdef double _RETRY_S = 0.0005
 
 __all__ = ["FeedListener", "route_of"]
 
@@ -127,6 +147,12 @@ cdef class FeedListener(WSListener):
     cdef bint _frag_active
     cdef bint _need_ts
     cdef int64_t _ts
+    cdef bint _lossless
+    cdef char *_bl
+    cdef Py_ssize_t _bl_head, _bl_tail, _bl_cap
+    cdef int64_t _paused_at
+    cdef object _paused_tr
+    cdef object _timer
 
     cdef readonly uint64_t frames
     """Data frames written into a ring."""
@@ -148,10 +174,19 @@ cdef class FeedListener(WSListener):
     """Connections opened (on_ws_connected calls)."""
     cdef readonly object transport
     """The current connection's WSTransport, or None."""
+    cdef readonly uint64_t backlog
+    """Frames waiting in the backlog for room in a ring (lossless mode)."""
+    cdef readonly uint64_t pauses
+    """Times reading was paused because a ring was full (lossless mode)."""
+    cdef readonly int64_t paused_ns
+    """Total time reading was paused, in ns (the current pause included)."""
+    cdef readonly int64_t last_resume_ns
+    """CLOCK_MONOTONIC time (ns) reading last resumed after a pause; 0 before any."""
 
     def __cinit__(self):
         self._bases = NULL
         self._frag = NULL
+        self._bl = NULL
 
     def __init__(self, ring_addresses, keepalive=None, on_control=None):
         addrs = [int(a) for a in ring_addresses]
@@ -168,6 +203,7 @@ cdef class FeedListener(WSListener):
             # producer here (the ring's liveness checks read it).
             ff_ring_set_producer(self._bases[i], getpid())
         self._n = len(addrs)
+        self._lossless = ff_ring_hdr(self._bases[0]).full_policy == FF_POLICY_PAUSE
         self._keepalive = keepalive
         self._on_control = on_control
         self._need_ts = True
@@ -175,17 +211,123 @@ cdef class FeedListener(WSListener):
     def __dealloc__(self):
         free(self._bases)
         free(self._frag)
+        free(self._bl)
 
     @property
     def n_rings(self) -> int:
         """Number of rings frames are routed over."""
         return self._n
 
+    @property
+    def paused(self) -> bool:
+        """True while reading is paused for room in a ring."""
+        return self._paused_at != 0
+
+    @property
+    def lossless(self) -> bool:
+        """True when a full ring pauses reading instead of dropping (the "pause" policy)."""
+        return self._lossless
+
+    def backpressure_ns(self) -> int:
+        """Total time reading was paused, in ns, the current pause included."""
+        if self._paused_at:
+            return self.paused_ns + (_monotonic_ns() - self._paused_at)
+        return self.paused_ns
+
     def stats(self) -> dict:
         """The counters as a dict."""
         return {"frames": self.frames, "bytes": self.bytes, "ring_drops": self.ring_drops,
                 "control": self.control, "pongs": self.pongs, "fragmented": self.fragmented,
-                "too_big": self.too_big, "connections": self.connections}
+                "too_big": self.too_big, "connections": self.connections,
+                "pauses": self.pauses, "backpressure_ns": self.backpressure_ns(),
+                "backlog": self.backlog}
+
+    def flush(self) -> int:
+        """Move what the backlog holds into the rings as far as they have room; resume
+        reading once it is empty. Returns the frames still waiting."""
+        self._flush()
+        if self._bl_head == self._bl_tail and self._paused_at:
+            self._resume()
+        return self.backlog
+
+    def _retry(self):
+        self._timer = None
+        if self.flush():
+            self._schedule()
+
+    cdef _schedule(self):
+        if self._timer is None:
+            self._timer = asyncio.get_event_loop().call_later(_RETRY_S, self._retry)
+
+    cdef _pause(self):
+        if self._paused_at == 0:
+            self._paused_at = _monotonic_ns()
+            self.pauses += 1
+        self._schedule()  # first: the retry must be armed whatever the transport does
+        tr = self.transport
+        if tr is not None and self._paused_tr is None:
+            self._paused_tr = (<WSTransport>tr).underlying_transport
+            self._paused_tr.pause_reading()
+
+    cdef _resume(self):
+        cdef int64_t now = _monotonic_ns()
+        self.paused_ns += now - self._paused_at
+        self._paused_at = 0
+        self.last_resume_ns = now
+        tr = self._paused_tr
+        self._paused_tr = None
+        if tr is not None and not tr.is_closing():
+            tr.resume_reading()
+
+    cdef void _flush(self) noexcept:
+        cdef uint32_t n
+        cdef int32_t route
+        cdef int64_t ts
+        cdef int r
+        cdef char *rec
+        while self._bl_head < self._bl_tail:
+            rec = self._bl + self._bl_head
+            n = (<uint32_t *>rec)[0]
+            route = (<int32_t *>(rec + 4))[0]
+            ts = (<int64_t *>(rec + 8))[0]
+            r = ff_ring_try_write(self._bases[route % self._n], rec + _BL_HDR, n, _DATA_TYPE,
+                                  ts, route)
+            if r == 0:
+                return  # still full: keep the order, try again later
+            if r == 1:
+                self.frames += 1
+                self.bytes += n
+            else:
+                self.ring_drops += 1  # larger than a ring record: it never fits
+            self._bl_head += _BL_HDR + ((n + 7) & ~7)
+            self.backlog -= 1
+        self._bl_head = self._bl_tail = 0
+
+    cdef void _keep(self, const char *p, Py_ssize_t n, int32_t route) noexcept:
+        """Append one frame to the backlog (lossless mode: its ring is full)."""
+        cdef Py_ssize_t need = _BL_HDR + ((n + 7) & ~7), cap
+        cdef char *grown
+        cdef char *rec
+        if self._bl_tail + need > self._bl_cap:
+            if self._bl_head > 0:
+                memmove(self._bl, self._bl + self._bl_head, self._bl_tail - self._bl_head)
+                self._bl_tail -= self._bl_head
+                self._bl_head = 0
+            if self._bl_tail + need > self._bl_cap:
+                cap = max(self._bl_tail + need, 2 * self._bl_cap, 1 << 16)
+                grown = NULL if cap > _BACKLOG_MAX else <char *>realloc(self._bl, cap)
+                if grown == NULL:
+                    self.ring_drops += 1
+                    return
+                self._bl = grown
+                self._bl_cap = cap
+        rec = self._bl + self._bl_tail
+        (<uint32_t *>rec)[0] = <uint32_t>n
+        (<int32_t *>(rec + 4))[0] = route
+        (<int64_t *>(rec + 8))[0] = self._ts
+        memcpy(rec + _BL_HDR, p, n)
+        self._bl_tail += need
+        self.backlog += 1
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
@@ -193,10 +335,15 @@ cdef class FeedListener(WSListener):
         self._frag_active = False
         self._frag_len = 0
         self._need_ts = True
+        if self._bl_head != self._bl_tail:
+            # Frames of the last connection still wait for room: they go first.
+            self._paused_tr = None
+            self._pause()
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         if self.transport is transport:
             self.transport = None
+            self._paused_tr = None
         self._frag_active = False
         self._frag_len = 0
 
@@ -254,10 +401,25 @@ cdef class FeedListener(WSListener):
 
     cdef inline void _message(self, const char *p, Py_ssize_t n) noexcept:
         cdef int32_t route = _route(p, n)
+        cdef int r
         if route >= 0:
-            if ff_ring_write(self._bases[route % self._n], p, <uint32_t>n, _DATA_TYPE,
-                             self._ts, route):
+            if self._bl_head != self._bl_tail:
+                self._keep(p, n, route)  # behind frames that wait: keep the order
+                return
+            r = ff_ring_try_write(self._bases[route % self._n], p, <uint32_t>n, _DATA_TYPE,
+                                  self._ts, route)
+            if r == 1:
                 self.frames += 1
+                self.bytes += n
+            elif r == 0 and self._lossless:
+                self._keep(p, n, route)
+                try:
+                    self._pause()
+                except Exception:
+                    pass  # the retry timer is armed first; a closing transport is fine
+            elif ff_ring_write(self._bases[route % self._n], p, <uint32_t>n, _DATA_TYPE,
+                               self._ts, route):
+                self.frames += 1  # room after waiting, per the ring's policy
                 self.bytes += n
             else:
                 self.ring_drops += 1

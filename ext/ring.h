@@ -69,6 +69,10 @@
 #define FF_POLICY_DROP 0  /* drop the frame at once and count it */
 #define FF_POLICY_WAIT 1  /* wait up to wait_timeout_ns for space, then drop and count */
 #define FF_POLICY_BLOCK 2 /* wait for space as long as the ring is open */
+/* Lossless without waiting here: a write that does not fit returns 0 at once, is not counted as
+   a drop and takes no sequence number. The producer keeps the frame and stops reading its source
+   (TCP flow control then pushes back to the sender) until the consumer makes room. */
+#define FF_POLICY_PAUSE 3
 
 /* How long to spin and how often to yield before sleeping. Spinning ~10 µs covers the gaps
    between frames of a busy feed without a syscall (a futex wake-up costs tens of µs on a VM);
@@ -335,7 +339,7 @@ static inline void ff__count_drop(ff_ring_header *h, int oversize)
 static inline int ff__reserve_wait(ff_ring_header *h, uint8_t *data, uint32_t len, uint64_t *pos, uint64_t *end)
 {
     uint32_t policy = h->full_policy;
-    if (policy == FF_POLICY_DROP)
+    if (policy == FF_POLICY_DROP || policy == FF_POLICY_PAUSE)
         return 0;
     FF_STORE_RLX(&h->full_waits, h->full_waits + 1);
     if (policy == FF_POLICY_WAIT && h->wait_timeout_ns <= 0)
@@ -407,6 +411,10 @@ static inline int ff_ring_write(void *base, const void *payload, uint32_t len, i
     uint8_t *data = ff_ring_data(base);
     uint64_t pos, end;
     if (!ff__reserve_wait(h, data, len, &pos, &end)) {
+        if (h->full_policy == FF_POLICY_PAUSE) {
+            FF_STORE_RLX(&h->full_waits, h->full_waits + 1);
+            return 0; /* not dropped: the producer keeps the frame and retries */
+        }
         ff__count_drop(h, 0);
         return 0;
     }
@@ -432,7 +440,8 @@ static inline void *ff_ring_claim(void *base, uint32_t max_len)
     }
     if (FF_UNLIKELY(!ff__reserve(h, data, max_len, &pos, &end))) {
         if (!ff__reserve_wait(h, data, max_len, &pos, &end)) {
-            ff__count_drop(h, 0);
+            if (h->full_policy != FF_POLICY_PAUSE)
+                ff__count_drop(h, 0);
             return NULL;
         }
     }

@@ -33,7 +33,8 @@ PAD_TYPE = FF_PAD_TYPE
 MIN_CAPACITY = FF_RING_MIN_CAPACITY
 MAX_CAPACITY = FF_RING_MAX_CAPACITY
 
-_POLICIES = {"drop": FF_POLICY_DROP, "wait": FF_POLICY_WAIT, "block": FF_POLICY_BLOCK}
+_POLICIES = {"drop": FF_POLICY_DROP, "wait": FF_POLICY_WAIT, "block": FF_POLICY_BLOCK,
+             "pause": FF_POLICY_PAUSE}
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
 
 # A blocking read sleeps in slices this long (ns) so Ctrl-C and signal handlers run promptly.
@@ -272,8 +273,11 @@ cdef class Ring:
         capacity: data bytes, a power of two (>= 1024). The largest record payload is
             capacity/8 - 32 bytes (``max_payload``).
         full_policy: what a producer does when the ring is full: "wait" up to
-            ``wait_timeout_us`` then drop, "drop" at once, or "block" until there is room.
-            Every drop is counted (``dropped``) and skips a sequence number.
+            ``wait_timeout_us`` then drop, "drop" at once, "block" until there is room, or
+            "pause": refuse at once without dropping (the write returns False, nothing is
+            counted as dropped and no sequence number is used: the producer keeps the frame,
+            stops reading its source and writes it again once there is room). Every drop is
+            counted (``dropped``) and skips a sequence number.
         wait_timeout_us: bound for "wait". 5 ms outlasts a consumer's usual scheduling hiccup
             while keeping a stuck consumer from stalling the network process for long.
         busy_poll: default wait mode of this handle's ``read_batch``.
@@ -501,7 +505,8 @@ cdef class Ring:
 
     def write(self, data, *, int32_t type=1, int64_t recv_ts=0, int32_t route=0):
         """Write one record (any bytes-like payload). Returns True if written, False if the
-        ring's full-ring policy dropped it (counted in ``dropped``).
+        ring's full-ring policy dropped it (counted in ``dropped``), or, under "pause", if it
+        did not fit (not dropped: write it again later).
 
         Raises ValueError if the payload exceeds ``max_payload`` and if ``type`` is the
         padding type (-1). Waiting for space (policies "wait" and "block") releases the GIL.
