@@ -250,6 +250,17 @@ cdef class FeedListener(WSListener):
             self._resume()
         return self.backlog
 
+    def discard_backlog(self) -> int:
+        """Give up on the frames still waiting (the session is ending and the rings stayed
+        full): they are counted in ``ring_drops``. Returns how many there were."""
+        cdef uint64_t n = self.backlog
+        self.ring_drops += n
+        self.backlog = 0
+        self._bl_head = self._bl_tail = 0
+        if self._paused_at:
+            self._resume()
+        return n
+
     def _retry(self):
         self._timer = None
         if self.flush():

@@ -117,7 +117,9 @@ def read_capture(path: str | os.PathLike[str], stats: dict[str, int] | None = No
 # -- replay as a source ----------------------------------------------------------------------
 
 COUNTERS = ("frames", "bytes", "ring_drops", "control", "reconnects", "auth_renewals",
-            "torn", "repeats")
+            "torn", "repeats", "pauses", "backpressure_us")
+# While a ring is full under the "pause" policy, the replay tries again this often.
+_RETRY_S = 0.0002
 
 
 def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, stop: Any,
@@ -131,9 +133,15 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
     c = dict.fromkeys(COUNTERS, 0)
     try:
         first_ts = None
+        base_bp = 0
         t0 = time.monotonic()
         k = len(rings)
         for i, (ts, payload) in enumerate(read_capture(path, stats)):
+            if i % 4096 == 0:
+                c.update(stats)
+                counters[:] = [c[n] for n in COUNTERS]
+                if stop.is_set():
+                    break
             if speed > 0:
                 if first_ts is None:
                     first_ts = ts
@@ -145,16 +153,30 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
             if route < 0:
                 # as the live listener does: no symbol, not market data for a ring
                 c["control"] += 1
-            elif rings[route % k].write(payload, recv_ts=ts, route=route):
-                c["frames"] += 1
-                c["bytes"] += len(payload)
-            else:
-                c["ring_drops"] += 1
-            if i % 4096 == 0:
-                c.update(stats)
-                counters[:] = [c[n] for n in COUNTERS]
+                continue
+            ring = rings[route % k]
+            if not ring.write(payload, recv_ts=ts, route=route):
+                if ring.full_policy != "pause":
+                    c["ring_drops"] += 1
+                    continue
+                # Lossless: a finite source waits for the workers, whatever the consumer does.
+                c["pauses"] += 1
+                p0 = time.monotonic()
+                while not ring.write(payload, recv_ts=ts, route=route):
+                    if stop.is_set():
+                        break
+                    time.sleep(_RETRY_S)
+                    c["backpressure_us"] = base_bp + int((time.monotonic() - p0) * 1e6)
+                    counters[:] = [c[n] for n in COUNTERS]
+                else:
+                    c["frames"] += 1
+                    c["bytes"] += len(payload)
+                base_bp = c["backpressure_us"] = base_bp + int((time.monotonic() - p0) * 1e6)
                 if stop.is_set():
                     break
+                continue
+            c["frames"] += 1
+            c["bytes"] += len(payload)
         c.update(stats)
         counters[:] = [c[n] for n in COUNTERS]
         conn.send(("ok", None))
@@ -177,12 +199,12 @@ class ReplayProcess(ChildProcess):
     """
 
     def __init__(self, path: str | os.PathLike[str], ring_names: Sequence[str], *,
-                 speed: float = 0.0, log_level: int = logging.WARNING) -> None:
+                 speed: float = 0.0, log_level: int = logging.WARNING, log: Any = None) -> None:
         capture_files(path)  # fail here, in the caller, on a missing capture
         if speed < 0:
             raise ValueError("speed must be >= 0")
         super().__init__(_replay_main, (str(path), list(ring_names), speed), COUNTERS,
-                         name="fastfeed-replay", log_level=log_level)
+                         name="fastfeed-replay", log_level=log_level, log=log)
 
     @property
     def done(self) -> bool:

@@ -13,9 +13,12 @@ import asyncio
 import gc
 import logging
 import multiprocessing as mp
-import signal
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from .logs import ChildLogging, configure_child_logging
+from .supervisor import ignore_stop_signals, watch_parent
 
 __all__ = ["ChildProcess", "serve"]
 
@@ -23,11 +26,9 @@ __all__ = ["ChildProcess", "serve"]
 async def serve(runner: Any, values: Callable[[], Iterable[int]], counters: Any | None,
                 stop_event: Any | None) -> None:
     """Inside the child: ``await runner.run()`` while publishing ``values()`` into the shared
-    counters every 50 ms and turning SIGTERM/SIGINT or the parent's stop event into
-    ``runner.stop()``. The last counters are published on the way out."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runner.stop)
+    counters every 50 ms and turning the parent's stop event into ``runner.stop()``. The last
+    counters are published on the way out. SIGINT and SIGTERM are the parent's to handle (see
+    :mod:`fastfeed.supervisor`): the child stops when the parent says so, or dies with it."""
 
     def publish() -> None:
         if counters is not None:
@@ -49,7 +50,11 @@ async def serve(runner: Any, values: Callable[[], Iterable[int]], counters: Any 
         publish()
 
 
-def _child_main(target: Callable[..., None], *args: Any) -> None:
+def _child_main(target: Callable[..., None], parent_pid: int, log: ChildLogging | None,
+                *args: Any) -> None:
+    ignore_stop_signals()
+    watch_parent(parent_pid)
+    configure_child_logging(log)
     # What the child imported to get here lives as long as it does: freezing it keeps the
     # garbage collector's full passes, whose pauses land on the latency tail, short.
     gc.freeze()
@@ -61,14 +66,17 @@ class ChildProcess:
 
     def __init__(self, target: Callable[..., None], args: Sequence[Any],
                  counter_names: Sequence[str], *, name: str,
-                 log_level: int = logging.WARNING) -> None:
+                 log_level: int = logging.WARNING, log: ChildLogging | None = None) -> None:
         ctx = mp.get_context("spawn")
         self._names = tuple(counter_names)
         self._counters = ctx.Array("q", len(self._names), lock=False)
         self._stop = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
+        if log is not None:
+            log_level = log.level
         self._proc = ctx.Process(target=_child_main, name=name, daemon=True,
-                                 args=(target, *args, self._counters, self._stop, send, log_level))
+                                 args=(target, os.getpid(), log, *args, self._counters,
+                                       self._stop, send, log_level))
         self._send = send
         self.error: str | None = None
         self.finished = False
@@ -91,6 +99,15 @@ class ChildProcess:
 
     def is_alive(self) -> bool:
         return self._proc.is_alive()
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once the process has ended (for :func:`multiprocessing.connection.wait`)."""
+        return self._proc.sentinel
+
+    def request_stop(self) -> None:
+        """Ask the child to stop, without waiting (see :meth:`stop`)."""
+        self._stop.set()
 
     def counters(self) -> dict[str, int]:
         """The child's counters (as last refreshed by the child)."""

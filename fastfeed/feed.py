@@ -41,10 +41,12 @@ from typing import Any
 from ._decoder import now_us
 from .config import Settings, load_settings
 from .latency import LatencyHistogram
-from .pool import OutputBatch, WorkerPool, set_affinity
+from .logs import LogRelay
+from .pool import HANDLER_ERROR_POLICIES, OutputBatch, WorkerPool
 from .session import SessionProcess
+from .supervisor import Supervisor, set_affinity
 
-__all__ = ["Feed", "FeedError"]
+__all__ = ["Feed", "FeedError", "FeedIdleError"]
 
 log = logging.getLogger("fastfeed.feed")
 
@@ -59,7 +61,20 @@ def _cpu_set(cpus: Iterable[int] | None, what: str) -> set[int] | None:
 
 
 class FeedError(RuntimeError):
-    """The feed cannot go on (the network process stopped on a fatal error)."""
+    """The feed cannot go on (the network process stopped on a fatal error, or a handler
+    raised under ``on_handler_error="raise"``)."""
+
+
+class FeedIdleError(FeedError):
+    """Nothing was received for ``idle_timeout`` seconds."""
+
+
+#: Full-ring policies a Feed takes: "pause" (lossless), "drop", and the ring's own "wait"
+#: (wait up to wait_timeout_us, then drop) and "block" (lossless, but the network process
+#: blocks in the write: no heartbeat while it waits; kept for benchmarks).
+FULL_POLICIES = ("pause", "drop", "wait", "block")
+# Counters of the network process that are levels, not totals: not summed over its lives.
+_GAUGES = frozenset({"backlog"})
 
 
 class Feed:
@@ -83,8 +98,19 @@ class Feed:
     output: deliver batches to this process for iteration (turn off when a handler does
         all the work: the workers then skip publishing). Always on inline.
     ring_capacity: bytes per input ring (a power of two).
-    full_policy: what the network process does when a ring is full: "wait" (default: wait
-        up to ``wait_timeout_us``, then drop and count), "drop" (at once) or "block".
+    full_policy: what happens when a ring is full. "pause" (default): nothing is lost; the
+        network process stops reading (TCP pushes back to the sender; a broker source stops
+        fetching and does not ack) until the workers make room, and a slow consumer makes
+        the workers wait in turn; the time paused is counted (``backpressure_s``,
+        ``pauses``). "drop": fresh data over complete data; every dropped frame is counted
+        (``dropped``) and the sequence gap is visible to the workers (``gaps``). "wait":
+        wait up to ``wait_timeout_us``, then drop.
+    idle_timeout: end iteration, :meth:`poll` and :meth:`run` with :class:`FeedIdleError`
+        when nothing is received for this many seconds (None: wait for data forever).
+    on_handler_error: a handler's exception is counted (``handler_errors``) and logged
+        once with its traceback, then by count ("log", default); "raise" stops the feed
+        with :class:`FeedError` on the first.
+    max_symbols: capacity of the shared symbol table (distinct symbol codes).
     busy_poll: workers (inline: :meth:`poll`) spin instead of sleeping when idle (lowest
         latency, a core each).
     network_cpus, worker_cpus, consumer_cpus: pin the network process, the workers and the
@@ -105,20 +131,31 @@ class Feed:
         handler: Callable[[int, Any], None] | None = None,
         output: bool = True,
         ring_capacity: int = 1 << 22,
-        full_policy: str = "wait",
+        full_policy: str = "pause",
         wait_timeout_us: int = 5000,
         busy_poll: bool = False,
+        idle_timeout: float | None = None,
+        on_handler_error: str = "log",
+        max_symbols: int = 65536,
         network_cpus: Iterable[int] | None = None,
         worker_cpus: Iterable[int] | None = None,
         consumer_cpus: Iterable[int] | None = None,
         config_file: str | None = None,
-        log_level: int = logging.WARNING,
+        log_level: int | None = None,
         **options: Any,
     ) -> None:
         if source is not None and replay is not None:
             raise ValueError("give either source or replay, not both")
-        if workers < 0:
-            raise ValueError("workers must be >= 0 (0: decode inline in this process)")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0 (0: decode inline in this process), "
+                             f"got {workers!r}")
+        if full_policy not in FULL_POLICIES:
+            raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
+        if on_handler_error not in HANDLER_ERROR_POLICIES:
+            raise ValueError(f"on_handler_error must be one of {HANDLER_ERROR_POLICIES}, "
+                             f"got {on_handler_error!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
         if settings is None and source is None and replay is None:
@@ -136,10 +173,14 @@ class Feed:
         # Inline, batches are decoded where they are consumed: there is no output to turn off.
         self.output = output or self.inline
         self.log_level = log_level
+        self.full_policy = full_policy
+        self.idle_timeout = idle_timeout
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
                                   capture_dir=capture, inline=self.inline,
-                                  cpus=_cpu_set(worker_cpus, "worker_cpus"))
+                                  cpus=_cpu_set(worker_cpus, "worker_cpus"),
+                                  on_handler_error=on_handler_error,
+                                  symbol_capacity=max_symbols)
         self.network_cpus = _cpu_set(network_cpus, "network_cpus")
         self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
@@ -147,7 +188,7 @@ class Feed:
         self._latency = LatencyHistogram()
         self._delivered = {"batches": 0, "ticks": 0, "quotes": 0, "bars": 0}
         self._current: OutputBatch | None = None
-        self._next_worker = 0
+        self._polls = 0
         self._stop_event = threading.Event()
         self._started_at = 0.0
         self._stopped = False
@@ -156,6 +197,21 @@ class Feed:
         self._unpin: tuple[int, set[int]] | None = None  # (thread id, its CPUs before start)
         self._pending: tuple[Any, int] | None = None  # (batch handed over, when), not counted yet
         self._consumer: int | None = None  # the thread that polls
+        self._sup: Supervisor | None = None
+        self._relay: LogRelay | None = None
+        self._net_slot: int | None = None
+        self._net_base: dict[str, int] = {}  # the network process's counters of past lives
+        self._network_restarts = 0
+        self._fatal: str | None = None
+        self._source_ending = False  # the source was asked to stop: drain, then finish
+        self._hurry = False  # a second stop request: skip the draining
+        self._undelivered = {"batches": 0, "rows": 0}
+        self._redelivers = False
+        if source is not None:
+            from .sources import SourceURL, source_class
+
+            self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
+        self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,26 +219,17 @@ class Feed:
         """Create the rings, start the workers, then the network process. Returns self."""
         if self._pool is not None:
             raise RuntimeError("feed already started")
+        import multiprocessing as mp
+
+        self._relay = LogRelay(mp.get_context("spawn"), self.log_level)
+        self._sup = Supervisor("fastfeed")
         self._pool = WorkerPool(self.workers, handler=self.handler,
                                 output=self.output and not self.inline,
+                                supervisor=self._sup, log=self._relay.config(),
                                 **self._pool_options).start()
         try:
-            if self.replay is not None:
-                from .capture import ReplayProcess
-
-                self._session = ReplayProcess(self.replay, self._pool.ring_names,
-                                              speed=self.speed, log_level=self.log_level).start()
-            elif self.source is not None:
-                from .sources import SourceProcess
-
-                self._session = SourceProcess(self.source, self._pool.ring_names,
-                                              log_level=self.log_level).start()
-            else:
-                assert self.settings is not None
-                self._session = SessionProcess(self.settings, self._pool.ring_names,
-                                               log_level=self.log_level).start()
-            if self.network_cpus is not None:
-                set_affinity(self._session.pid, self.network_cpus, "network_cpus")
+            self._net_slot = self._sup.add("network process", self._spawn_network,
+                                           self._network_exited)
             if self.consumer_cpus is not None:
                 # Last: processes started from this thread would inherit the pinning. The
                 # thread gets its CPUs back at stop().
@@ -190,18 +237,71 @@ class Feed:
                 self._unpin = (tid, os.sched_getaffinity(0))
                 set_affinity(tid, self.consumer_cpus, "consumer_cpus")
         except BaseException:
+            self._sup.hold()
             if self._session is not None:
                 self._session.stop()
                 self._session = None
             self._pool.stop(drain=False)
             self._pool.close()
             self._pool = None
+            self._relay.close()
             raise
         self._started_at = time.monotonic()
+        self._last_rx = (0, self._started_at)
         return self
 
+    def _spawn_network(self) -> Any:
+        """Start the network process (or the source, or the replay); the supervisor calls it
+        again after a crash."""
+        assert self._pool is not None and self._relay is not None
+        names, log_cfg = self._pool.ring_names, self._relay.config()
+        if self.replay is not None:
+            from .capture import ReplayProcess
+
+            child: Any = ReplayProcess(self.replay, names, speed=self.speed, log=log_cfg)
+        elif self.source is not None:
+            from .sources import SourceProcess
+
+            child = SourceProcess(self.source, names, log=log_cfg)
+        else:
+            assert self.settings is not None
+            child = SessionProcess(self.settings, names, log=log_cfg)
+        child.start()
+        self._session = child
+        if self.network_cpus is not None:
+            set_affinity(child.pid, self.network_cpus, "network_cpus")
+        return child
+
+    def _network_exited(self, child: Any) -> bool:
+        """The supervisor's verdict on a network process that ended: True to start it again."""
+        child.join(0)  # collects its last message (a fatal error, or "finished")
+        if child.error is not None:
+            self._fatal = child.error
+            return False
+        if child.finished or self._source_ending or self._stopped:
+            return False
+        code = child.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if self.replay is not None:
+            # Starting it again would replay the capture from its start.
+            self._fatal = f"the replay process died ({how})"
+            return False
+        for k, v in child.counters().items():
+            if k not in _GAUGES:
+                self._net_base[k] = self._net_base.get(k, 0) + v
+        self._network_restarts += 1
+        log.warning("the network process died (%s); starting it again (restart %d)", how,
+                    self._network_restarts)
+        return True
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the network process, let the workers drain the rings, free every segment."""
+        """Stop the network process, let the workers drain the rings, free every segment.
+
+        Rows still in flight are read here but not handed to anyone: they are counted as
+        ``undelivered`` (to hand them over, end the iteration with :meth:`request_stop` and
+        keep iterating: the loop ends by itself once everything is delivered). After
+        :meth:`hurry` (a second Ctrl-C or SIGTERM), the draining is skipped.
+        """
         if self._stopped or self._pool is None:
             return
         self._stopped = True
@@ -210,36 +310,71 @@ class Feed:
         if self._current is not None:
             self._current.release()
             self._current = None
-        if self._session is not None:
-            self._session.stop()
-        if self.inline:
-            # Decode what is left in the ring here, counted as delivered.
-            while (r := self._pool.read_inline(0.0)) is not None:
-                self._account(r)
-        elif self.output:
-            # Drain what the workers still publish so that none of them waits on a full
-            # output ring while stopping.
-            self._drain_outputs()
-        self._pool.stop(drain=True, timeout=timeout)
-        if self.output and not self.inline:
-            self._drain_outputs()
-        self._final = self._collect()  # the segments the counters live in go away next
-        # keep the codes readable after the shared tables are gone
-        self._tables_after = tuple(list(t) if t is not None else None for t in
-                                   (self._pool.symbols, self._pool.statuses, self._pool.bar_types))
-        self._pool.close()
-        if self._unpin is not None:
-            tid, cpus = self._unpin
-            self._unpin = None
-            with contextlib.suppress(OSError):  # the thread may be gone
-                os.sched_setaffinity(tid, cpus)
+        pool = self._pool
+        deadline = time.monotonic() + (1.0 if self._hurry else timeout)
+        try:
+            if self._sup is not None:
+                self._sup.hold()
+            self._end_source()
+            # While the source finishes (it writes what it holds into the rings first), keep
+            # the pipeline moving: a worker waiting on a full output ring would hold it up.
+            s = self._session
+            while s is not None and s.is_alive() and time.monotonic() < deadline:
+                if not self._discard(0.01):
+                    s.join(0.01)
+            if s is not None:
+                s.stop(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            if not self._hurry:
+                while not pool.idle() and time.monotonic() < deadline:
+                    if not self._discard(0.01):
+                        time.sleep(0.001)
+            pool.stop(drain=not self._hurry, timeout=max(0.1, deadline - time.monotonic()))
+            self._discard(0)
+            self._final = self._collect()  # the segments the counters live in go away next
+            # keep the codes readable after the shared tables are gone
+            self._tables_after = tuple(list(t) if t is not None else None for t in
+                                       (pool.symbols, pool.statuses, pool.bar_types))
+        finally:
+            pool.close()
+            if self._sup is not None:
+                self._sup.close()
+            if self._relay is not None:
+                self._relay.close()
+            if self._unpin is not None:
+                tid, cpus = self._unpin
+                self._unpin = None
+                with contextlib.suppress(OSError):  # the thread may be gone
+                    os.sched_setaffinity(tid, cpus)
 
-    def _drain_outputs(self) -> None:
-        assert self._pool is not None
-        for w in range(self.workers):
-            while (b := self._pool.read_output(w, timeout=0)) is not None:
-                self._account(b)
+    def _discard(self, timeout: float) -> bool:
+        """Read what the workers published and hand it to nobody (counted as undelivered).
+        True if there was something."""
+        pool = self._pool
+        assert pool is not None
+        got = False
+        if self.inline:
+            while (r := pool.read_inline(timeout)) is not None:
+                self._count_undelivered(r)
+                got, timeout = True, 0
+        elif self.output:
+            while (b := pool.take_output()) is not None:
+                self._count_undelivered(b)
                 b.release()
+                got = True
+            if not got and timeout and pool.wait_output(timeout):
+                return self._discard(0)
+        return got
+
+    def _count_undelivered(self, b: Any) -> None:
+        self._undelivered["batches"] += 1
+        self._undelivered["rows"] += len(b.ticks) + len(b.quotes) + len(b.bars)
+
+    def _end_source(self) -> None:
+        """Ask the source to stop (once); the pipeline then drains."""
+        if not self._source_ending:
+            self._source_ending = True
+            if self._session is not None:
+                self._session.request_stop()
 
     def __enter__(self) -> Feed:
         return self.start()
@@ -249,7 +384,17 @@ class Feed:
         self.stop()
 
     def request_stop(self) -> None:
-        """Make iteration and :meth:`run` return soon (thread- and signal-safe)."""
+        """End iteration and :meth:`run` in order (thread- and signal-safe): the source stops,
+        what is already in the pipeline is still delivered, then the loop ends. Called again
+        while stopping, it is :meth:`hurry`."""
+        if self._stop_event.is_set():
+            self._hurry = True
+        self._stop_event.set()
+
+    def hurry(self) -> None:
+        """Stop as soon as possible: what is still in the pipeline is read and counted as
+        undelivered, not handed over. Nothing is left behind either way."""
+        self._hurry = True
         self._stop_event.set()
 
     @property
@@ -257,11 +402,44 @@ class Feed:
         return self._stop_event.is_set()
 
     def check(self) -> None:
-        """Raise :class:`FeedError` if the network process stopped on a fatal error."""
+        """Raise :class:`FeedError` if the feed cannot go on: the network process stopped on
+        a fatal error (its one-line reason), or a handler raised under
+        ``on_handler_error="raise"``."""
+        if self._fatal is not None:
+            raise FeedError(self._fatal)
+        pool = self._pool
+        if pool is not None and pool.handler_failed():
+            raise FeedError("the handler raised (its traceback is in the log) and "
+                            "on_handler_error='raise' stops the feed")
+
+    def _check_idle(self) -> None:
+        if self.idle_timeout is None or self._source_ending:
+            return
+        n = self._received()
+        now = time.monotonic()
+        if n != self._last_rx[0]:
+            self._last_rx = (n, now)
+        elif now - self._last_rx[1] >= self.idle_timeout:
+            raise FeedIdleError(f"nothing received for {self.idle_timeout:g} s "
+                                f"(idle_timeout={self.idle_timeout:g}); "
+                                f"{n} frames received in all")
+
+    def _received(self) -> int:
         s = self._session
-        if s is not None and not s.is_alive():
-            s.join(0)
-            raise FeedError(s.error or f"network process exited with code {s.exitcode}")
+        return self._net_base.get("frames", 0) + (s.counters()["frames"] if s is not None else 0)
+
+    def finished(self) -> bool:
+        """True once the source has ended (a finite source wrote everything, or the feed was
+        asked to stop) and every frame in the pipeline has been delivered."""
+        s, pool = self._session, self._pool
+        if pool is None:
+            return self._stopped
+        if s is not None:
+            if not (self._source_ending or getattr(s, "done", False)):
+                return False
+            if s.is_alive() and not getattr(s, "done", False):
+                return False
+        return pool.idle()
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -307,65 +485,79 @@ class Feed:
             raise RuntimeError("this feed was made with output=False")
         self._consumer = threading.get_ident()
         self._flush()  # before the release below: its arrays may be views into the ring
+        if self._stop_event.is_set():
+            self._end_source()
+        self._polls += 1
+        if not self._polls & 255:
+            self.check()  # now and then even while data flows: a handler may have failed
         if self.inline:
             r = self._pool.read_inline(timeout)
             if r is None:
                 self.check()
+                self._check_idle()
                 return None
             self._pending = (r, now_us())
             return r
         if self._current is not None:
             self._current.release()
             self._current = None
-        b = self._take_output()
+        b = self._pool.take_output()
         if b is None:
             # Nothing ready: sleep on the one worker's ring, or on the pool's doorbell
             # that every worker rings after publishing, so none waits on another.
             if self.workers == 1:
                 b = self._pool.read_output(0, timeout=timeout)
             elif self._pool.wait_output(timeout):
-                b = self._take_output()
+                b = self._pool.take_output()
             if b is None:
                 self.check()
+                self._check_idle()
                 return None
         self._current = b
         self._pending = (b, now_us())
         return b
 
-    def _take_output(self) -> OutputBatch | None:
-        """The next ready output, taking the workers in turn so that none is starved."""
-        assert self._pool is not None
-        n = self.workers
-        for _ in range(n):
-            w = self._next_worker
-            self._next_worker = (w + 1) % n
-            b = self._pool.read_output(w, timeout=0)
-            if b is not None:
-                return b
-        return None
-
-    def __iter__(self) -> Iterator[OutputBatch]:
-        while not self._stop_event.is_set():
+    def __iter__(self) -> Iterator[Any]:
+        """Decoded batches until the feed is stopped (:meth:`request_stop`, a signal in
+        :meth:`run`) or a finite source (a replay) is exhausted; either way everything
+        already in the pipeline is delivered first, then the loop ends by itself."""
+        while True:
             b = self.poll()
             if b is not None:
                 yield b
+            elif self._hurry or self.finished():
+                return
 
-    async def __aiter__(self) -> AsyncIterator[OutputBatch]:
-        while not self._stop_event.is_set():
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
             b = self.poll(timeout=0)
             if b is not None:
                 yield b
+            elif self._hurry or self.finished():
+                return
             else:
                 # Ring reads do not integrate with the event loop; a short sleep keeps an
                 # idle feed cheap while other tasks run.
                 await asyncio.sleep(0.0005)
 
+    def frames_accounted(self) -> int:
+        """Frames the feed is done with: decoded by a worker (rows or an error), set aside
+        as poisoned, or dropped."""
+        pool = self._pool
+        poisoned = sum(w.poisoned for w in pool.stats()) if pool is not None else 0
+        # An at-least-once broker delivers again what a ring refused: not lost, not done.
+        lost = 0 if self._redelivers else self._session_counters().get("ring_drops", 0)
+        return self.frames_decoded() + poisoned + lost
+
     def run(self, handler: Callable[[int, Any], None] | None = None, *,
             duration: float | None = None, frames: int | None = None,
             on_stats: Callable[[dict[str, Any]], None] | None = None,
             stats_interval: float = 1.0) -> dict[str, Any]:
-        """Run until SIGINT/SIGTERM, :meth:`request_stop`, ``duration`` seconds or ``frames``
-        data frames decoded; then stop cleanly and return the final :meth:`stats`.
+        """Run until SIGINT/SIGTERM, :meth:`request_stop`, ``duration`` seconds, ``frames``
+        data frames accounted for (decoded, refused as errors, or dropped) or the end of a
+        finite source; then stop cleanly and return the final :meth:`stats`. A second
+        signal makes the stop quick. Raises :class:`FeedError` when the feed cannot go on
+        and :class:`FeedIdleError` after ``idle_timeout`` without data.
 
         ``handler(worker_index, batch)`` (if given, or the one passed to the constructor)
         runs inside each worker on every decoded :class:`fastfeed.Batch`; its arrays are
@@ -385,29 +577,35 @@ class Feed:
         try:
             deadline = None if duration is None else time.monotonic() + duration
             next_stats = time.monotonic() + stats_interval
-            while not self._stop_event.is_set():
+            while not self._hurry:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if self.output:
-                    self.poll(timeout=0.02)
+                    if self.poll(timeout=0.02) is None and self.finished():
+                        break
                 else:
                     self._stop_event.wait(0.02)
+                    if self._stop_event.is_set():
+                        self._end_source()
                     self.check()
-                if frames is not None and self.frames_decoded() >= frames:
-                    break
-                if self.source_done():
+                    self._check_idle()
+                    if self.finished():
+                        break
+                if frames is not None and self.frames_accounted() >= frames:
                     break
                 if on_stats is not None and time.monotonic() >= next_stats:
                     next_stats += stats_interval
                     on_stats(self.stats())
         finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            self.stop()
+            try:
+                self.stop()
+            finally:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
         return self.stats()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._stop_event.set()
+        self.request_stop()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -435,25 +633,38 @@ class Feed:
         return self._table(2)
 
     def source_done(self) -> bool:
-        """True when a finite source (a replay) has written everything and the workers
-        have decoded all of it; always False for live sources."""
+        """True when a finite source (a replay) has written everything and all of it has
+        been delivered; always False for live sources."""
         s = self._session
-        if s is None or not getattr(s, "done", False):
-            return False
-        return self.frames_decoded() >= s.counters().get("frames", 0)
+        return s is not None and bool(getattr(s, "done", False)) and self.finished()
 
     def frames_decoded(self) -> int:
+        """Frames the workers have handled (rows or an error each)."""
         return sum(w.frames for w in self._pool.stats()) if self._pool is not None else 0
+
+    def _session_counters(self) -> dict[str, int]:
+        """The network process's counters, summed over its lives (restarts)."""
+        cur = self._session.counters() if self._session is not None else {}
+        out = dict(cur)
+        for k, v in self._net_base.items():
+            out[k] = out.get(k, 0) + v
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Every counter of every process, summed where that makes sense.
 
-        ``frames``/``ticks``/``quotes``/``bars``/``errors``/``control`` are what the workers
-        decoded; ``dropped`` counts frames the network process could not put in a ring and
-        output the parent did not take in time; ``gaps`` the sequence numbers the workers
-        found missing; ``latency_us`` is frame receipt to rows handed over in this process.
-        ``delivered`` and ``latency_us`` count a batch once it has been handed over: in
-        the polling thread, at once; seen from another thread, from the next poll on.
+        Frames: ``received`` (written into the rings by the network process), ``frames``
+        (handled by the workers: each gives rows or an ``error``), ``dropped`` (frames lost
+        on a full ring, only under ``full_policy="drop"``/``"wait"``), ``gaps`` (sequence
+        numbers the workers found missing). Rows: ``ticks``/``quotes``/``bars`` decoded,
+        ``delivered`` (handed to the consumer), ``dropped_rows`` (decoded rows an output
+        ring refused, only with a dropping policy), ``undelivered`` (read at :meth:`stop`
+        but handed to nobody). Backpressure: ``pauses`` and ``backpressure_s``, the time
+        the source was paused for room. ``handler_errors``, ``network_restarts``,
+        ``worker_restarts``, ``symbols_full``; ``latency_us`` is frame receipt to rows
+        handed over. ``delivered`` and ``latency_us`` count a batch once it has been
+        handed over: in the polling thread, at once; from another thread, from the next
+        poll on.
         """
         if threading.get_ident() == self._consumer:
             self._flush()  # the consumer's own call: count what it holds (another thread
@@ -461,27 +672,35 @@ class Feed:
         if self._final is not None:
             out = dict(self._final)
             out["delivered"] = dict(self._delivered)
+            out["undelivered"] = dict(self._undelivered)
             out["latency_us"] = self._latency.summary()
             return out
         return self._collect()
 
     def _collect(self) -> dict[str, Any]:
         pool = self._pool
-        session = self._session.counters() if self._session is not None else {}
+        session = self._session_counters()
         workers = pool.stats() if pool is not None else []
         rings = pool.rings if pool is not None else []
         total = {k: sum(getattr(w, k) for w in workers)
                  for k in ("frames", "ticks", "quotes", "bars", "errors", "control")}
-        out = dict(total)
+        out: dict[str, Any] = dict(total)
         out["control"] += session.get("control", 0)
-        out["dropped"] = session.get("ring_drops", 0) + sum(w.output_dropped for w in workers)
+        out["received"] = session.get("frames", 0)
+        out["dropped"] = session.get("ring_drops", 0)
+        out["dropped_rows"] = sum(w.output_dropped for w in workers)
         out["gaps"] = sum(r.gaps for r in rings)
+        out["pauses"] = session.get("pauses", 0)
+        out["backpressure_s"] = round(session.get("backpressure_us", 0) / 1e6, 6)
+        out["handler_errors"] = sum(w.handler_errors for w in workers)
+        out["symbols_full"] = sum(w.symbols_full for w in workers)
         out["reconnects"] = session.get("reconnects", 0)
         out["auth_renewals"] = session.get("auth_renewals", 0)
+        out["network_restarts"] = self._network_restarts
         out["worker_restarts"] = sum(w.restarts for w in workers)
         out["poisoned"] = sum(w.poisoned for w in workers)
-        out["received"] = session.get("frames", 0)
         out["delivered"] = dict(self._delivered)
+        out["undelivered"] = dict(self._undelivered)
         out["latency_us"] = self._latency.summary()
         out["elapsed_s"] = round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0
         out["session"] = session

@@ -40,7 +40,7 @@ log = logging.getLogger("fastfeed.session")
 #: Counter names, in the order of the shared array of :class:`SessionProcess`.
 COUNTERS = ("frames", "bytes", "ring_drops", "control", "pongs", "fragmented", "too_big",
             "connects", "reconnects", "auth_renewals", "refused_upgrades", "pings_sent",
-            "heartbeat_timeouts", "connect_errors")
+            "heartbeat_timeouts", "connect_errors", "pauses", "backpressure_us", "backlog")
 
 # picows' limit for one frame: the provider's messages are small; 16 MiB only guards memory.
 _MAX_FRAME = 16 * 1024 * 1024
@@ -146,7 +146,8 @@ class FeedSession:
         lst = self.listener
         out = {"frames": lst.frames, "bytes": lst.bytes, "ring_drops": lst.ring_drops,
                "control": lst.control, "pongs": lst.pongs, "fragmented": lst.fragmented,
-               "too_big": lst.too_big,
+               "too_big": lst.too_big, "pauses": lst.pauses,
+               "backpressure_us": lst.backpressure_ns() // 1000, "backlog": lst.backlog,
                "auth_renewals": self.auth.renewals - self._renewals_at_start}
         out.update(self._counts)
         return {k: out[k] for k in COUNTERS}
@@ -177,6 +178,19 @@ class FeedSession:
             await self._run()
         finally:
             renewer.cancel()
+            await self._drain_backlog()
+
+    async def _drain_backlog(self, timeout: float = 5.0) -> None:
+        """Frames received but still waiting for room in a ring (lossless mode) go into the
+        rings before the session ends, while the workers drain them; past ``timeout`` they
+        are dropped and counted."""
+        lst = self.listener
+        deadline = time.monotonic() + timeout
+        while lst.flush() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        if lst.backlog:
+            log.warning("stopping with %d received frames the rings had no room for: dropped",
+                        lst.discard_backlog())
 
     async def _keep_token_fresh(self) -> None:
         """Renew the token in the background once it is within ``renew_before`` of expiry.
@@ -319,7 +333,11 @@ class FeedSession:
             transport.send(WSMsgType.TEXT, b"ping")
             self._counts["pings_sent"] += 1
             await asyncio.sleep(interval)
-            last = max(opened_ns, self.listener.last_pong_ns)
+            lst = self.listener
+            if lst.paused:
+                continue  # we stopped reading ourselves: the pong may sit unread in the socket
+            # Time spent paused is ours, not the server's: count from the last resume too.
+            last = max(opened_ns, lst.last_pong_ns, lst.last_resume_ns)
             if time.monotonic_ns() - last > limit_ns:
                 self._counts["heartbeat_timeouts"] += 1
                 log.warning("no pong for %d heartbeat intervals: connection is dead",
@@ -373,7 +391,7 @@ class SessionProcess(ChildProcess):
     """
 
     def __init__(self, settings: Settings, ring_names: Sequence[str], *,
-                 log_level: int = logging.WARNING) -> None:
+                 log_level: int = logging.WARNING, log: Any = None) -> None:
         settings.require("host", "email")
         super().__init__(_process_main, (settings, list(ring_names)), COUNTERS,
-                         name="fastfeed-session", log_level=log_level)
+                         name="fastfeed-session", log_level=log_level, log=log)

@@ -385,7 +385,7 @@ def test_inline_handler_and_capture_run_in_this_process(tmp_path):
 
 
 def test_bad_pinning_is_one_clear_error(tmp_path, own_affinity):
-    with pytest.raises(ValueError, match="workers must be >= 0"):
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
         Feed(replay=str(tmp_path), workers=-1)
     with pytest.raises(ValueError, match="network_cpus"):
         Feed(replay=str(tmp_path), network_cpus=[-1])

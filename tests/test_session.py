@@ -135,7 +135,8 @@ def test_listener_routing_control_and_fragments(rings):
     lst.on_ws_frame(None, _frame(whole[10:], WSMsgType.CONTINUATION, fin=True))
     assert lst.stats() == {"frames": 5, "bytes": sum(map(len, data)) + len(whole),
                            "ring_drops": 0, "control": 2, "pongs": 1, "fragmented": 1,
-                           "too_big": 0, "connections": 0}
+                           "too_big": 0, "connections": 0, "pauses": 0,
+                           "backpressure_ns": 0, "backlog": 0}
     assert lst.last_pong_ns > 0
     assert controls == [b'{"status":"ok","message":"hello"}', b'{"c":42}']
     codes = ["NASDAQ:AAPL", "NYSE:BX", "ARCA:X", "NASDAQ:TSLA", "NASDAQ:MSFT"]

@@ -159,10 +159,10 @@ class SourceProcess(ChildProcess):
     """
 
     def __init__(self, url: str, ring_names: Sequence[str], *,
-                 log_level: int = logging.WARNING) -> None:
+                 log_level: int = logging.WARNING, log: Any = None) -> None:
         self.url = parse_source(url)
         super().__init__(_process_main, (url, list(ring_names)), COUNTERS,
-                         name="fastfeed-source", log_level=log_level)
+                         name="fastfeed-source", log_level=log_level, log=log)
 
     def __repr__(self) -> str:
         return f"SourceProcess({self.url.redacted!r}, pid={self.pid})"
