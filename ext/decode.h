@@ -9,7 +9,9 @@
  * Rows are appended to growable arrays whose element layout is exactly the
  * NumPy dtype the Python layer exposes (aligned structs).  A frame that fails
  * rolls the three arrays back to where they stood at the frame's start, so a
- * bad frame contributes no rows.
+ * bad frame contributes no rows.  Codes new to their table are only looked up
+ * while the frame is read and inserted once all of it has decoded, so a bad
+ * frame adds nothing to the tables either.
  */
 #ifndef FF_DECODE_H
 #define FF_DECODE_H
@@ -248,6 +250,28 @@ typedef struct {
     size_t itemsize;
 } ff_vec;
 
+/* A code (symbol, status or bar type) that a frame uses and no table holds yet.  It is
+ * inserted only when the whole frame has decoded (ff_commit), so that a frame that
+ * fails adds nothing to any table; until then its rows hold a placeholder, -(index+1),
+ * patched through the frame's ff_fix list. */
+typedef struct {
+    uint64_t hash;
+    uint32_t off, len; /* its bytes in ff_dec.pend_text */
+    size_t pos;        /* where in the frame it first appeared, for errors */
+    int role;          /* FF_ROLE_* */
+    int32_t id;        /* set by ff_commit */
+} ff_pend;
+
+/* A row field waiting for a pending code's id. */
+typedef struct {
+    uint32_t pend;
+    uint32_t what; /* FF_FIX_* */
+    size_t row, nrows;
+} ff_fix;
+
+enum { FF_ROLE_SYM, FF_ROLE_STATUS, FF_ROLE_BAR_TYPE, FF_NROLES };
+enum { FF_FIX_TICK_SYM, FF_FIX_QUOTE_SYM, FF_FIX_QUOTE_STATUS, FF_FIX_BAR_SYM, FF_FIX_BAR_TYPE };
+
 typedef struct {
     const uint8_t *start; /* first byte of the current frame */
     const uint8_t *p;
@@ -259,6 +283,16 @@ typedef struct {
     int64_t recv_ts;
     int saw_control; /* the frame holds a valid non-market message */
     int bar_bad_field; /* which bar key held a wrong type; -1: an `s` element was no object */
+    int table_full;    /* the frame failed because a table was full */
+    /* codes of the current frame waiting for its end; all empty between frames */
+    ff_pend *pend;
+    size_t npend, pend_cap;
+    char *pend_text;
+    size_t pend_text_len, pend_text_cap;
+    uint64_t *pend_index; /* open addressing: generation << 32 | (index + 1) */
+    uint32_t pend_nslots, pend_gen;
+    ff_fix *fix;
+    size_t nfix, fix_cap;
     char err[200];
 } ff_dec;
 
@@ -964,22 +998,260 @@ static int ff_type_error(ff_dec *d, uint32_t bad, const size_t *badpos, int nfie
     return -1;
 }
 
-static int ff_intern(ff_dec *d, ff_symtab *t, const ff_str *s, int32_t limit, const char *what,
-                     int32_t *id)
+/* ---- codes: looked up at once, inserted when the frame has decoded ------------ */
+
+#define FF_LOOKUP_ERR INT32_MIN /* d->err says why */
+
+static const char *const ff_role_name[FF_NROLES] = {"symbol", "status", "bar type"};
+static const char *const ff_role_plural[FF_NROLES] = {"symbols", "statuses", "bar types"};
+/* The largest id each role's row field holds: sym i4, status u1, bar_type i2. */
+static const int32_t ff_role_limit[FF_NROLES] = {INT32_MAX, UINT8_MAX, INT16_MAX};
+
+static inline ff_symtab *ff_table(ff_dec *d, int role)
+{
+    return role == FF_ROLE_SYM ? &d->symbols : role == FF_ROLE_STATUS ? &d->statuses : &d->bar_types;
+}
+
+/* No room in the role's table for the code at byte pos: it holds as many codes as it
+ * can (its capacity, or the role's id range if smaller), or its code bytes are used up. */
+static int ff_fail_full(ff_dec *d, int role, int arena, size_t pos)
+{
+    const ff_symtab_hdr *h = ff_table(d, role)->hdr;
+    const char *hint = role == FF_ROLE_SYM ? ": raise max_symbols=" : "";
+    if (arena) {
+        snprintf(d->err, sizeof d->err, "%s table full (its %u bytes for codes are used up)%s (byte %zu)",
+                 ff_role_name[role], h->arena_size, hint, pos);
+    } else {
+        uint64_t cap = h->capacity, most = (uint64_t)ff_role_limit[role] + 1;
+        snprintf(d->err, sizeof d->err, "%s table full (%llu %s)%s (byte %zu)", ff_role_name[role],
+                 (unsigned long long)(cap < most ? cap : most), ff_role_plural[role], hint, pos);
+    }
+    d->table_full = 1;
+    return -1;
+}
+
+static int32_t ff_fail_oom(ff_dec *d)
+{
+    snprintf(d->err, sizeof d->err, "out of memory");
+    return FF_LOOKUP_ERR;
+}
+
+static inline void ff_pend_index_put(ff_dec *d, size_t k)
+{
+    uint32_t mask = d->pend_nslots - 1, i = (uint32_t)d->pend[k].hash & mask;
+    while ((uint32_t)(d->pend_index[i] >> 32) == d->pend_gen) i = (i + 1) & mask;
+    d->pend_index[i] = ((uint64_t)d->pend_gen << 32) | (uint32_t)(k + 1);
+}
+
+static int ff_pend_index_grow(ff_dec *d)
+{
+    uint32_t n = d->pend_nslots ? d->pend_nslots * 2 : 64;
+    if (n == 0) return -1;
+    uint64_t *slots = (uint64_t *)calloc(n, sizeof *slots);
+    if (!slots) return -1;
+    free(d->pend_index);
+    d->pend_index = slots;
+    d->pend_nslots = n;
+    d->pend_gen = 1;
+    for (size_t k = 0; k < d->npend; k++) ff_pend_index_put(d, k);
+    return 0;
+}
+
+/* Between frames: no pending code.  The index empties by moving to a new generation. */
+static void ff_pend_clear(ff_dec *d)
+{
+    d->npend = d->nfix = d->pend_text_len = 0;
+    if (d->pend_nslots && ++d->pend_gen == 0) {
+        memset(d->pend_index, 0, d->pend_nslots * sizeof *d->pend_index);
+        d->pend_gen = 1;
+    }
+}
+
+/* ff_lookup's slow side: the code is in no table (found < 0), or beyond the role's id
+ * range (found > the limit).  Returns the placeholder of the pending code, the same
+ * for every use of one code in one frame, or FF_LOOKUP_ERR. */
+static __attribute__((noinline)) int32_t ff_defer(ff_dec *d, int role, const char *p, uint32_t n,
+                                                   uint64_t h, size_t pos, int32_t found)
+{
+    if (found >= 0) {
+        ff_fail_full(d, role, 0, pos);
+        return FF_LOOKUP_ERR;
+    }
+    if (n > FF_SYMTAB_MAX_CODE) {
+        snprintf(d->err, sizeof d->err, "%s code too long (%u bytes, the most is %u) (byte %zu)",
+                 ff_role_name[role], n, FF_SYMTAB_MAX_CODE, pos);
+        return FF_LOOKUP_ERR;
+    }
+    if (d->pend_nslots) {
+        uint32_t mask = d->pend_nslots - 1, i = (uint32_t)h & mask;
+        for (;;) {
+            uint64_t s = d->pend_index[i];
+            if ((uint32_t)(s >> 32) != d->pend_gen) break;
+            uint32_t k = (uint32_t)s - 1;
+            const ff_pend *e = &d->pend[k];
+            if (e->hash == h && e->role == role && e->len == n && memcmp(d->pend_text + e->off, p, n) == 0)
+                return -(int32_t)k - 1;
+            i = (i + 1) & mask;
+        }
+    }
+    if (d->npend >= INT32_MAX - 1 || d->pend_text_len + n > UINT32_MAX) return ff_fail_oom(d);
+    if ((d->npend + 1) * 2 > d->pend_nslots && ff_pend_index_grow(d) < 0) return ff_fail_oom(d);
+    if (d->npend == d->pend_cap) {
+        size_t cap = d->pend_cap ? d->pend_cap * 2 : 16;
+        ff_pend *a = (ff_pend *)realloc(d->pend, cap * sizeof *a);
+        if (!a) return ff_fail_oom(d);
+        d->pend = a;
+        d->pend_cap = cap;
+    }
+    if (d->pend_text_len + n > d->pend_text_cap) {
+        size_t cap = d->pend_text_cap ? d->pend_text_cap : 1024;
+        while (cap < d->pend_text_len + n) cap *= 2;
+        char *t = (char *)realloc(d->pend_text, cap);
+        if (!t) return ff_fail_oom(d);
+        d->pend_text = t;
+        d->pend_text_cap = cap;
+    }
+    size_t k = d->npend;
+    ff_pend *e = &d->pend[k];
+    e->hash = h;
+    e->off = (uint32_t)d->pend_text_len;
+    e->len = n;
+    e->pos = pos;
+    e->role = role;
+    e->id = -1;
+    if (n) memcpy(d->pend_text + d->pend_text_len, p, n);
+    d->pend_text_len += n;
+    ff_pend_index_put(d, k);
+    d->npend++;
+    return -(int32_t)k - 1;
+}
+
+/* The id of a code, for a row: the table's id when it holds the code (nearly always: one
+ * hash and one probe), else a placeholder (< 0) that ff_commit turns into the id once the
+ * frame has decoded.  Nothing is inserted here.  FF_LOOKUP_ERR: d->err says why. */
+static inline __attribute__((always_inline)) int32_t ff_lookup(ff_dec *d, int role, const char *p,
+                                                               uint32_t n, size_t pos)
+{
+    uint64_t h = ff_hash_bytes(p, n);
+    int32_t id = ff_symtab_find(ff_table(d, role), p, n, h);
+    if (FF_LIKELY(id >= 0 && id <= ff_role_limit[role])) return id;
+    return ff_defer(d, role, p, n, h, pos, id);
+}
+
+static int32_t ff_lookup_str(ff_dec *d, int role, const ff_str *s)
 {
     const char *p;
     uint32_t n;
-    if (ff_text(d, s, &p, &n) < 0) {
-        snprintf(d->err, sizeof d->err, "out of memory");
+    if (ff_text(d, s, &p, &n) < 0) return ff_fail_oom(d);
+    return ff_lookup(d, role, p, n, (size_t)(s->s - d->start));
+}
+
+/* Rows [row, row + nrows) take the id of placeholder `ph` at the frame's end. */
+static int ff_fix_add(ff_dec *d, int32_t ph, uint32_t what, size_t row, size_t nrows)
+{
+    if (d->nfix == d->fix_cap) {
+        size_t cap = d->fix_cap ? d->fix_cap * 2 : 16;
+        ff_fix *a = (ff_fix *)realloc(d->fix, cap * sizeof *a);
+        if (!a) return -1;
+        d->fix = a;
+        d->fix_cap = cap;
+    }
+    ff_fix *f = &d->fix[d->nfix++];
+    f->pend = (uint32_t)(-(ph + 1));
+    f->what = what;
+    f->row = row;
+    f->nrows = nrows;
+    return 0;
+}
+
+/* The bars [from, len) of one message, whose symbol or bar type (or both) is pending:
+ * both fixes are recorded, or neither. */
+static int ff_fix_bars(ff_dec *d, int32_t sym, int32_t bt, size_t from)
+{
+    size_t nfix = d->nfix, n = d->bars.len - from;
+    if ((sym < 0 && ff_fix_add(d, sym, FF_FIX_BAR_SYM, from, n) < 0) ||
+        (bt < 0 && ff_fix_add(d, bt, FF_FIX_BAR_TYPE, from, n) < 0)) {
+        d->nfix = nfix;
         return -1;
     }
-    int32_t v = ff_symtab_intern(t, p, n);
-    if (FF_UNLIKELY(v < 0 || v > limit)) {
-        snprintf(d->err, sizeof d->err, "%s table full or code too long (%u bytes, byte %zu)",
-                 what, n, (size_t)(s->s - d->start));
-        return -1;
+    return 0;
+}
+
+/* The frame has decoded: insert its pending codes, all of them or none, and give their
+ * rows the ids.  The tables involved are locked together while it checks that every
+ * code fits and then inserts them, so the room it found is still there when it inserts,
+ * whatever other processes sharing the tables do meanwhile.  A code another process
+ * inserted since the lookup just takes that process's id. */
+static int ff_commit(ff_dec *d)
+{
+    ff_symtab *tabs[FF_NROLES];
+    ff_symtab_hdr *locks[FF_NROLES];
+    uint32_t count[FF_NROLES], used[FF_NROLES];
+    int ntab = 0, tab_of[FF_NROLES];
+    unsigned roles = 0;
+    for (size_t k = 0; k < d->npend; k++) roles |= 1u << d->pend[k].role;
+    for (int r = 0; r < FF_NROLES; r++) {
+        tab_of[r] = -1;
+        if (!(roles & (1u << r))) continue;
+        ff_symtab *t = ff_table(d, r);
+        for (int j = 0; j < ntab; j++)
+            if (tabs[j]->hdr == t->hdr) tab_of[r] = j; /* one table in two roles */
+        if (tab_of[r] < 0) {
+            tab_of[r] = ntab;
+            tabs[ntab] = t;
+            locks[ntab++] = t->hdr;
+        }
     }
-    *id = v;
+    ff_symtab_lock_all(locks, ntab);
+    for (int j = 0; j < ntab; j++) {
+        count[j] = tabs[j]->hdr->count;
+        used[j] = tabs[j]->hdr->arena_used;
+    }
+    /* First whether everything fits (a code counted twice, only when one table serves
+     * two roles, makes this stricter, never looser). */
+    for (size_t k = 0; k < d->npend; k++) {
+        const ff_pend *e = &d->pend[k];
+        int j = tab_of[e->role];
+        const ff_symtab_hdr *h = tabs[j]->hdr;
+        int32_t id = ff_symtab_find(tabs[j], d->pend_text + e->off, e->len, e->hash);
+        int full = 0, arena = 0;
+        if (id < 0) {
+            if (count[j] >= h->capacity) full = 1;
+            else if (used[j] + e->len > h->arena_size) full = arena = 1;
+            else {
+                id = (int32_t)count[j]++;
+                used[j] += e->len;
+            }
+        }
+        if (full || id > ff_role_limit[e->role]) {
+            for (int i = 0; i < ntab; i++) ff_symtab_unlock(locks[i]);
+            return ff_fail_full(d, e->role, arena, e->pos);
+        }
+    }
+    int lost = -1;
+    for (size_t k = 0; k < d->npend; k++) {
+        ff_pend *e = &d->pend[k];
+        e->id = ff_symtab_add_locked(tabs[tab_of[e->role]], d->pend_text + e->off, e->len, e->hash);
+        if (e->id < 0 && lost < 0) lost = (int)k; /* cannot happen: it was checked above */
+    }
+    for (int i = 0; i < ntab; i++) ff_symtab_unlock(locks[i]);
+    if (lost >= 0) return ff_fail_full(d, d->pend[lost].role, 0, d->pend[lost].pos);
+    for (size_t i = 0; i < d->nfix; i++) {
+        const ff_fix *f = &d->fix[i];
+        int32_t id = d->pend[f->pend].id;
+        switch (f->what) {
+        case FF_FIX_TICK_SYM: ((ff_tick *)d->ticks.data)[f->row].sym = id; break;
+        case FF_FIX_QUOTE_SYM: ((ff_quote *)d->quotes.data)[f->row].sym = id; break;
+        case FF_FIX_QUOTE_STATUS: ((ff_quote *)d->quotes.data)[f->row].status = (uint8_t)id; break;
+        case FF_FIX_BAR_SYM:
+            for (size_t r = f->row; r < f->row + f->nrows; r++) ((ff_bar *)d->bars.data)[r].sym = id;
+            break;
+        case FF_FIX_BAR_TYPE:
+            for (size_t r = f->row; r < f->row + f->nrows; r++)
+                ((ff_bar *)d->bars.data)[r].bar_type = (int16_t)id;
+            break;
+        }
+    }
     return 0;
 }
 
@@ -1104,6 +1376,7 @@ static int ff_message(ff_dec *d, int depth)
     double p = NAN, v = NAN, lp = NAN, a = NAN, b = NAN, as = NAN, bs = NAN;
     size_t bars_start = d->bars.len;
     (void)depth;
+    d->table_full = 0; /* ff_message_fast may have set it before handing the message over */
 
     d->p++;
     ff_ws(d);
@@ -1160,20 +1433,27 @@ static int ff_message(ff_dec *d, int depth)
     }
     if (FF_UNLIKELY(bad)) return ff_type_error(d, bad, badpos, F_N);
 
-    int32_t sym;
-    if (ff_intern(d, &d->symbols, &c_str, INT32_MAX, "symbol", &sym) < 0) return -1;
+    /* Codes new to their table get placeholders (< 0) here, ids when the frame ends. */
+    int32_t sym = ff_lookup_str(d, FF_ROLE_SYM, &c_str);
+    if (sym == FF_LOOKUP_ERR) return -1;
     if (kind == 2) {
-        if (ff_emit_tick(d, sym, t, p, v) < 0) return ff_fail_msg(d, obj_start, "out of memory");
+        if (ff_emit_tick(d, sym, t, p, v) < 0 ||
+            (sym < 0 && ff_fix_add(d, sym, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0))
+            return ff_fail_msg(d, obj_start, "out of memory");
     } else if (kind == 3) {
         int32_t st = 0;
-        if (ss_kind && ff_intern(d, &d->statuses, &ss_str, 255, "status", &st) < 0) return -1;
-        if (ff_emit_quote(d, sym, (uint8_t)st, lt, lp, v, b, a, bs, as) < 0)
+        if (ss_kind && (st = ff_lookup_str(d, FF_ROLE_STATUS, &ss_str)) == FF_LOOKUP_ERR) return -1;
+        if (ff_emit_quote(d, sym, (uint8_t)(st < 0 ? 0 : st), lt, lp, v, b, a, bs, as) < 0 ||
+            (sym < 0 && ff_fix_add(d, sym, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) ||
+            (st < 0 && ff_fix_add(d, st, FF_FIX_QUOTE_STATUS, d->quotes.len - 1, 1) < 0))
             return ff_fail_msg(d, obj_start, "out of memory");
     } else {
         int32_t bt = 0;
-        if (bt_kind && ff_intern(d, &d->bar_types, &bt_str, INT16_MAX, "bar type", &bt) < 0)
+        if (bt_kind && (bt = ff_lookup_str(d, FF_ROLE_BAR_TYPE, &bt_str)) == FF_LOOKUP_ERR)
             return -1;
-        ff_finish_bars(d, bars_start, sym, (int16_t)bt, be, lu);
+        ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt), be, lu);
+        if ((sym < 0 || bt < 0) && ff_fix_bars(d, sym, bt, bars_start) < 0)
+            return ff_fail_msg(d, obj_start, "out of memory");
     }
     return 0;
 }
@@ -1240,8 +1520,12 @@ sym_end:
         FF_EXPECT(",\"v\":");
         FF_NUM(0, &volume, NULL);
         FF_EXPECT("}");
-        id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
-        if (id < 0 || ff_emit_tick(d, id, t, price, volume) < 0) return 0;
+        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
+        if (FF_UNLIKELY(id == FF_LOOKUP_ERR) || ff_emit_tick(d, id, t, price, volume) < 0) return 0;
+        if (FF_UNLIKELY(id < 0) && ff_fix_add(d, id, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0) {
+            d->ticks.len--;
+            return 0;
+        }
     } else if (ff_lit(p, e, ",\"lt\":", 6)) {
         p += 6;
         int64_t lt;
@@ -1260,8 +1544,13 @@ sym_end:
         FF_EXPECT(",\"bs\":");
         FF_NUM(0, &bs, NULL);
         FF_EXPECT("}");
-        id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
-        if (id < 0 || ff_emit_quote(d, id, 0, lt, lp, v, b, a, bs, as) < 0) return 0;
+        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
+        if (FF_UNLIKELY(id == FF_LOOKUP_ERR) || ff_emit_quote(d, id, 0, lt, lp, v, b, a, bs, as) < 0)
+            return 0;
+        if (FF_UNLIKELY(id < 0) && ff_fix_add(d, id, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) {
+            d->quotes.len--;
+            return 0;
+        }
     } else if (ff_lit(p, e, ",\"be\":", 6)) {
         p += 6;
         int64_t be, lu;
@@ -1308,10 +1597,11 @@ sym_end:
         }
         if (!ff_lit(p, e, "]}", 2)) goto bars_fail;
         p += 2;
-        id = ff_symtab_intern(&d->symbols, (const char *)sym, nsym);
-        int32_t bt_id = ff_symtab_intern(&d->bar_types, (const char *)bt, nbt);
-        if (id < 0 || bt_id < 0 || bt_id > INT16_MAX) goto bars_fail;
-        ff_finish_bars(d, b0, id, (int16_t)bt_id, be, lu);
+        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
+        int32_t bt_id = ff_lookup(d, FF_ROLE_BAR_TYPE, (const char *)bt, nbt, (size_t)(bt - d->start));
+        if (id == FF_LOOKUP_ERR || bt_id == FF_LOOKUP_ERR) goto bars_fail;
+        ff_finish_bars(d, b0, id, (int16_t)(bt_id < 0 ? 0 : bt_id), be, lu);
+        if (FF_UNLIKELY(id < 0 || bt_id < 0) && ff_fix_bars(d, id, bt_id, b0) < 0) goto bars_fail;
         goto done;
     bars_fail:
         d->bars.len = b0;
@@ -1327,8 +1617,9 @@ done:
 #undef FF_EXPECT
 #undef FF_NUM
 
-/* One frame.  0: decoded (rows appended, or d->saw_control set); -1: d->err says why,
- * and no row of this frame remains. */
+/* One frame.  0: decoded (rows appended, or d->saw_control set); -1: d->err says why
+ * (d->table_full when a table had no room), no row of this frame remains and no table
+ * holds a code it added. */
 static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
 {
     size_t t0 = d->ticks.len, q0 = d->quotes.len, b0 = d->bars.len;
@@ -1336,6 +1627,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->end = p + n;
     d->recv_ts = recv_ts;
     d->saw_control = 0;
+    d->table_full = 0;
     ff_ws(d);
     int rc;
     if (d->p >= d->end) {
@@ -1384,6 +1676,11 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     if (rc == 0) {
         ff_ws(d);
         if (d->p < d->end) rc = ff_fail(d, d->p, "trailing characters after the JSON value");
+    }
+    if (FF_UNLIKELY(d->npend)) {
+        /* codes new to the tables go in only now that the whole frame is known good */
+        if (rc == 0) rc = ff_commit(d);
+        ff_pend_clear(d);
     }
     if (rc < 0) {
         d->ticks.len = t0;

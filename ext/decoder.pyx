@@ -68,6 +68,11 @@ cdef extern from "decode.h":
         size_t scratch_cap
         int saw_control
         int bar_bad_field
+        int table_full
+        void *pend
+        char *pend_text
+        void *pend_index
+        void *fix
         char err[200]
     int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
 
@@ -293,11 +298,17 @@ cdef class Decoder:
     by default the decoder makes private ones.  Id 0 of ``statuses`` and
     ``bar_types`` is ``""``, the value of an absent field.  ``error_store``: how many
     failed frames (reason and raw bytes) ``last_errors`` keeps for inspection.
+
+    A frame that fails adds nothing to the tables: codes new to a table are inserted
+    only once the whole frame has decoded.  A frame that needs a new code when its
+    table is full fails too (its error says which table), and counts in
+    ``symbols_full_total`` as well as ``errors_total``.
     """
 
     cdef ff_dec d
     cdef list _errors   # of the decode in progress; None until the first one
     cdef list _control
+    cdef Py_ssize_t _full   # frames of the decode in progress that found a table full
     cdef readonly SymbolTable symbols
     cdef readonly SymbolTable statuses
     cdef readonly SymbolTable bar_types
@@ -305,6 +316,7 @@ cdef class Decoder:
     cdef readonly unsigned long long frames_total
     cdef readonly unsigned long long errors_total
     cdef readonly unsigned long long control_total
+    cdef readonly unsigned long long symbols_full_total
     cdef readonly unsigned long long rows_total
 
     def __cinit__(self, *, SymbolTable symbols=None, SymbolTable statuses=None,
@@ -330,6 +342,10 @@ cdef class Decoder:
         free(self.d.quotes.data)
         free(self.d.bars.data)
         free(self.d.scratch)
+        free(self.d.pend)
+        free(self.d.pend_text)
+        free(self.d.pend_index)
+        free(self.d.fix)
 
     cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts,
                          Py_ssize_t index) except -1:
@@ -340,6 +356,8 @@ cdef class Decoder:
                 self._control.append(PyBytes_FromStringAndSize(<const char *>p, n))
             return 0
         reason = (<bytes>self.d.err).decode("utf-8", "replace")
+        if self.d.table_full:
+            self._full += 1
         if self._errors is None:
             self._errors = []
         self._errors.append((index, reason))
@@ -354,6 +372,7 @@ cdef class Decoder:
         self.d.bars.len = 0
         self._errors = None
         self._control = None
+        self._full = 0
 
     cdef Batch _finish(self, Py_ssize_t frames):
         cdef Batch b = Batch.__new__(Batch)
@@ -368,6 +387,8 @@ cdef class Decoder:
             self.errors_total += len(self._errors)
         if self._control is not None:
             self.control_total += len(self._control)
+        self.symbols_full_total += self._full
+        self._full = 0
         self._errors = None
         self._control = None
         self.rows_total += len(b.ticks) + len(b.quotes) + len(b.bars)
@@ -472,6 +493,7 @@ cdef class Decoder:
             "frames": self.frames_total,
             "errors": self.errors_total,
             "control": self.control_total,
+            "symbols_full": self.symbols_full_total,
             "rows": self.rows_total,
             "symbols": len(self.symbols),
         }

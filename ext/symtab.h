@@ -178,6 +178,59 @@ static inline void ff_symtab_lock(ff_symtab_hdr *hdr)
     }
 }
 
+static inline int ff_symtab_trylock(ff_symtab_hdr *hdr)
+{
+    uint32_t holder = 0;
+    return __atomic_compare_exchange_n(&hdr->lock, &holder, (uint32_t)getpid(), 0,
+                                       __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+static inline void ff_symtab_unlock(ff_symtab_hdr *hdr)
+{
+    __atomic_store_n(&hdr->lock, 0u, __ATOMIC_RELEASE);
+}
+
+/* Takes the locks of n distinct tables together, whatever order other processes take
+ * them in: block on one, try the others, and when one is busy release everything and
+ * block on that one first next time.  No fixed order is needed, so two processes whose
+ * decoders hold the same tables in different roles cannot deadlock. */
+static inline void ff_symtab_lock_all(ff_symtab_hdr *const *hs, int n)
+{
+    int first = 0;
+    for (;;) {
+        ff_symtab_lock(hs[first]);
+        int busy = -1;
+        for (int i = 0; i < n && busy < 0; i++)
+            if (i != first && !ff_symtab_trylock(hs[i])) busy = i;
+        if (busy < 0) return;
+        for (int i = 0; i < busy; i++)
+            if (i != first) ff_symtab_unlock(hs[i]);
+        ff_symtab_unlock(hs[first]);
+        first = busy;
+        sched_yield();
+    }
+}
+
+/* Under the lock: the id of the code, appending it if absent.  -1: table full (no room
+ * for another entry, or for its bytes).  n must be <= FF_SYMTAB_MAX_CODE. */
+static inline int32_t ff_symtab_add_locked(ff_symtab *t, const char *p, uint32_t n, uint64_t h)
+{
+    int32_t id = ff_symtab_find(t, p, n, h); /* another process may have won the race */
+    if (id >= 0) return id;
+    ff_symtab_hdr *hdr = t->hdr;
+    uint32_t count = hdr->count;
+    if (count >= hdr->capacity || hdr->arena_used + n > hdr->arena_size) return -1;
+    memcpy(t->arena + hdr->arena_used, p, n);
+    t->entries[count].off = hdr->arena_used;
+    t->entries[count].len = n;
+    hdr->arena_used += n;
+    __atomic_store_n(&hdr->count, count + 1u, __ATOMIC_RELEASE);
+    uint32_t i = (uint32_t)h & t->mask;
+    while (t->slots[i]) i = (i + 1) & t->mask;
+    __atomic_store_n(&t->slots[i], count + 1u, __ATOMIC_RELEASE);
+    return (int32_t)count;
+}
+
 /* The id of the code, inserting it if new.  -1: table full, -2: code too long. */
 static inline int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
 {
@@ -185,27 +238,9 @@ static inline int32_t ff_symtab_intern(ff_symtab *t, const char *p, uint32_t n)
     int32_t id = ff_symtab_find(t, p, n, h);
     if (__builtin_expect(id >= 0, 1)) return id;
     if (n > FF_SYMTAB_MAX_CODE) return -2;
-
-    ff_symtab_hdr *hdr = t->hdr;
-    ff_symtab_lock(hdr);
-    id = ff_symtab_find(t, p, n, h); /* another process may have won the race */
-    if (id < 0) {
-        uint32_t count = hdr->count;
-        if (count >= hdr->capacity || hdr->arena_used + n > hdr->arena_size) {
-            id = -1;
-        } else {
-            memcpy(t->arena + hdr->arena_used, p, n);
-            t->entries[count].off = hdr->arena_used;
-            t->entries[count].len = n;
-            hdr->arena_used += n;
-            __atomic_store_n(&hdr->count, count + 1u, __ATOMIC_RELEASE);
-            uint32_t i = (uint32_t)h & t->mask;
-            while (t->slots[i]) i = (i + 1) & t->mask;
-            __atomic_store_n(&t->slots[i], count + 1u, __ATOMIC_RELEASE);
-            id = (int32_t)count;
-        }
-    }
-    __atomic_store_n(&hdr->lock, 0u, __ATOMIC_RELEASE);
+    ff_symtab_lock(t->hdr);
+    id = ff_symtab_add_locked(t, p, n, h);
+    ff_symtab_unlock(t->hdr);
     return id;
 }
 

@@ -51,7 +51,7 @@ class Batch:
     def rows(self) -> int: ...
 
 class Decoder:
-    """Configure once, decode many batches."""
+    """Configure once, decode many batches.  A frame that fails adds no code to the tables."""
 
     symbols: SymbolTable
     statuses: SymbolTable
@@ -60,6 +60,9 @@ class Decoder:
     frames_total: int
     errors_total: int
     control_total: int
+    symbols_full_total: int
+    """Frames that failed because the symbol, status or bar-type table they needed a new
+    code in was full (each also counts in ``errors_total``)."""
     rows_total: int
 
     def __init__(self, *, symbols: SymbolTable | None = None, statuses: SymbolTable | None = None,

@@ -122,7 +122,8 @@ def _bar(bar) -> tuple:
 
 
 def message(m: dict, recv_ts: int, out: dict) -> bool:
-    """Appends the rows of one message; False when it is a control message."""
+    """Appends the rows of one message, and its codes to ``out["codes"]`` as (table, code);
+    False when it is a control message."""
     if "s" in m or "bt" in m:
         kind = "bars"
     elif "p" in m:
@@ -143,6 +144,11 @@ def message(m: dict, recv_ts: int, out: dict) -> bool:
     if s is not None and not isinstance(s, list):
         raise RefError("s is not an array")
     bars = [_bar(b) for b in s or []]
+    out["codes"].append(("symbols", c))
+    if kind == "quotes":
+        out["codes"].append(("statuses", ss))
+    elif kind == "bars":
+        out["codes"].append(("bar_types", bt))  # even with no bars
     if kind == "ticks":
         out["ticks"].append((c, f["t"], r["p"], r["v"], recv_ts))
     elif kind == "quotes":
@@ -156,10 +162,15 @@ def message(m: dict, recv_ts: int, out: dict) -> bool:
 
 
 def decode(frames: list[bytes], recv_ts: int = 0) -> dict:
-    """{'ticks': [...], 'quotes': [...], 'bars': [...], 'errors': [index], 'control': [bytes]}"""
+    """{'ticks': [...], 'quotes': [...], 'bars': [...], 'errors': [index], 'control': [bytes],
+    'tables': {'symbols': [...], 'statuses': [...], 'bar_types': [...]}}
+
+    ``tables``: what a fresh decoder's tables hold afterwards, in id order: the codes of
+    the frames that decoded, in order of first use (a frame that fails adds none)."""
     out = {"ticks": [], "quotes": [], "bars": [], "errors": [], "control": []}
+    tables: dict[str, list[str]] = {"symbols": [], "statuses": [""], "bar_types": [""]}
     for i, f in enumerate(frames):
-        rows = {"ticks": [], "quotes": [], "bars": []}
+        rows = {"ticks": [], "quotes": [], "bars": [], "codes": []}
         try:
             v = parse(f)
             control = False
@@ -178,17 +189,23 @@ def decode(frames: list[bytes], recv_ts: int = 0) -> dict:
         except RefError:
             out["errors"].append(i)
             continue
+        for table, code in rows.pop("codes"):
+            if code not in tables[table]:
+                tables[table].append(code)
         for k in rows:
             out[k].extend(rows[k])
         if control:
             out["control"].append(bytes(f))
+    out["tables"] = tables
     return out
 
 
 def fast_rows(dec, batch) -> dict:
-    """The fast decoder's batch in the reference's shape (codes instead of ids)."""
+    """The fast decoder's batch in the reference's shape (codes instead of ids), with its
+    tables (compare them only when the decoder was fresh for this batch)."""
     sy, st, bt = list(dec.symbols), list(dec.statuses), list(dec.bar_types)
     return {
+        "tables": {"symbols": sy, "statuses": st, "bar_types": bt},
         "ticks": [(sy[r[0]], *r[1:]) for r in batch.ticks.tolist()],
         "quotes": [(sy[r[0]], st[r[1]], *r[2:]) for r in batch.quotes.tolist()],
         "bars": [(sy[r[0]], bt[r[1]], *r[2:]) for r in batch.bars.tolist()],
@@ -218,4 +235,7 @@ def mismatches(frames: list[bytes], got: dict, want: dict) -> list[str]:
                 break
     if got["control"] != want["control"]:
         out.append(f"control: {len(got['control'])} vs reference {len(want['control'])}")
+    for k in ("symbols", "statuses", "bar_types"):
+        if got["tables"][k] != want["tables"][k]:
+            out.append(f"{k} table: {got['tables'][k]} != reference {want['tables'][k]}")
     return out

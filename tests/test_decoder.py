@@ -486,6 +486,174 @@ def test_status_table_overflow_is_a_clear_error():
     assert "status table full" in b.errors[0][1]
 
 
+# ---- what the tables hold: frames that fail, tables that are full ----------------------
+
+
+def tables(dec: Decoder) -> tuple[list[str], list[str], list[str]]:
+    return list(dec.symbols), list(dec.statuses), list(dec.bar_types)
+
+
+def test_a_failing_frame_adds_no_symbol():
+    dec = Decoder()
+    dec.decode([TICK])
+    # the documented tick layout, decoded whole, then garbage after it
+    b = dec.decode([b'{"c":"NEW","t":1,"p":1,"v":1}x'])
+    assert "trailing characters" in b.errors[0][1]
+    assert len(dec.symbols) == 1
+    b = dec.decode([b'{"c":"OTHER","p":1}', b'{"c":"NEW","p":2}'])
+    assert b.ticks["sym"].tolist() == [1, 2]  # as if the bad frame had never come
+    assert list(dec.symbols) == ["NASDAQ:AAPL", "OTHER", "NEW"]
+
+
+# Each adds a new symbol, and most a new status or bar type, before failing.
+FAILING_WITH_NEW_CODES = [
+    # malformed JSON after the codes
+    b'{"c":"NEW","t":1,"p":1,"v":1}x',
+    b'{"c":"NEW","lt":1,"v":1,"lp":1,"a":1,"b":1,"as":1,"bs":1},',
+    b'{"c":"NEW","be":1,"lu":1,"bt":"NEWBT","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]}]',
+    b'{"c":"NEW","ss":"NEWSS","lp":1,}',
+    b'{"c":"NEW","ss":"NEWSS","lp":1} {"c":"X"}',
+    b'[{"c":"NEW","p":1},{"c":"NEW2","ss":"NEWSS","lp":1}',
+    b'[{"c":"NEW","t":1,"p":1,"v":1} {"c":"X","p":1}]',
+    b'{"c":"N\\u0045W","ss":"NEWSS","lp":1}}',
+    # a wrong type, in the message itself or in a later one of its array
+    b'{"c":"NEW","p":"oops"}',
+    b'{"c":"NEW","ss":"NEWSS","lp":true}',
+    b'{"c":"NEW","bt":"NEWBT","s":[{"o":"1"}]}',
+    b'[{"c":"NEW","t":1,"p":1,"v":1},{"c":"X","p":"oops"}]',
+    b'[{"c":"NEW","ss":"NEWSS","lp":1},{"c":"NEW2","bt":"NEWBT","s":[]},{"p":1}]',
+    b'[{"c":"NEW","be":1,"lu":1,"bt":"NEWBT","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]},{"c":"X","t":1e999,"p":1}]',
+    # truncated
+    b'{"c":"NEW","t":1,"p":1,"v":1',
+    b'[{"c":"NEW","ss":"NEWSS","lp":1}',
+    b'[{"c":"NEW","be":1,"lu":1,"bt":"NEWBT","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]},',
+    # a code too long for any table, after the others
+    b'[{"c":"NEW","ss":"NEWSS","lp":1},{"c":"' + b"L" * 1025 + b'","p":1}]',
+]
+
+
+@pytest.mark.parametrize("frame", FAILING_WITH_NEW_CODES)
+def test_no_kind_of_failing_frame_adds_codes(frame):
+    dec = Decoder()
+    dec.decode([TICK, QUOTE, SERIES])
+    before = tables(dec)
+    b = dec.decode([frame] * 2, recv_ts=0)
+    assert [i for i, _ in b.errors] == [0, 1] and b.rows == 0
+    assert tables(dec) == before
+    # the same codes from a good frame do go in, with the next ids
+    b = dec.decode([b'[{"c":"NEW","ss":"NEWSS","lp":1},{"c":"NEW","bt":"NEWBT","s":[{"t":1}]}]'])
+    assert (b.quotes["sym"].tolist(), b.quotes["status"].tolist()) == ([1], [1])
+    assert (b.bars["sym"].tolist(), b.bars["bar_type"].tolist()) == ([1], [2])
+    assert tables(dec) == (before[0] + ["NEW"], before[1] + ["NEWSS"], before[2] + ["NEWBT"])
+
+
+def test_no_truncation_of_frames_with_new_codes_adds_codes():
+    dec = Decoder()
+    frame = (b'[{"c":"A","t":1,"p":1,"v":1},{"c":"B","ss":"S","lp":1},'
+             b'{"c":"C","be":1,"lu":1,"bt":"1h","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]},'
+             b'{"c":"D","lt":1,"v":1,"lp":1,"a":1,"b":1,"as":1,"bs":1}]')
+    b = dec.decode([frame[:i] for i in range(len(frame))], recv_ts=0)
+    assert len(b.errors) == len(frame) and b.rows == 0
+    assert tables(dec) == ([], [""], [""])
+    b = dec.decode([frame], recv_ts=0)
+    assert tables(dec) == (["A", "B", "C", "D"], ["", "S"], ["", "1h"])
+    assert b.ticks["sym"].tolist() == [0] and b.quotes["sym"].tolist() == [1, 3]
+    assert b.quotes["status"].tolist() == [1, 0]
+    assert (b.bars["sym"].tolist(), b.bars["bar_type"].tolist()) == ([2], [1])
+
+
+def test_new_codes_get_their_ids_wherever_they_appear_in_a_frame():
+    dec = Decoder()
+    dec.decode([b'{"c":"OLD","p":1}'])
+    frame = b"[" + b",".join(
+        [b'{"c":"S%d","t":%d,"p":1,"v":1}' % (i % 3000, i) for i in range(5000)]
+        + [b'{"c":"S7","ss":"NEW","lp":1}', b'{"c":"OLD","lt":1,"v":1,"lp":1,"a":1,"b":1,"as":1,"bs":1}',
+           b'{"c":"S\\u0031","be":1,"lu":1,"bt":"2h","s":[{"t":1},{"t":2}]}', b'{"c":"S9","ss":"NEW","bt":"2h","s":[]}']
+    ) + b"]"
+    b = dec.decode([frame, b'{"c":"S1","ss":"NEW","lp":1}', b'{"c":"S3000","p":1}'])
+    assert not b.errors
+    assert list(dec.symbols) == ["OLD"] + [f"S{i}" for i in range(3001)]
+    assert b.ticks["sym"].tolist() == [1 + i % 3000 for i in range(5000)] + [3001]
+    assert b.quotes["sym"].tolist() == [8, 0, 2] and b.quotes["status"].tolist() == [1, 0, 1]
+    assert b.bars["sym"].tolist() == [2, 2] and b.bars["bar_type"].tolist() == [1, 1]
+    assert list(dec.statuses) == ["", "NEW"] and list(dec.bar_types) == ["", "2h"]
+
+
+def test_a_full_symbol_table_makes_each_frame_needing_a_new_symbol_an_error():
+    dec = Decoder(symbols=SymbolTable(capacity=4))
+    b = dec.decode([b'{"c":"S%d","p":1}' % i for i in range(4)])
+    assert not b.errors and len(dec.symbols) == 4
+    frames = [
+        b'{"c":"NEW","p":1}',                                     # 0 general path
+        b'{"c":"NEW","t":1,"p":1,"v":1}',                         # 1 tick layout
+        b'{"c":"S1","p":2}',                                      # 2 known: fine
+        b'[{"c":"S2","p":3},{"c":"NEW","p":4},{"c":"NEW2","p":5}]',  # 3 once for the frame
+        b'{"c":"NEW","lt":1,"v":1,"lp":1,"a":1,"b":1,"as":1,"bs":1}',  # 4 quote layout
+        b'{"c":"NEW","be":1,"lu":1,"bt":"1h","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]}',  # 5
+        b'{"c":"S3","p":"oops"}',                                 # 6 another error
+        b'{"c":"S3","lt":1,"v":1,"lp":1,"a":1,"b":1,"as":1,"bs":1}',  # 7 known: fine
+    ]
+    b = dec.decode(frames, recv_ts=0)
+    assert [i for i, _ in b.errors] == [0, 1, 3, 4, 5, 6]
+    assert b.errors[0][1] == "symbol table full (4 symbols): raise max_symbols= (byte 6)"
+    assert b.errors[2][1] == (f"symbol table full (4 symbols): raise max_symbols= "
+                              f"(byte {frames[3].index(b'NEW')})")
+    assert all(r.startswith("symbol table full (4 symbols): raise max_symbols=") for _, r in b.errors[:5])
+    assert "expected number or null" in b.errors[5][1]
+    assert b.ticks["sym"].tolist() == [1] and b.quotes["sym"].tolist() == [3] and len(b.bars) == 0
+    assert list(dec.symbols) == ["S0", "S1", "S2", "S3"] and list(dec.bar_types) == [""]
+    assert (dec.symbols_full_total, dec.errors_total) == (5, 6)
+    assert dec.stats()["symbols_full"] == 5 and dec.stats()["errors"] == 6
+    dec.decode([b'{"c":"NEW","p":1}', b'{"c":"S0","p":1}'])
+    assert (dec.symbols_full_total, dec.errors_total) == (6, 7)
+
+
+def test_a_symbol_table_out_of_bytes_for_codes_is_full_too():
+    dec = Decoder(symbols=SymbolTable(capacity=4))  # 4 * 48 bytes for codes
+    b = dec.decode([b'{"c":"%s","p":1}' % (c * 100) for c in (b"A", b"B")])
+    assert [i for i, _ in b.errors] == [1] and len(dec.symbols) == 1
+    assert b.errors[0][1] == "symbol table full (its 192 bytes for codes are used up): raise max_symbols= (byte 6)"
+    assert dec.symbols_full_total == 1
+
+
+def test_a_code_too_long_is_an_error_but_not_a_full_table():
+    dec = Decoder()
+    b = dec.decode([b'{"c":"%s","p":1}' % (b"A" * 1025), b'{"c":"%s","p":1}' % (b"A" * 1024)])
+    assert b.errors == [(0, "symbol code too long (1025 bytes, the most is 1024) (byte 6)")]
+    assert len(dec.symbols) == 1 and dec.symbols_full_total == 0
+
+
+def test_full_status_and_bar_type_tables_are_errors_that_add_nothing():
+    dec = Decoder(statuses=SymbolTable(capacity=3, reserve_empty=True),
+                  bar_types=SymbolTable(capacity=2, reserve_empty=True))
+    b = dec.decode([b'{"c":"A","ss":"OPEN","lp":1}', b'{"c":"A","ss":"HALT","lp":1}',
+                    b'{"c":"A","bt":"1m","s":[{"t":1}]}'])
+    assert not b.errors
+    frames = [
+        b'{"c":"NEW","ss":"CLOSED","lp":1}',
+        b'{"c":"NEW","be":1,"lu":1,"bt":"1h","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}]}',
+        b'[{"c":"NEW2","p":1},{"c":"A","bt":"1h","s":[]}]',
+        b'{"c":"NEW","ss":"HALT","bt":"1m","s":[{"t":2}]}',
+    ]
+    b = dec.decode(frames, recv_ts=0)
+    at = [frames[0].index(b"CLOSED"), frames[1].index(b"1h"), frames[2].index(b"1h")]
+    assert b.errors == [(0, f"status table full (3 statuses) (byte {at[0]})"),
+                        (1, f"bar type table full (2 bar types) (byte {at[1]})"),
+                        (2, f"bar type table full (2 bar types) (byte {at[2]})")]
+    # nothing of the failed frames went in, not even their new symbols
+    assert tables(dec) == (["A", "NEW"], ["", "OPEN", "HALT"], ["", "1m"])
+    assert b.bars["sym"].tolist() == [1] and b.bars["bar_type"].tolist() == [1]
+    assert (dec.symbols_full_total, dec.errors_total) == (3, 3)
+
+
+def test_a_status_table_larger_than_the_status_field_is_full_at_256():
+    dec = Decoder(statuses=SymbolTable(capacity=1024, reserve_empty=True))
+    b = dec.decode([b'{"c":"A","ss":"S%d"}' % i for i in range(257)])
+    assert len(b.quotes) == 255 and [i for i, _ in b.errors] == [255, 256]
+    assert b.errors[0][1] == "status table full (256 statuses) (byte 15)"
+    assert len(dec.statuses) == 256 and dec.symbols_full_total == 2
+
+
 # ---- symbol tables shared between processes ------------------------------------------
 
 
@@ -538,6 +706,106 @@ def test_symbol_ids_agree_across_processes():
     finally:
         shm.close()
         shm.unlink()
+
+
+def _shared_tables(buf, caps: list[int]) -> list[SymbolTable]:
+    out, off = [], 0
+    for cap in caps:
+        n = SymbolTable.nbytes(cap)
+        out.append(SymbolTable(buf[off:off + n], capacity=cap, reserve_empty=True))
+        off += n
+    return out
+
+
+def _decode_in_child(name: str, caps: list[int], job: int, roles: list[str], frames: list[bytes],
+                     start, out) -> None:
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        t = _shared_tables(shm.buf, caps)
+        dec = Decoder(**dict(zip(roles, t, strict=True)))
+        start.wait(60)  # all together, so that they do race
+        try:
+            b = dec.decode(frames, recv_ts=0)
+            sy, st, bt = list(dec.symbols), list(dec.statuses), list(dec.bar_types)
+            out.put({
+                "job": job,
+                "errors": [i for i, _ in b.errors],
+                "full": dec.symbols_full_total,
+                "quotes": [(sy[r[0]], st[r[1]]) for r in b.quotes[["sym", "status"]].tolist()],
+                "bars": [(sy[r[0]], bt[r[1]]) for r in b.bars[["sym", "bar_type"]].tolist()],
+            })
+            del b
+        except Exception as e:
+            out.put({"job": job, "failed": repr(e)})
+        del t, dec
+    finally:
+        shm.close()
+
+
+def _run_children(caps: list[int], jobs: list[tuple[list[str], list[bytes]]]):
+    ctx = mp.get_context("spawn")
+    shm = shared_memory.SharedMemory(create=True, size=sum(SymbolTable.nbytes(c) for c in caps))
+    procs = []
+    try:
+        tables_ = _shared_tables(shm.buf, caps)
+        out, start = ctx.Queue(), ctx.Barrier(len(jobs))
+        procs = [ctx.Process(target=_decode_in_child, args=(shm.name, caps, j, roles, frames, start, out))
+                 for j, (roles, frames) in enumerate(jobs)]
+        for p in procs:
+            p.start()
+        results = sorted((out.get(timeout=120) for _ in procs), key=lambda r: r["job"])
+        assert [r.get("failed") for r in results] == [None] * len(procs)
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+        return results, [list(t) for t in tables_]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        del tables_
+        shm.close()
+        shm.unlink()
+
+
+def test_shared_tables_filling_up_concurrently_take_all_of_a_frame_or_nothing():
+    # Three workers, each with its own new symbols, race to fill a shared status table
+    # with room for 15 of 40 statuses: a frame whose status does not fit must leave its
+    # symbol out of the (roomy) shared symbol table too.
+    def frames(w):
+        return [b'{"c":"W%d-%d","ss":"ST%d","lp":1}' % (w, i, i % 40) for i in range(400)]
+
+    results, (symbols, statuses) = _run_children(
+        [4096, 16], [(["symbols", "statuses"], frames(w)) for w in range(3)])
+    assert len(statuses) == 16 and len(set(statuses)) == 16
+    decoded = set()
+    for w, r in enumerate(results):
+        for i in range(400):
+            fits = f"ST{i % 40}" in statuses
+            assert (i not in r["errors"]) == fits, (w, i)
+            if fits:
+                decoded.add(f"W{w}-{i}")
+        assert r["quotes"] == [(f"W{w}-{i}", f"ST{i % 40}") for i in range(400) if i not in r["errors"]]
+        assert r["full"] == len(r["errors"]) > 0
+    assert sorted(symbols[1:]) == sorted(decoded)  # [0] is the reserved ""
+
+
+def test_processes_taking_shared_tables_in_opposite_roles_do_not_deadlock():
+    # Every frame adds a code to both tables, which one process locks as (symbols, bar
+    # types) and the other as (bar types, symbols).  (Locking them in role order hangs
+    # here within a few thousand frames.)
+    n = 16000
+
+    def frames(w):
+        return [b'{"c":"P%d-%d","bt":"B%d-%d","s":[{"t":1}]}' % (w, i, w, i) for i in range(n)]
+
+    results, (one, two) = _run_children(
+        [32768, 32768], [(["symbols", "bar_types"], frames(0)), (["bar_types", "symbols"], frames(1))])
+    for w, r in enumerate(results):
+        assert r["errors"] == [] and r["full"] == 0
+        assert r["bars"] == [(f"P{w}-{i}", f"B{w}-{i}") for i in range(n)]
+    assert sorted(one[1:]) == sorted([f"P0-{i}" for i in range(n)] + [f"B1-{i}" for i in range(n)])
+    assert sorted(two[1:]) == sorted([f"B0-{i}" for i in range(n)] + [f"P1-{i}" for i in range(n)])
 
 
 # ---- differential ------------------------------------------------------------------------
