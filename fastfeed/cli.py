@@ -19,6 +19,8 @@ __all__ = ["add_settings_arguments", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_DROPPED = 3  # the run finished, but frames or rows were dropped (a dropping full policy)
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), after an orderly drain and the summary
 
 
 class CommandError(Exception):
@@ -238,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logs import FORMAT
+
+    logging.basicConfig(level=level, format=FORMAT)
     from .auth import AuthError
     from .config import ConfigError
     try:

@@ -20,11 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_USAGE, CommandError, add_settings_arguments
+from .cli import (
+    EXIT_DROPPED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandError,
+    add_settings_arguments,
+)
 
-SUMMARY_KEYS = ("frames", "ticks", "quotes", "bars", "errors", "control", "dropped", "gaps",
-                "reconnects", "auth_renewals", "worker_restarts", "poisoned", "elapsed_s",
-                "latency_us")
+SUMMARY_KEYS = ("received", "frames", "ticks", "quotes", "bars", "errors", "control", "dropped",
+                "dropped_rows", "gaps", "pauses", "backpressure_s", "handler_errors",
+                "symbols_full", "reconnects", "auth_renewals", "network_restarts",
+                "worker_restarts", "poisoned", "elapsed_s", "latency_us")
 
 
 # -- live display --------------------------------------------------------------------------
@@ -104,6 +111,9 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     out["latency_us"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                          for k, v in stats["latency_us"].items()}
     out["delivered"] = stats["delivered"]
+    out["undelivered"] = stats["undelivered"]
+    if "stop_reason" in stats:
+        out["stop_reason"] = stats["stop_reason"]
     return out
 
 
@@ -111,22 +121,33 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consume(feed: Any, *, count: int | None, duration: float | None, display: Display,
-             sink: Any = None, until_done: bool = False,
-             metrics_port: int | None = None) -> dict[str, Any]:
-    """Iterate the feed until count/duration/Ctrl-C (or the replay is done); return stats."""
+             sink: Any = None, metrics_port: int | None = None) -> dict[str, Any]:
+    """Consume the feed until --count frames are accounted for, --duration passes, a finite
+    source is exhausted, or SIGINT/SIGTERM; return the final stats.
+
+    The first signal is an orderly stop: the source stops and everything already in the
+    pipeline is still consumed (and written to the sink) before the feed stops. A second
+    signal skips that. ``stats["stop_reason"]`` says which ended the run; a
+    :class:`~fastfeed.feed.FeedError` (fatal source error, idle timeout) is kept in
+    ``stats["error"]`` so that the summary is still printed.
+    """
     import signal
 
-    stop = {"flag": False}
+    from .feed import FeedError
+
+    reason = {"why": "finished"}
 
     def on_signal(signum: int, frame: Any) -> None:
-        stop["flag"] = True
+        if reason["why"] in ("SIGINT", "SIGTERM"):
+            feed.hurry()
+            return
+        reason["why"] = signal.Signals(signum).name
         feed.request_stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     deadline = None if duration is None else time.monotonic() + duration
     next_show = time.monotonic() + 1.0
-    from .feed import FeedError
-
+    error: str | None = None
     try:
         try:
             feed.start()
@@ -139,41 +160,50 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
                 serve_metrics(feed, metrics_port)
             except (RuntimeError, OSError) as exc:
                 raise CommandError(f"--metrics-port: {exc}") from None
-        while not stop["flag"]:
+        while True:
             b = feed.poll(timeout=0.05) if feed.output else None
             if b is not None:
                 display.note_quotes(b.quotes)
                 if sink is not None:
                     sink.write(b)
-            elif not feed.output:
-                time.sleep(0.02)
-                feed.check()
+            else:
+                if not feed.output:
+                    feed.wait(0.02)
+                if feed.finished():
+                    break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
+                reason["why"] = "duration"
                 break
-            if count is not None and feed.frames_decoded() >= count:
+            if count is not None and feed.frames_accounted() >= count:
+                reason["why"] = "count"
                 break
-            if until_done and feed.source_done():
+            if feed.hurried:
                 break
             if now >= next_show:
                 next_show = now + 1.0
                 display.update(feed.stats(), feed.symbols)
     except FeedError as exc:
-        raise CommandError(str(exc)) from None
+        error = str(exc)
+        reason["why"] = "error"
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         try:
-            if sink is not None and feed.output:
+            if sink is not None and feed.output and not feed.hurried and feed.started:
                 # rows still in flight go to the sink too
                 while (b := feed.poll(timeout=0)) is not None:
                     sink.write(b)
             feed.stop()
         finally:
+            for s, h in old.items():
+                signal.signal(s, h)
             display.close()
             if sink is not None:
                 sink.close()
-    return feed.stats()
+    stats = feed.stats()
+    stats["stop_reason"] = reason["why"]
+    if error is not None:
+        stats["error"] = error
+    return stats
 
 
 def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
@@ -190,7 +220,9 @@ def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
 def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Feed options shared by every command: workers, waiting and CPU pinning."""
     return dict(workers=args.workers, busy_poll=args.busy_poll, network_cpus=args.network_cpus,
-                worker_cpus=args.worker_cpus, consumer_cpus=args.consumer_cpus)
+                worker_cpus=args.worker_cpus, consumer_cpus=args.consumer_cpus,
+                full_policy=args.full_policy, idle_timeout=args.idle_timeout,
+                max_symbols=args.max_symbols)
 
 
 def _cpu_list(text: str) -> set[int]:
@@ -227,9 +259,19 @@ def _add_run_options(p: argparse.ArgumentParser, *, count: bool = True) -> None:
                       ("consumer", "this process (the consumer)")):
         p.add_argument(f"--{who}-cpus", type=_cpu_list, default=None, metavar="LIST",
                        help=f"pin {what} to these CPUs, e.g. 0 or 0,2-3")
+    p.add_argument("--full-policy", choices=("pause", "drop", "wait"), default="pause",
+                   help="when a ring is full: 'pause' reading until there is room (default: "
+                        "nothing is lost; TCP pushes back to the sender) or 'drop' frames "
+                        "(fresh data over complete data; every drop is counted and the run "
+                        "exits with status 3)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="stop with an error when nothing is received for S seconds")
+    p.add_argument("--max-symbols", type=int, default=65536, metavar="N",
+                   help="capacity of the symbol table (default 65536)")
     if count:
         p.add_argument("--count", type=int, default=None, metavar="FRAMES",
-                       help="exit after this many data frames are decoded")
+                       help="exit once this many data frames are accounted for (decoded, "
+                            "refused as errors, or dropped)")
     p.add_argument("--duration", type=float, default=None, metavar="S", help="exit after S seconds")
     p.add_argument("--json", action="store_true", help="print one JSON summary at exit")
     p.add_argument("--quiet", action="store_true", help="no live statistics")
@@ -245,6 +287,10 @@ def _check_run_args(args: argparse.Namespace) -> None:
         raise CommandError("--count must not be negative", EXIT_USAGE)
     if args.duration is not None and args.duration < 0:
         raise CommandError("--duration must not be negative", EXIT_USAGE)
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        raise CommandError("--idle-timeout must be > 0 seconds", EXIT_USAGE)
+    if args.max_symbols < 1:
+        raise CommandError("--max-symbols must be at least 1", EXIT_USAGE)
 
 
 def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
@@ -256,9 +302,16 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
               f"{stats['bars']:,} bars, {stats['errors']} errors, {stats['dropped']} dropped, "
               f"{stats['gaps']} gaps in {stats['elapsed_s']:.1f} s; latency p50 {_us(lat['p50'])} µs "
               f"p99 {_us(lat['p99'])} µs")
-    err = getattr(feed._session, "error", None) if feed._session is not None else None
+    err = stats.get("error")
     if err:
         raise CommandError(err)
+    lost = stats["dropped"] + stats["dropped_rows"]
+    if lost:
+        print(f"fastfeed: {stats['dropped']} frames and {stats['dropped_rows']} rows were dropped "
+              f"(--full-policy {getattr(args, 'full_policy', '?')})", file=sys.stderr)
+        return EXIT_DROPPED
+    if stats.get("stop_reason") == "SIGINT":
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -348,7 +401,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
     feed = Feed(replay=args.capture, speed=args.speed, **_pipeline_kwargs(args))
-    stats = _consume(feed, count=None, duration=args.duration, until_done=True,
+    stats = _consume(feed, count=None, duration=args.duration,
                      display=Display("fastfeed replay", quiet=args.quiet or args.json))
     return _finish(args, stats, feed)
 

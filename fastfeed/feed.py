@@ -398,6 +398,11 @@ class Feed:
         self._stop_event.set()
 
     @property
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._pool is not None and not self._stopped
+
+    @property
     def stopping(self) -> bool:
         return self._stop_event.is_set()
 
@@ -540,6 +545,22 @@ class Feed:
                 # idle feed cheap while other tasks run.
                 await asyncio.sleep(0.0005)
 
+    def wait(self, timeout: float) -> bool:
+        """For a feed without output (``output=False``: handlers do the work): wait up to
+        ``timeout`` seconds, as :meth:`poll` would, raising what it would raise. Returns
+        True while the feed runs, False once it is stopping."""
+        self._stop_event.wait(timeout)
+        if self._stop_event.is_set():
+            self._end_source()
+        self.check()
+        self._check_idle()
+        return not self._stop_event.is_set()
+
+    @property
+    def hurried(self) -> bool:
+        """True after :meth:`hurry` (or a second stop request)."""
+        return self._hurry
+
     def frames_accounted(self) -> int:
         """Frames the feed is done with: decoded by a worker (rows or an error), set aside
         as poisoned, or dropped."""
@@ -583,14 +604,8 @@ class Feed:
                 if self.output:
                     if self.poll(timeout=0.02) is None and self.finished():
                         break
-                else:
-                    self._stop_event.wait(0.02)
-                    if self._stop_event.is_set():
-                        self._end_source()
-                    self.check()
-                    self._check_idle()
-                    if self.finished():
-                        break
+                elif not self.wait(0.02) and self.finished():
+                    break
                 if frames is not None and self.frames_accounted() >= frames:
                     break
                 if on_stats is not None and time.monotonic() >= next_stats:

@@ -324,6 +324,14 @@ def _count(row: Any, res: Any, frames: int, dec: Any, e0: int, c0: int, sf0: int
     sf = _symbols_full(dec) - sf0
     if sf:
         row[F_SYMBOLS_FULL] += sf
+        if not _said["symbols_full"]:
+            _said["symbols_full"] = True
+            log.error("an intern table is full (symbols: %d): frames with a new code are "
+                      "refused as errors and counted in symbols_full; raise max_symbols= "
+                      "(--max-symbols)", len(dec.symbols) if dec.symbols is not None else -1)
+
+
+_said = {"symbols_full": False}  # what this process has logged once already
 
 
 def _maybe_crash(marker: str) -> None:
