@@ -88,7 +88,7 @@ class RingWriter:
 
     __slots__ = ("_cache", "_discarded", "_empty", "_hooks", "_kept", "_lossless", "_n",
                  "_paused_at", "_paused_ns", "_reading_paused", "_rings", "_taken", "_timer",
-                 "_writes", "backlog", "counts", "resumed_at")
+                 "_writes", "backlog", "counts", "resumed_at", "seen")
 
     def __init__(self, rings: Sequence[Any], counts: dict[str, int]) -> None:
         if not rings:
@@ -100,8 +100,11 @@ class RingWriter:
         self.counts = counts
         # Which rings refuse without dropping ("pause"): only looked at on a refusal.
         self._lossless = [getattr(r, "full_policy", None) == "pause" for r in self._rings]
-        #: Frames a ring had no room for, in arrival order: (payload, route, receive time).
-        self.backlog: deque[tuple[bytes, int, int]] = deque()
+        #: Frames a ring had no room for, in arrival order: (payload, route, receive time,
+        #: message id or None).
+        self.backlog: deque[tuple[bytes, int, int, Hashable]] = deque()
+        #: Where the ids given to :meth:`write` go once their frame is in a ring.
+        self.seen: SeenIds | None = None
         self._kept = 0        # frames ever put in the backlog (the last one's ticket)
         self._taken = 0       # frames ever taken out of it (written, or too big)
         self._discarded: list[tuple[int, int]] = []  # ticket ranges discarded, not written
@@ -129,11 +132,12 @@ class RingWriter:
             r = self._cache[code] = route_of(code)
         return r
 
-    def write(self, payload: bytes, recv_ts: int) -> bool:
+    def write(self, payload: bytes, recv_ts: int, key: Hashable = None) -> bool:
         """Commit one message: True when it is done with (written, control, or too big to ever
         fit, each counted) or kept in the backlog (the "pause" policy: it will be written, in
         order; an at-least-once caller acknowledges it after :meth:`written`), False when a
-        ring dropped it (counted; redeliver it)."""
+        ring dropped it (counted; redeliver it). ``key``: the message's id, added to
+        :attr:`seen` as soon as the frame is in a ring (from the backlog too)."""
         c = self.counts
         c["messages"] += 1
         r = self.route(payload)
@@ -144,7 +148,7 @@ class RingWriter:
                 log.debug("control message: %r", payload[:200])
             return True
         if self.backlog:
-            self._keep(payload, r, recv_ts)  # behind the frames that wait: keep the order
+            self._keep(payload, r, recv_ts, key)  # behind the frames that wait: keep the order
             return True
         i = r % self._n
         try:
@@ -152,13 +156,17 @@ class RingWriter:
         except ValueError:
             c["too_big"] += 1
             log.warning("message of %d bytes is larger than a ring record: dropped", len(payload))
-            return True
+            ok = True
+        else:
+            if ok:
+                c["frames"] += 1
+                c["bytes"] += len(payload)
         if ok:
-            c["frames"] += 1
-            c["bytes"] += len(payload)
+            if key is not None and self.seen is not None:
+                self.seen.add(key)
             return True
         if self._lossless[i]:
-            self._keep(payload, r, recv_ts)
+            self._keep(payload, r, recv_ts, key)
             self._pause()
             return True
         c["ring_drops"] += 1
@@ -250,8 +258,8 @@ class RingWriter:
         if self.backlog:
             self._pause()
 
-    def _keep(self, payload: bytes, route: int, recv_ts: int) -> None:
-        self.backlog.append((payload, route, recv_ts))
+    def _keep(self, payload: bytes, route: int, recv_ts: int, key: Hashable = None) -> None:
+        self.backlog.append((payload, route, recv_ts, key))
         self._kept += 1
 
     def _keep_all(self, payloads: Sequence[bytes], start: int, recv_ts: int) -> None:
@@ -275,8 +283,9 @@ class RingWriter:
         writes, n = self._writes, self._n
         frames = nbytes = taken = 0
         c = self.counts
+        seen = self.seen
         while bl:
-            p, r, ts = bl[0]
+            p, r, ts, key = bl[0]
             try:
                 ok = writes[r % n](p, recv_ts=ts, route=r)
             except ValueError:
@@ -287,9 +296,12 @@ class RingWriter:
                 if self._lossless[r % n]:
                     break  # still full: keep the order, try again later
                 c["ring_drops"] += 1  # a ring of another policy dropped it
-            elif ok:
-                frames += 1
-                nbytes += len(p)
+            else:
+                if ok:
+                    frames += 1
+                    nbytes += len(p)
+                if key is not None and seen is not None:
+                    seen.add(key)  # committed: a redelivery is a duplicate from now on
             bl.popleft()
             taken += 1
         self._taken += taken
@@ -435,6 +447,7 @@ class Source:
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.out = RingWriter(rings, self.counts)
         self.seen = SeenIds(url.int("dedup_window", 1 << 18))
+        self.out.seen = self.seen
         self.stopping = False
         self._stop = asyncio.Event()
         self._connected_at: float | None = None

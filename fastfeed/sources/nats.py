@@ -227,7 +227,6 @@ class NatsSource(Source):
                 continue
             ts = now_us()
             done: list[Any] = []     # to acknowledge once everything before is written
-            new: list[int] = []      # their stream sequences, committed now
             for msg in msgs:
                 md = msg.metadata
                 seq = md.sequence.stream
@@ -237,8 +236,7 @@ class NatsSource(Source):
                     counts["messages"] += 1
                     counts["duplicates"] += 1
                     done.append(msg)
-                elif write(msg.data, ts):
-                    new.append(seq)
+                elif write(msg.data, ts, seq):  # seq goes to seen once in a ring
                     done.append(msg)
                 else:
                     # A ring dropped it: redeliver soon, after the workers caught up.
@@ -248,8 +246,6 @@ class NatsSource(Source):
                 # "pause": part of the batch waits for room; pull nothing, acknowledge nothing
                 # until it is written.
                 await self._hold(done)
-            for seq in new:
-                seen.add(seq)
             for msg in done:
                 await msg.ack()
             counts["acked"] += len(done)

@@ -237,7 +237,8 @@ class RabbitMQSource(Source):
             c["duplicates"] += 1
             ok = True
         else:
-            ok = out.write(message.body, now_us())
+            # The id goes to self.seen once the frame is in a ring (from the backlog too).
+            ok = out.write(message.body, now_us(), mid)
         if ok and out.backlog:
             # "pause": this message, or one delivered before it, waits for room in a ring.
             # Its acknowledgement (``multiple``: it covers every earlier delivery) waits until
@@ -245,8 +246,6 @@ class RabbitMQSource(Source):
             if not await out.written(out.kept):
                 return  # discarded with its connection: the broker delivers it again
         if ok:
-            if mid is not None:
-                self.seen.add(mid)
             tag = message.delivery_tag
             if tag <= self._acked_tag:
                 c["acked"] += 1  # already covered by an ack(multiple) (cannot happen)
