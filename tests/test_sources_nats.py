@@ -196,7 +196,7 @@ def test_jetstream_restart_accounting(nats_server: BrokerProcess) -> None:
     assert c["broker_restarts"] == 1 and c["reconnects"] == 1, c
     assert sorted(reader.numbers()) == list(range(n + more)), c
     assert c["frames"] == n + more and c["ring_drops"] == 0, c
-    assert c["messages"] == c["frames"] + c["duplicates"], c
+    assert c["messages"] == c["frames"] + c["duplicates"] + c["nacked"], c
 
 
 def test_core_restart_accounting(nats_server: BrokerProcess) -> None:
