@@ -204,8 +204,8 @@ class RedisStreamSource(Source):
                 self._next_claim = time.monotonic() + min(self.claim_idle / 2000, 5.0)
 
     def _ack(self, conn: RespConnection, ids: list[bytes]) -> asyncio.Future[Any]:
-        """XACK ``ids`` (already committed); counted once the server confirms. Until then they
-        are kept: if the connection goes first, their redelivery is recognised."""
+        """XACK ``ids`` (already committed, so in :attr:`seen`); counted once the server
+        confirms. If the connection goes first, their redelivery is recognised."""
         batch = self._batch = self._batch + 1
         self._unconfirmed[batch] = len(ids)
         fut = conn.request(self._xack(ids))
