@@ -14,7 +14,7 @@ MIN_CAPACITY: int
 MAX_CAPACITY: int
 DEFAULT_BATCH: int
 
-FullPolicy = Literal["wait", "drop", "block"]
+FullPolicy = Literal["wait", "drop", "block", "pause"]
 
 class RingError(RuntimeError): ...
 

@@ -3,7 +3,8 @@
 - :func:`redis_server`: a ``redis-server`` the test starts on a free port, in its own temporary
   directory, with an append-only file (``appendfsync always``) so that a restart keeps every
   entry the broker acknowledged; ``restart()`` stops it (SIGTERM) and starts it again on the
-  same port and data.
+  same port and data. :func:`redis_everysec`: the same with ``appendfsync everysec`` (the
+  usual production setting: a host crash loses up to the last second of writes).
 - :func:`nats_server`: a ``nats-server -js`` on a free port, JetStream store in a temporary
   directory; ``restart()`` likewise.
 - :func:`rabbitmq`: the RabbitMQ server on 127.0.0.1:5672 (guest/guest) where one runs.
@@ -106,6 +107,13 @@ class BrokerProcess:
                 self.proc.wait()
         self.proc = None
 
+    def crash(self) -> None:
+        """SIGKILL the broker (no shutdown work: what it had not written is lost)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(20)
+        self.proc = None
+
     def restart(self, down_for: float = 0.3) -> None:
         """Stop the broker, leave it down ``down_for`` seconds, start it on the same data."""
         self.stop()
@@ -123,17 +131,32 @@ def redis_ready(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+def start_redis(tmp_path: Path, fsync: str = "always") -> BrokerProcess:
+    """A ``redis-server`` on a free port with an append-only file (``appendfsync fsync``) in
+    ``tmp_path/redis``; automatic rewrites of the file are off (tests copy it)."""
     exe = shutil.which("redis-server")
     if exe is None:
         missing("redis-server", "redis-server")
     port = free_port()
     work = tmp_path / "redis"
     work.mkdir()
-    b = BrokerProcess([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
-                       "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                       "--daemonize", "no", "--protected-mode", "yes"], port, work, redis_ready)
+    return BrokerProcess([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
+                          "--save", "", "--appendonly", "yes", "--appendfsync", fsync,
+                          "--auto-aof-rewrite-percentage", "0",
+                          "--daemonize", "no", "--protected-mode", "yes"], port, work,
+                         redis_ready)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = start_redis(tmp_path)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def redis_everysec(tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = start_redis(tmp_path, "everysec")
     yield b
     b.stop()
 

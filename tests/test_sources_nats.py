@@ -9,7 +9,7 @@ import numpy as np
 
 from fastfeed import Feed
 from fastfeed.sim.publish import publish
-from tests import brokers
+from tests import brokers, lossless
 from tests.brokers import (
     BrokerProcess,
     assert_rows_match,
@@ -132,3 +132,91 @@ def test_jetstream_refused_messages_are_redelivered_and_decoded_once(
     assert s["nacked"] > 0 and s["redelivered"] > 0, s
     assert stats["ticks"] == sent["ticks"] and stats["frames"] == 3000, s
     assert s["duplicates"] == 0
+
+
+# -- lossless: backpressure and restarts (numbered frames, rings read by the test) -------------
+
+def test_core_backpressure_pauses_reading_and_loses_nothing(nats_server: BrokerProcess) -> None:
+    """Small "pause" rings and a slow reader: the core subscriber stops reading its socket
+    while a ring is full (the server buffers for it) and resumes; nothing is dropped, every
+    symbol keeps its order, and the heartbeat (0.2 s) does not take the pauses for a dead
+    server."""
+    port = nats_server.port
+    n = 20000
+    with lossless.source_on_rings(url(port, subject="feed.>", heartbeat=0.2), pause=0.002,
+                                  max_records=32) as (proc, reader):
+        lossless.wait_for(lambda: proc.counters()["connects"] == 1, what="subscription")
+        lossless.publish_frames(url(port, subject="feed.a"), lossless.frames(0, n))
+        lossless.wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
+    c = proc.counters()
+    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
+    assert c["frames"] == n and c["heartbeat_timeouts"] == 0 and c["disconnects"] == 0, c
+    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
+    reader.check_order()
+
+
+def test_jetstream_backpressure_holds_the_batch(nats_server: BrokerProcess) -> None:
+    """Small "pause" rings and a slow reader: JetStream pulls nothing more and acknowledges
+    nothing of a batch until the rings took all of it; nothing is dropped or handed back."""
+    port = nats_server.port
+    n = 10000
+    lossless.publish_frames(url(port, subject="feed.a", stream="FEED"), lossless.frames(0, n))
+    src = url(port, subject="feed.>", stream="FEED", durable="ff", batch=200, ack_wait=2)
+    with lossless.source_on_rings(src, pause=0.002, max_records=32) as (proc, reader):
+        lossless.wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
+        lossless.wait_for(lambda: proc.counters()["acked"] >= n, what="acknowledgements")
+    c = proc.counters()
+    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
+    assert c["frames"] == n and c["acked"] == n, c
+    assert c["nacked"] == 0 and c["duplicates"] == 0 and c["redelivered"] == 0, c
+    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
+    reader.check_order()
+
+
+def test_jetstream_restart_accounting(nats_server: BrokerProcess) -> None:
+    """nats-server restarts while the durable consumer is mid-stream (slow rings): every
+    message stored is written exactly once; one whose acknowledgement the restart lost comes
+    again (after ack_wait) and is counted as a duplicate; the new server_id counts a restart."""
+    port = nats_server.port
+    n, more = 6000, 2000
+    pub = url(port, subject="js.a", stream="JS")
+    lossless.publish_frames(pub, lossless.frames(0, n))
+    src = url(port, subject="js.>", stream="JS", durable="ff", batch=100, ack_wait=1,
+              backoff_cap=0.2)
+    with lossless.source_on_rings(src, pause=0.003, max_records=16) as (proc, reader):
+        lossless.wait_for(lambda: reader.count() >= n // 2, 60, "half", proc.counters)
+        nats_server.restart()
+        lossless.wait_for(lambda: proc.counters()["connects"] >= 2, what="reconnect",
+                          info=proc.counters)
+        lossless.publish_frames(pub, lossless.frames(n, more))
+        lossless.wait_for(lambda: reader.count() >= n + more, 90, "every frame",
+                          proc.counters)
+        time.sleep(1.5)  # a lost acknowledgement is redelivered after ack_wait
+    c = proc.counters()
+    assert c["broker_restarts"] == 1 and c["reconnects"] == 1, c
+    assert sorted(reader.numbers()) == list(range(n + more)), c
+    assert c["frames"] == n + more and c["ring_drops"] == 0, c
+    assert c["messages"] == c["frames"] + c["duplicates"] + c["nacked"], c
+
+
+def test_core_restart_accounting(nats_server: BrokerProcess) -> None:
+    """Core NATS is at most once: nothing can be published while the server is down, and what
+    is published before the source subscribed again reaches nobody (the test publishes
+    nothing then: NATS cannot say what was lost). Everything published before and after
+    arrives exactly once and in order; the new server_id counts a restart."""
+    port = nats_server.port
+    src = url(port, subject="core.>", heartbeat=0.5, backoff_cap=0.2)
+    pub = url(port, subject="core.a")
+    with lossless.source_on_rings(src) as (proc, reader):
+        lossless.wait_for(lambda: proc.counters()["connects"] == 1, what="subscription")
+        lossless.publish_frames(pub, lossless.frames(0, 3000))
+        lossless.wait_for(lambda: reader.count() >= 3000, what="first frames")
+        nats_server.restart()
+        lossless.wait_for(lambda: proc.counters()["connects"] >= 2, what="reconnect")
+        lossless.publish_frames(pub, lossless.frames(3000, 3000))
+        lossless.wait_for(lambda: reader.count() >= 6000, what="every frame",
+                          info=proc.counters)
+    c = proc.counters()
+    assert c["broker_restarts"] == 1 and c["reconnects"] == 1 and c["evicted"] == 0, c
+    assert sorted(reader.numbers()) == list(range(6000)) and c["ring_drops"] == 0, c
+    reader.check_order()

@@ -7,6 +7,7 @@ process, rings, decoder workers) and checks the decoded rows against what was pu
 from __future__ import annotations
 
 import functools
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastfeed import Feed
 from fastfeed.sim.publish import publish
 from fastfeed.sources import SourceProcess, SourceURLError
 from fastfeed.sources.resp import resp_command
-from tests import brokers
+from tests import brokers, lossless
 from tests.brokers import (
     BrokerProcess,
     assert_rows_match,
@@ -300,3 +301,155 @@ def test_sim_publish_command_prints_the_simulator_counts(
     with pytest.raises(SourceURLError):
         publish_command(argparse.Namespace(**{**vars(args), "publish": "redis://h/0"}),
                         parse_faults([]))
+
+
+# -- lossless: backpressure and restarts (numbered frames, rings read by the test) -------------
+
+redis_everysec = brokers.redis_everysec
+
+
+def redis_publish(port: int, payloads: list[bytes]) -> list[int]:
+    """PUBLISH each payload on channel "feed" (one pipeline); the number of subscribers each
+    reached, as Redis reports it (0: nobody was subscribed, the message is gone)."""
+    import redis
+    r = redis.Redis(port=port, socket_timeout=10, socket_connect_timeout=2)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for p in payloads:
+            pipe.publish("feed", p)
+        return [int(x) for x in pipe.execute()]
+    finally:
+        r.close()
+
+
+def test_pubsub_backpressure_pauses_reading_and_loses_nothing(
+        redis_server: BrokerProcess) -> None:
+    """Small "pause" rings and a slow reader: the source stops reading the socket while a
+    ring is full (Redis buffers for it) and resumes; nothing is dropped, every symbol keeps
+    its order, and the heartbeat (0.2 s) does not take the pauses for a dead server."""
+    port = redis_server.port
+    n = 20000
+    url = f"redis://127.0.0.1:{port}/0?channel=feed&heartbeat=0.2"
+    with lossless.source_on_rings(url, pause=0.002, max_records=32) as (proc, reader):
+        lossless.wait_for(lambda: proc.counters()["connects"] == 1, what="subscription")
+        assert redis_publish(port, lossless.frames(0, n)) == [1] * n
+        lossless.wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
+    c = proc.counters()
+    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
+    assert c["frames"] == n and c["messages"] == n, c
+    assert c["heartbeat_timeouts"] == 0 and c["disconnects"] == 0, c
+    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
+    reader.check_order()
+
+
+def test_pubsub_restart_accounting(redis_server: BrokerProcess) -> None:
+    """A Redis restart: at most once by design. Nothing can be published while the server is
+    down; what is published after it is back but before the source subscribed again reaches
+    nobody (PUBLISH says 0 subscribers) and is lost; everything that reached the subscriber
+    arrives, once and in order, and the restart is told from an eviction by the run_id."""
+    port = redis_server.port
+    url = f"redis://127.0.0.1:{port}/0?channel=feed&heartbeat=0.5&backoff_cap=0.2"
+    delivered: list[int] = []
+    lost: list[int] = []
+    with lossless.source_on_rings(url) as (proc, reader):
+        lossless.wait_for(lambda: proc.counters()["connects"] == 1, what="subscription")
+        assert redis_publish(port, lossless.frames(0, 3000)) == [1] * 3000
+        delivered += range(3000)
+        lossless.wait_for(lambda: reader.count() >= 3000, what="first frames")
+        redis_server.stop()
+        time.sleep(0.3)
+        redis_server.start()
+        # Publish one frame at a time until the source is back.
+        n = 3000
+        deadline = time.monotonic() + 30
+        while proc.counters()["connects"] < 2:
+            assert time.monotonic() < deadline, proc.counters()
+            (delivered if redis_publish(port, lossless.frames(n, 1)) == [1] else lost).append(n)
+            n += 1
+            time.sleep(0.002)
+        reached = redis_publish(port, lossless.frames(n, 3000))
+        assert reached == [1] * 3000
+        delivered += range(n, n + 3000)
+        lossless.wait_for(lambda: reader.count() >= len(delivered), what="every frame",
+                          info=proc.counters)
+    c = proc.counters()
+    assert c["broker_restarts"] == 1 and c["evicted"] == 0, c
+    assert c["reconnects"] == 1 and c["disconnects"] == 1 and c["ring_drops"] == 0, c
+    assert sorted(reader.numbers()) == delivered, (len(lost), c)
+    reader.check_order()
+
+
+def test_stream_backpressure_waits_for_the_rings(redis_server: BrokerProcess) -> None:
+    """Small "pause" rings and a slow reader: the source reads nothing more and acknowledges
+    nothing of a batch until the rings took all of it; nothing is dropped, handed back or
+    read again, and every symbol keeps its order."""
+    port = redis_server.port
+    n = 20000
+    lossless.publish_frames(stream_url(port), lossless.frames(0, n))
+    src = stream_url(port, consumer="c1", count=500)
+    with lossless.source_on_rings(src, pause=0.002, max_records=32) as (proc, reader):
+        lossless.wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
+        lossless.wait_for(lambda: proc.counters()["acked"] >= n, what="acknowledgements")
+    c = proc.counters()
+    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
+    assert c["frames"] == n and c["acked"] == n, c
+    assert c["redelivered"] == 0 and c["duplicates"] == 0 and c["nacked"] == 0, c
+    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
+    reader.check_order()
+    assert redis_cmd(port, "XPENDING", "feed", "g").startswith(b"*4\r\n:0\r\n")
+
+
+def test_stream_crash_with_everysec_redelivers_only_duplicates(
+        redis_everysec: BrokerProcess, tmp_path: Path) -> None:
+    """Redis (appendfsync everysec) crashes mid-stream and comes back without its last
+    acknowledgements and reads. A kill alone rarely loses acknowledged writes (Redis writes
+    its file before replying; a host crash loses what was not fsynced yet), so the test
+    restores the append-only file as it was a moment before the kill: the entries the source
+    read and acknowledged since come back, pending or as new. Each is recognised by its id
+    (counted as a duplicate, acknowledged) and none is written twice; none is lost."""
+    b = redis_everysec
+    port = b.port
+    n, more = 9000, 2000
+    lossless.publish_frames(stream_url(port), lossless.frames(0, n))
+    time.sleep(1.2)  # everysec: the entries are in the file
+    aof, snap = b.workdir / "appendonlydir", tmp_path / "aof-snapshot"
+    src = stream_url(port, consumer="c1", count=100, block=100, backoff_cap=0.2)
+    with lossless.source_on_rings(src, pause=0.003, max_records=16) as (proc, reader):
+        lossless.wait_for(lambda: reader.count() >= n // 3, 60, "a third", proc.counters)
+        shutil.copytree(aof, snap)
+        acked_at_copy = proc.counters()["acked"]
+        lossless.wait_for(lambda: reader.count() >= 2 * n // 3, 60, "two thirds",
+                          proc.counters)
+        assert proc.counters()["acked"] > acked_at_copy + 1000
+        b.crash()
+        shutil.rmtree(aof)
+        shutil.copytree(snap, aof)
+        b.start()
+        lossless.wait_for(lambda: proc.counters()["connects"] >= 2, what="reconnect")
+        lossless.publish_frames(stream_url(port), lossless.frames(n, more))
+        lossless.wait_for(lambda: reader.count() >= n + more, 90, "every frame",
+                          proc.counters)
+        lossless.wait_for(lambda: redis_cmd(port, "XPENDING", "feed", "g").startswith(
+            b"*4\r\n:0\r\n"), what="nothing pending")
+    c = proc.counters()
+    assert c["broker_restarts"] == 1 and c["reconnects"] == 1, c
+    assert sorted(reader.numbers()) == list(range(n + more)), c
+    assert c["frames"] == n + more and c["ring_drops"] == 0, c
+    assert c["duplicates"] >= 1000 and c["nacked"] == 0, c
+    assert c["messages"] == c["frames"] + c["duplicates"], c
+    reader.check_order()
+
+
+def test_pubsub_feed_with_pause_policy_decodes_everything(redis_server: BrokerProcess) -> None:
+    """Through a real Feed: "pause" rings of 16 KiB and workers slowed down by their handler;
+    every published frame is decoded, none dropped, and the pauses show in the stats."""
+    port = redis_server.port
+    url = f"redis://127.0.0.1:{port}/0?channel=feed"
+    with Feed(source=url, workers=1, ring_capacity=1 << 14, full_policy="pause",
+              handler=brokers.slow_handler) as feed:
+        wait_for(lambda: feed_connected(feed), what="subscription")
+        sent = publish(url, count=5000, malformed=0.01, status_every=1000)
+        stats = run_until_frames(feed, sent["frames_sent"])
+    assert_rows_match(stats, sent)
+    s = stats["session"]
+    assert s["ring_drops"] == 0 and s["pauses"] >= 1 and s["backpressure_us"] > 0, s

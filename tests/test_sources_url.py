@@ -116,6 +116,63 @@ def test_seen_ids_window_is_bounded() -> None:
     for i in range(5):
         s.add(i)
     assert 0 not in s and 1 not in s and all(i in s for i in (2, 3, 4))
+    s.add_many([5, 6])
+    assert len(s) == 3 and 4 in s and 5 in s and 6 in s and 3 not in s
+
+
+def test_ring_writer_keeps_what_a_pausing_ring_refuses() -> None:
+    """Under "pause" a full ring's frame and every later one wait, in order, without a drop
+    (the control message among them is only counted); the connection is paused once and
+    resumed when the backlog is written; a message id reaches the window once written."""
+    import asyncio
+
+    from fastfeed.sources import COUNTERS
+    ring = Ring.create(unique("pause"), 1 << 10, full_policy="pause")
+    try:
+        counts = dict.fromkeys(COUNTERS, 0)
+        w = RingWriter([ring], counts)
+        w.seen = SeenIds()
+        calls: list[str] = []
+        w.attach(lambda: calls.append("pause"), lambda: calls.append("resume"))
+        frames = [b'{"c":"X:%d","n":%d}' % (i % 3, i) for i in range(100)]
+        frames.insert(50, b'{"status":"ok"}')
+        assert w.write_batch(frames, 7) == []
+        kept = len(w.backlog)
+        assert kept > 0 and w.paused and calls == ["pause"]
+        assert counts["ring_drops"] == 0 and ring.dropped == 0 and counts["pauses"] == 1
+        assert counts["frames"] + kept == 100 and counts["control"] == 1
+        assert counts["messages"] == 101
+        assert w.write(b'{"c":"X:0","n":100}', 8, key="id-100")  # behind the others
+        assert "id-100" not in w.seen
+        got: list[bytes] = []
+
+        async def drain() -> bool:
+            async def read() -> None:
+                while len(got) < 101:
+                    b = ring.read_batch(1000, timeout=0)
+                    if b is not None:
+                        got.extend(bytes(b.frame(i)) for i in range(b.count))
+                        b.release()
+                    await asyncio.sleep(0.001)
+            reader = asyncio.ensure_future(read())
+            ok = await asyncio.wait_for(w.drain(), 10)
+            await asyncio.wait_for(reader, 10)
+            return ok
+
+        assert asyncio.run(drain())
+        assert not w.backlog and not w.paused and calls == ["pause", "resume"]
+        assert got == [f for f in frames if b"status" not in f] + [b'{"c":"X:0","n":100}']
+        assert "id-100" in w.seen and counts["frames"] == 101 and counts["ring_drops"] == 0
+        assert w.backpressure_us() > 0 and counts["backpressure_us"] == w.backpressure_us()
+        # What a discarded backlog held is reported as not written.
+        for i in range(200):
+            w.write(b'{"c":"X:1","n":%d}' % i, 9)
+        ticket = w.kept
+        assert w.discard() > 0 and not w.paused
+        assert asyncio.run(w.written(ticket)) is False
+    finally:
+        ring.close()
+        ring.unlink()
 
 
 @pytest.mark.skipif(not os.environ.get("FASTFEED_TEST_KAFKA"),

@@ -55,7 +55,7 @@ SOURCES = {
 COUNTERS = (
     "frames",           # data frames written into a ring
     "bytes",            # their payload bytes
-    "ring_drops",       # data frames a ring refused (at-least-once sources: not acked, redelivered)
+    "ring_drops",       # data frames a ring dropped (at-least-once sources: not acked, redelivered)
     "control",          # messages without a symbol (status/error objects): counted, not decoded
     "messages",         # messages taken from the broker (data, control, duplicates, drops)
     "connects",         # connections established
@@ -63,7 +63,7 @@ COUNTERS = (
     "disconnects",      # connections lost while not stopping
     "connect_errors",   # connection attempts that failed
     "evicted",          # connection closed by a broker that stayed up (e.g. a slow subscriber)
-    "broker_restarts",  # reconnected to a broker that restarted in between (Redis run_id)
+    "broker_restarts",  # reconnected to a broker that restarted in between (see docs/pubsub.md)
     "heartbeat_timeouts",  # connections declared dead for an unanswered PING
     "slow_consumer",    # messages the client library dropped (NATS pending limits)
     "acked",            # messages acknowledged to the broker (at-least-once sources)
@@ -72,6 +72,8 @@ COUNTERS = (
     "redelivered",      # messages the broker marked as delivered before
     "reclaimed",        # Redis Streams entries taken over from an idle consumer (XAUTOCLAIM)
     "too_big",          # messages larger than a ring record: dropped (and acked: never deliverable)
+    "pauses",           # times reading stopped because a ring was full ("pause" policy: lossless)
+    "backpressure_us",  # total microseconds reading stayed paused (a pause in progress included)
 )
 
 
@@ -117,7 +119,8 @@ def run_source(url: str | SourceURL, ring_names: Sequence[str], *, counters: Any
     try:
         source = source_class(u.scheme)(u, rings)
         def values() -> Any:
-            return (source.counts[n] for n in COUNTERS)
+            counts = source.counters()
+            return (counts[n] for n in COUNTERS)
 
         try:
             import uvloop

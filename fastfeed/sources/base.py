@@ -6,6 +6,14 @@ WebSocket listener does (``route_of(symbol) % len(rings)``, the route in the rec
 writes it into that ring, stamped with the receive time of the broker read it came from.
 :class:`Source` is the cold path: connect, consume until stopped or disconnected, reconnect
 with capped exponential back-off and jitter, close cleanly.
+
+**Backpressure.** Under the rings' "pause" full policy a ring refuses a frame without
+dropping it. :class:`RingWriter` then keeps that frame and every later one, in order, in a
+backlog, counts a pause, tells the connection to stop reading (``attach``: the transport's
+``pause_reading``/``resume_reading``), and retries on a short loop timer until the workers have
+made room; the backlog written, reading resumes and the time paused is counted
+(``backpressure_us``). At-least-once sources also wait for the backlog (:meth:`RingWriter.drain`,
+:meth:`RingWriter.written`) before they acknowledge anything, and fetch nothing meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from .._listener import route_of
@@ -35,6 +43,9 @@ _FAST_PREFIX = b'{"c":"'
 _C_KEY = re.compile(rb'"c"[ \t\r\n]*:[ \t\r\n]*"([^"]*)"')
 # Symbol -> route cache size: far above any real universe, bounded against junk symbols.
 _ROUTE_CACHE_MAX = 1 << 16
+# How often a backlog is retried while the rings are full (as the WebSocket listener): uvloop's
+# timers tick in whole milliseconds, and a ring takes longer than that to fill at feed rates.
+_RETRY_S = 0.0005
 
 
 class FatalSourceError(Exception):
@@ -70,9 +81,14 @@ class RingWriter:
 
     ``rings``: :class:`fastfeed._ring.Ring` objects attached as producer, in pool order.
     ``counts``: the source's counter dict (:data:`COUNTERS` keys), updated in place.
+
+    Under the "pause" policy nothing is dropped: a refused frame and every frame after it go
+    to :attr:`backlog` (in order) until the rings have room; see the module docstring.
     """
 
-    __slots__ = ("_cache", "_n", "_rings", "_writes", "counts")
+    __slots__ = ("_cache", "_discarded", "_empty", "_hooks", "_kept", "_lossless", "_n",
+                 "_paused_at", "_paused_ns", "_reading_paused", "_rings", "_taken", "_timer",
+                 "_writes", "backlog", "counts", "resumed_at", "seen")
 
     def __init__(self, rings: Sequence[Any], counts: dict[str, int]) -> None:
         if not rings:
@@ -82,6 +98,24 @@ class RingWriter:
         self._n = len(self._rings)
         self._cache: dict[bytes, int] = {}
         self.counts = counts
+        # Which rings refuse without dropping ("pause"): only looked at on a refusal.
+        self._lossless = [getattr(r, "full_policy", None) == "pause" for r in self._rings]
+        #: Frames a ring had no room for, in arrival order: (payload, route, receive time,
+        #: message id or None).
+        self.backlog: deque[tuple[bytes, int, int, Hashable]] = deque()
+        #: Where the ids given to :meth:`write` go once their frame is in a ring.
+        self.seen: SeenIds | None = None
+        self._kept = 0        # frames ever put in the backlog (the last one's ticket)
+        self._taken = 0       # frames ever taken out of it (written, or too big)
+        self._discarded: list[tuple[int, int]] = []  # ticket ranges discarded, not written
+        self._paused_at = 0   # time.monotonic_ns() the current pause began; 0: not paused
+        self._paused_ns = 0   # total of the pauses that ended
+        #: time.monotonic() of the last resume (0.0 before any): heartbeat clocks start there.
+        self.resumed_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._hooks: tuple[Callable[[], Any], Callable[[], Any]] | None = None
+        self._reading_paused = False
+        self._empty: asyncio.Event | None = None  # created by the first written() (async only)
 
     def route(self, payload: bytes) -> int:
         """The route of the frame's symbol, or -1 when it has none (a control message)."""
@@ -98,9 +132,12 @@ class RingWriter:
             r = self._cache[code] = route_of(code)
         return r
 
-    def write(self, payload: bytes, recv_ts: int) -> bool:
+    def write(self, payload: bytes, recv_ts: int, key: Hashable = None) -> bool:
         """Commit one message: True when it is done with (written, control, or too big to ever
-        fit, each counted), False when a ring refused it (counted; redeliver it)."""
+        fit, each counted) or kept in the backlog (the "pause" policy: it will be written, in
+        order; an at-least-once caller acknowledges it after :meth:`written`), False when a
+        ring dropped it (counted; redeliver it). ``key``: the message's id, added to
+        :attr:`seen` as soon as the frame is in a ring (from the backlog too)."""
         c = self.counts
         c["messages"] += 1
         r = self.route(payload)
@@ -110,22 +147,40 @@ class RingWriter:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("control message: %r", payload[:200])
             return True
+        if self.backlog:
+            self._keep(payload, r, recv_ts, key)  # behind the frames that wait: keep the order
+            return True
+        i = r % self._n
         try:
-            ok = self._rings[r % self._n].write(payload, recv_ts=recv_ts, route=r)
+            ok = self._writes[i](payload, recv_ts=recv_ts, route=r)
         except ValueError:
             c["too_big"] += 1
             log.warning("message of %d bytes is larger than a ring record: dropped", len(payload))
-            return True
+            ok = True
+        else:
+            if ok:
+                c["frames"] += 1
+                c["bytes"] += len(payload)
         if ok:
-            c["frames"] += 1
-            c["bytes"] += len(payload)
+            if key is not None and self.seen is not None:
+                self.seen.add(key)
+            return True
+        if self._lossless[i]:
+            self._keep(payload, r, recv_ts, key)
+            self._pause()
             return True
         c["ring_drops"] += 1
         return False
 
     def write_batch(self, payloads: Sequence[bytes], recv_ts: int) -> list[int]:
         """:meth:`write` for every payload of one broker read; returns the indices a ring
-        refused (usually none). The hot loop of the sources: locals, counters added once."""
+        dropped (usually none; never under "pause", where the first refused frame and all
+        after it go to the backlog). The hot loop of the sources: locals, counters added
+        once."""
+        if self.backlog:
+            self._keep_all(payloads, 0, recv_ts)
+            self.counts["messages"] += len(payloads)
+            return []
         writes, n, cache = self._writes, self._n, self._cache
         frames = nbytes = control = 0
         refused: list[int] = []
@@ -155,6 +210,12 @@ class RingWriter:
             if ok:
                 frames += 1
                 nbytes += len(p)
+            elif self._lossless[r % n]:
+                # Full, nothing dropped: this frame and the rest wait, in order.
+                self._keep(p, r, recv_ts)
+                self._keep_all(payloads, i + 1, recv_ts)
+                self._pause()
+                break
             else:
                 refused.append(i)
         c = self.counts
@@ -164,6 +225,159 @@ class RingWriter:
         c["control"] += control
         c["ring_drops"] += len(refused)
         return refused
+
+    # -- backpressure (the "pause" policy) ---------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """True while frames wait for room in a ring (reading is paused)."""
+        return self._paused_at != 0
+
+    @property
+    def kept(self) -> int:
+        """Frames ever put in the backlog: the ticket of the last one (see :meth:`written`)."""
+        return self._kept
+
+    def backpressure_us(self) -> int:
+        """Total time paused for room in a ring, in µs, the current pause included."""
+        ns = self._paused_ns
+        if self._paused_at:
+            ns += time.monotonic_ns() - self._paused_at
+        return ns // 1000
+
+    def attach(self, pause_reading: Callable[[], Any] | None = None,
+               resume_reading: Callable[[], Any] | None = None) -> None:
+        """Hook the current connection's ``pause_reading``/``resume_reading`` (None: detach,
+        when the connection is gone). A connection attached while frames still wait is
+        paused at once: the frames of the last connection go first."""
+        self._reading_paused = False
+        if pause_reading is None or resume_reading is None:
+            self._hooks = None
+            return
+        self._hooks = (pause_reading, resume_reading)
+        if self.backlog:
+            self._pause()
+
+    def _keep(self, payload: bytes, route: int, recv_ts: int, key: Hashable = None) -> None:
+        self.backlog.append((payload, route, recv_ts, key))
+        self._kept += 1
+
+    def _keep_all(self, payloads: Sequence[bytes], start: int, recv_ts: int) -> None:
+        """Keep ``payloads[start:]`` behind the backlog (control messages are only counted)."""
+        for j in range(start, len(payloads)):
+            p = payloads[j]
+            r = self.route(p)
+            if r < 0:
+                self.counts["control"] += 1
+            else:
+                self._keep(p, r, recv_ts)
+
+    def flush(self) -> int:
+        """Write what the backlog holds into the rings, in order, as far as they have room;
+        resume once it is empty. Returns the frames still waiting."""
+        bl = self.backlog
+        if not bl:
+            if self._paused_at:
+                self._resume()
+            return 0
+        writes, n = self._writes, self._n
+        frames = nbytes = taken = 0
+        c = self.counts
+        seen = self.seen
+        while bl:
+            p, r, ts, key = bl[0]
+            try:
+                ok = writes[r % n](p, recv_ts=ts, route=r)
+            except ValueError:
+                c["too_big"] += 1
+                log.warning("message of %d bytes is larger than a ring record: dropped", len(p))
+                ok = None
+            if ok is False:
+                if self._lossless[r % n]:
+                    break  # still full: keep the order, try again later
+                c["ring_drops"] += 1  # a ring of another policy dropped it
+            else:
+                if ok:
+                    frames += 1
+                    nbytes += len(p)
+                if key is not None and seen is not None:
+                    seen.add(key)  # committed: a redelivery is a duplicate from now on
+            bl.popleft()
+            taken += 1
+        self._taken += taken
+        c["frames"] += frames
+        c["bytes"] += nbytes
+        if not bl and self._paused_at:
+            self._resume()
+        return len(bl)
+
+    def _pause(self) -> None:
+        if not self._paused_at:
+            self._paused_at = time.monotonic_ns()
+            self.counts["pauses"] += 1
+            if self._empty is not None:
+                self._empty.clear()
+        self._arm()  # first: the retry must be armed whatever the transport does
+        if self._hooks is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._hooks[0]()
+
+    def _resume(self) -> None:
+        self._paused_ns += time.monotonic_ns() - self._paused_at
+        self._paused_at = 0
+        self.resumed_at = time.monotonic()
+        self.counts["backpressure_us"] = self._paused_ns // 1000
+        if self._empty is not None:
+            self._empty.set()
+        if self._reading_paused and self._hooks is not None:
+            self._reading_paused = False
+            with contextlib.suppress(Exception):  # a transport closing meanwhile
+                self._hooks[1]()
+
+    def _arm(self) -> None:
+        """Retry the backlog on the running loop's timer (a thread without a loop, the Kafka
+        poller, calls :meth:`flush` itself)."""
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._timer = loop.call_later(_RETRY_S, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        if self.flush():
+            self._arm()
+
+    async def written(self, ticket: int) -> bool:
+        """Wait until the backlog frame ``ticket`` (a :attr:`kept` value) and every frame
+        before it are written; False when they were discarded instead (:meth:`discard`)."""
+        if self._empty is None:
+            self._empty = asyncio.Event()
+            if not self._paused_at:
+                self._empty.set()
+        while self._taken < ticket:
+            self._arm()
+            await self._empty.wait()
+        return not any(lo <= ticket <= hi for lo, hi in self._discarded)
+
+    async def drain(self) -> bool:
+        """Wait until everything kept so far is written (False: discarded meanwhile)."""
+        return await self.written(self._kept)
+
+    def discard(self) -> int:
+        """Forget the backlog (its frames are not written) and resume; returns how many
+        frames it held. The caller counts them: lost (at most once) or handed back to the
+        broker (at least once: they were not acknowledged)."""
+        n = len(self.backlog)
+        if n:
+            self._discarded.append((self._taken + 1, self._kept))
+            del self._discarded[:-16]  # only recent tickets are ever waited for
+            self.backlog.clear()
+            self._taken = self._kept
+        if self._paused_at:
+            self._resume()
+        return n
 
 
 class SeenIds:
@@ -195,6 +409,19 @@ class SeenIds:
         if len(self._order) > self.window:
             self._set.discard(self._order.popleft())
 
+    def add_many(self, ids: Iterable[Hashable]) -> None:
+        """:meth:`add` for ids that are not in the window yet (a batch of new ones), in a few
+        C calls rather than a Python loop per id."""
+        if not isinstance(ids, (list, tuple)):
+            ids = list(ids)
+        self._set.update(ids)
+        order = self._order
+        order.extend(ids)
+        excess = len(order) - self.window
+        if excess > 0:
+            pop = order.popleft
+            self._set.difference_update([pop() for _ in range(excess)])
+
 
 class Source:
     """One broker source: subclasses implement :meth:`consume` (one connection's lifetime).
@@ -220,6 +447,7 @@ class Source:
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.out = RingWriter(rings, self.counts)
         self.seen = SeenIds(url.int("dedup_window", 1 << 18))
+        self.out.seen = self.seen
         self.stopping = False
         self._stop = asyncio.Event()
         self._connected_at: float | None = None
@@ -236,6 +464,13 @@ class Source:
 
     async def close(self) -> None:
         """Release the connection (called after every :meth:`consume`, whatever happened)."""
+
+    def counters(self) -> dict[str, int]:
+        """The live counters (:attr:`counts`, with a pause in progress in
+        ``backpressure_us``)."""
+        c = self.counts
+        c["backpressure_us"] = self.out.backpressure_us()
+        return c
 
     def connected(self) -> None:
         """Subclasses call this once the connection is up and subscribed."""
@@ -278,8 +513,11 @@ class Source:
                 exc = task.exception() if not task.cancelled() else None
             finally:
                 stop.cancel()
+                self.out.attach(None)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.close(), 5.0)
+                if self.at_least_once:
+                    await self._settle_backlog()
             if isinstance(exc, FatalSourceError):
                 raise exc
             if self.stopping:
@@ -299,6 +537,30 @@ class Source:
             delay = backoff.next(healthy_for)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
+        await self._settle_backlog()
+
+    async def _settle_backlog(self, timeout: float = 5.0) -> None:
+        """After a connection, frames that still wait for room in a ring ("pause" policy).
+
+        At least once, nothing of them was acknowledged: they are discarded and the broker
+        delivers them again (counted as ``nacked``). At most once they were received and
+        cannot come again: they stay, and go first into the rings, across a reconnect; when
+        stopping they get ``timeout`` seconds (the workers still drain the rings), then what
+        is left is dropped and counted (``ring_drops``)."""
+        out = self.out
+        if not out.backlog:
+            return
+        if self.at_least_once:
+            self.counts["nacked"] += out.discard()
+            return
+        deadline = time.monotonic() + timeout
+        while out.flush() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        n = out.discard()
+        if n:
+            self.counts["ring_drops"] += n
+            log.warning("%s: stopping with %d received frames the rings had no room for: "
+                        "dropped", type(self).__name__, n)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, waking early when the source is stopped."""

@@ -13,13 +13,23 @@ offsets starts. ``batch=`` messages per poll (default 1000). With a user and pas
 connection uses SASL (``sasl_mechanism=``, default ``PLAIN``) over ``security_protocol=``
 (default ``SASL_SSL``).
 
-librdkafka reconnects by itself; ``disconnects`` counts its "all brokers down" reports.
+librdkafka reconnects by itself; ``disconnects`` counts its "all brokers down" reports. A
+broker restart is not detected (``broker_restarts`` stays 0): librdkafka hides it, and in a
+cluster partitions move to other brokers; the consumer group's committed offsets are what
+make a restart harmless.
+
+Under the rings' "pause" policy a message a ring has no room for waits, with every one after
+it, in order (see :class:`~fastfeed.sources.base.RingWriter`): the poller pauses every
+assigned partition (``Consumer.pause``: nothing more is fetched, and the group membership is
+kept by polling), writes the backlog as the workers make room, then resumes the partitions
+and commits the batch's offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from .._decoder import now_us
@@ -89,6 +99,8 @@ class KafkaSource(Source):
         if self.counts["connects"] == 0 or self._connected_at is None:
             self.connected()
         log.info("assigned %d partitions", len(partitions))
+        if self.out.backlog:
+            consumer.pause(partitions)  # waiting for room: fetch nothing new meanwhile
 
     def _on_error(self, err: Any) -> None:
         from confluent_kafka import KafkaError
@@ -101,42 +113,19 @@ class KafkaSource(Source):
 
     def _poll_loop(self, consumer: Any) -> None:
         from confluent_kafka import KafkaException, TopicPartition
-        write = self.out.write
         counts = self.counts
-        high = self._high
         while not self.stopping:
             msgs = consumer.consume(num_messages=self.batch, timeout=0.5)
             if not msgs:
                 continue
-            ts = now_us()
             commit: dict[tuple[str, int], int] = {}
-            done = 0
-            rewound: set[tuple[str, int]] = set()
-            for m in msgs:
-                err = m.error()
-                if err is not None:
-                    if err.fatal():
-                        raise FatalSourceError(f"Kafka: {self.url.scrub(str(err))}")
-                    log.warning("Kafka: %s", self.url.scrub(str(err)))
-                    continue
-                tp = (m.topic(), m.partition())
-                if tp in rewound:
-                    continue  # read again after the seek, in order
-                off = m.offset()
-                if off <= high.get(tp, -1):
-                    counts["messages"] += 1
-                    counts["duplicates"] += 1
-                    commit[tp] = off + 1
-                    done += 1
-                    continue
-                if write(m.value() or b"", ts):
-                    high[tp] = off
-                    commit[tp] = off + 1
-                    done += 1
-                else:
-                    counts["nacked"] += 1
-                    rewound.add(tp)
-                    consumer.seek(TopicPartition(tp[0], tp[1], off))
+            done = self._take(consumer, msgs, now_us(), commit)
+            if self.out.backlog:
+                # "pause": part of the batch waits for room; commit nothing until written.
+                more = self._wait_room(consumer, commit)
+                if more is None:
+                    break  # stopping with frames unwritten: their offsets stay uncommitted
+                done += more
             if commit:
                 try:
                     consumer.commit(offsets=[TopicPartition(t, p, o)
@@ -146,6 +135,73 @@ class KafkaSource(Source):
                     log.warning("Kafka commit failed (will be redone): %s", exc)
                     continue
                 counts["acked"] += done
+
+    def _take(self, consumer: Any, msgs: list[Any], ts: int,
+              commit: dict[tuple[str, int], int]) -> int:
+        """Write one poll's messages; fills ``commit`` (next offset per partition); returns
+        how many are done with."""
+        from confluent_kafka import TopicPartition
+        write = self.out.write
+        counts = self.counts
+        high = self._high
+        done = 0
+        rewound: set[tuple[str, int]] = set()
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise FatalSourceError(f"Kafka: {self.url.scrub(str(err))}")
+                log.warning("Kafka: %s", self.url.scrub(str(err)))
+                continue
+            tp = (m.topic(), m.partition())
+            if tp in rewound:
+                continue  # read again after the seek, in order
+            off = m.offset()
+            if off <= high.get(tp, -1):
+                counts["messages"] += 1
+                counts["duplicates"] += 1
+                commit[tp] = off + 1
+                done += 1
+                continue
+            if write(m.value() or b"", ts):
+                # Written, or waiting in the backlog (then committed once written).
+                high[tp] = off
+                commit[tp] = off + 1
+                done += 1
+            else:
+                counts["nacked"] += 1
+                rewound.add(tp)
+                consumer.seek(TopicPartition(tp[0], tp[1], off))
+        return done
+
+    def _wait_room(self, consumer: Any, commit: dict[tuple[str, int], int]) -> int | None:
+        """Pause every assigned partition and write the backlog as the workers make room
+        (this thread has no event loop: it retries itself); resume. Returns how many more
+        messages are done with (polled meanwhile), None when stopped first."""
+        out = self.out
+        parts = consumer.assignment()
+        if parts:
+            consumer.pause(parts)
+        last_poll = time.monotonic()
+        done = 0
+        try:
+            while out.flush():
+                if self.stopping:
+                    return None
+                time.sleep(0.0005)
+                if time.monotonic() - last_poll > 1.0:
+                    # Poll now and then: the group keeps this member (max.poll.interval.ms)
+                    # and rebalances are served. Paused partitions return nothing; a new
+                    # assignment is paused by _on_assign, but take what comes, in order.
+                    last_poll = time.monotonic()
+                    more = consumer.consume(num_messages=self.batch, timeout=0)
+                    if more:
+                        done += self._take(consumer, more, now_us(), commit)
+            return done
+        finally:
+            parts = consumer.assignment()
+            if parts:
+                consumer.resume(parts)
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None

@@ -20,6 +20,16 @@ its frame is committed to a ring, handed back (``nak``) when a ring refused it, 
 as a ``duplicate`` when its stream sequence was already committed. Instances that use the
 same durable share its messages. ``batch=`` messages per pull (default 1000),
 ``ack_wait=`` seconds before an unacknowledged message is redelivered (default 30).
+
+Under the rings' "pause" policy a full ring stops the source (see
+:class:`~fastfeed.sources.base.RingWriter`): the core subscriber stops reading its socket (the
+server buffers for it, and drops it as a slow consumer past its limits: ``evicted``); over
+nats-py (TLS) the subscription stops taking messages (nats-py buffers them, up to
+``pending_msgs=``, then drops and counts ``slow_consumer``); JetStream pulls nothing more and
+acknowledges the batch once it is all written (telling the server it is in progress every
+``ack_wait/2`` meanwhile). The heartbeat does not count the time paused against the server.
+``broker_restarts`` counts reconnections to a server with a different ``server_id`` (a new
+one at every start of ``nats-server``).
 """
 
 from __future__ import annotations
@@ -113,6 +123,7 @@ class NatsSource(Source):
         self.at_least_once = self.stream is not None
         self._nc: Any = None
         self._closed: asyncio.Future[None] | None = None
+        self._server_id: str | None = None
 
     @classmethod
     def validate(cls, url: SourceURL) -> None:
@@ -146,16 +157,32 @@ class NatsSource(Source):
 
         self._nc = nc = await connect_nats(self.url, closed_cb=on_closed,
                                            disconnected_cb=on_closed, error_cb=on_error)
+        self._check_server(getattr(nc, "_server_info", None) or {})
         if self.stream is None:
             await self._core(nc, closed)
         else:
             await self._jetstream(nc, closed)
 
+    def _check_server(self, info: dict[str, Any]) -> None:
+        """Count a restart: the server's ``server_id`` is new at every start."""
+        server_id = info.get("server_id")
+        if not server_id:
+            return
+        if self._server_id is not None and server_id != self._server_id:
+            self.counts["broker_restarts"] += 1
+            log.warning("NATS server restarted (new server_id)")
+        self._server_id = server_id
+
     async def _core(self, nc: Any, closed: asyncio.Future[None]) -> None:
-        write = self.out.write
+        out = self.out
+        write = out.write
 
         async def on_msg(msg: Any) -> None:
             write(msg.data, now_us())
+            if out.backlog:
+                # A ring is full ("pause"): take no more messages until it is written
+                # (nats-py holds them, up to its pending limits).
+                await out.written(out.kept)
 
         for subject in self.subjects:
             await nc.subscribe(subject, queue=self.queue, cb=on_msg,
@@ -187,7 +214,8 @@ class NatsSource(Source):
         psub = await js.pull_subscribe(filter_subject or "", durable=self.durable,
                                        stream=self.stream, config=config)
         self.connected()
-        write = self.out.write
+        out = self.out
+        write = out.write
         seen = self.seen
         counts = self.counts
         while not self.stopping:
@@ -198,6 +226,7 @@ class NatsSource(Source):
             except (TimeoutError, NatsTimeout):
                 continue
             ts = now_us()
+            done: list[Any] = []     # to acknowledge once everything before is written
             for msg in msgs:
                 md = msg.metadata
                 seq = md.sequence.stream
@@ -206,16 +235,30 @@ class NatsSource(Source):
                 if seq in seen:
                     counts["messages"] += 1
                     counts["duplicates"] += 1
-                    await msg.ack()
-                    counts["acked"] += 1
-                elif write(msg.data, ts):
-                    seen.add(seq)
-                    await msg.ack()
-                    counts["acked"] += 1
+                    done.append(msg)
+                elif write(msg.data, ts, seq):  # seq goes to seen once in a ring
+                    done.append(msg)
                 else:
-                    # A ring refused it: redeliver soon, after the workers caught up.
+                    # A ring dropped it: redeliver soon, after the workers caught up.
                     await msg.nak(delay=0.05)
                     counts["nacked"] += 1
+            if out.backlog:
+                # "pause": part of the batch waits for room; pull nothing, acknowledge nothing
+                # until it is written.
+                await self._hold(done)
+            for msg in done:
+                await msg.ack()
+            counts["acked"] += len(done)
+
+    async def _hold(self, msgs: list[Any]) -> None:
+        """Wait for the backlog to be written, telling the server every ``ack_wait/2`` that
+        the batch is in progress (so that it does not redeliver it meanwhile)."""
+        while self.out.backlog:
+            try:
+                await asyncio.wait_for(self.out.drain(), max(0.5, self.ack_wait / 2))
+            except TimeoutError:
+                for msg in msgs:
+                    await msg.in_progress()
 
     async def _core_raw(self) -> None:
         u = self.url
@@ -226,6 +269,7 @@ class NatsSource(Source):
         info = await asyncio.wait_for(asyncio.shield(proto.info), 10.0)
         if info.get("tls_required"):
             raise FatalSourceError("this NATS server requires TLS: use tls://")
+        self._check_server(info)
         connect: dict[str, Any] = {
             "verbose": False, "pedantic": False, "tls_required": False,
             "name": u.str("name", "fastfeed"), "lang": "python-fastfeed", "version": "1",
@@ -249,6 +293,9 @@ class NatsSource(Source):
                     from None
             raise
         self.connected()
+        assert proto.transport is not None
+        # Backpressure from here on pauses this socket (at once if frames still wait).
+        self.out.attach(proto.transport.pause_reading, proto.transport.resume_reading)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             while not self.stopping:
@@ -260,7 +307,11 @@ class NatsSource(Source):
                     if proto.error and "slow consumer" in proto.error.lower():
                         self.counts["evicted"] += 1
                     raise ConnectionError(f"NATS connection closed ({proto.error or 'EOF'})")
-                if time.monotonic() - proto.last_pong > 3 * self.heartbeat:
+                if self.out.paused:
+                    continue  # we stopped reading ourselves: the PONG may sit unread
+                # The time paused is ours, not the server's: count from the resume too.
+                if time.monotonic() - max(proto.last_pong, self.out.resumed_at) \
+                        > 3 * self.heartbeat:
                     self.counts["heartbeat_timeouts"] += 1
                     raise ConnectionError(f"no PONG for {3 * self.heartbeat:.0f}s")
                 proto.send(b"PING\r\n")

@@ -12,6 +12,12 @@ but kept running, under the same ``run_id``: most often the output-buffer limit 
 subscriber, ``client-output-buffer-limit pubsub``), ``broker_restarts`` (a different
 ``run_id`` after the reconnect) and ``heartbeat_timeouts``.
 
+Under the rings' "pause" policy a full ring stops the reading of the socket (the frames of the
+current read wait in order, see :class:`~fastfeed.sources.base.RingWriter`) until the workers
+made room: Redis buffers what is published meanwhile, up to its
+``client-output-buffer-limit pubsub``, past which it drops this subscriber (``evicted``). The
+heartbeat does not count the time paused against the server.
+
 The subscribed connection is a plain asyncio protocol over the ``hiredis`` reply parser (the C
 parser ``redis`` itself uses): a socket read is parsed in one pass, stamped with one receive
 time, and each message's payload goes to its ring without further Python objects per message
@@ -99,7 +105,8 @@ class _Subscriber(asyncio.Protocol):
                     self.transport.close()
                 break
         if payloads:
-            # At-most-once: nothing to hand back, so what a ring refused is only counted.
+            # At-most-once: nothing to hand back. Under "pause" what a ring refused waits
+            # in the writer's backlog (reading paused); otherwise it is dropped and counted.
             self.source.out.write_batch(payloads, ts)
             # Writing may have waited on a full ring ("block" policy): the connection was
             # alive all along, and the heartbeat must not take the wait for silence.
@@ -177,6 +184,8 @@ class RedisPubSubSource(Source):
         if proto.run_id is not None:
             self._run_id = proto.run_id
         self.connected()
+        # Backpressure from here on pauses this socket (at once if frames still wait).
+        self.out.attach(proto.transport.pause_reading, proto.transport.resume_reading)
         await self._watch(proto)
 
     async def _watch(self, proto: _Subscriber) -> None:
@@ -192,7 +201,11 @@ class RedisPubSubSource(Source):
                     return
                 if proto.lost.done():
                     raise ConnectionError(f"connection closed ({proto.lost.result() or 'EOF'})")
-                if time.monotonic() - proto.last_reply > 3 * self.heartbeat:
+                if self.out.paused:
+                    continue  # we stopped reading ourselves: the PONG may sit unread
+                # The time paused is ours, not the server's: count from the resume too.
+                if time.monotonic() - max(proto.last_reply, self.out.resumed_at) \
+                        > 3 * self.heartbeat:
                     self.counts["heartbeat_timeouts"] += 1
                     raise ConnectionError(f"no answer to PING for {3 * self.heartbeat:.0f}s")
                 proto.transport.write(ping)

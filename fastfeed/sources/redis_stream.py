@@ -10,8 +10,14 @@ A consumer in a consumer group (``XREADGROUP``), at-least-once:
 - every ``claim_idle`` ms (default 30000; 0 turns it off) it takes over entries that another
   consumer of the group left pending for longer than that (``XAUTOCLAIM``): a crashed
   instance's messages are not lost, they are ``reclaimed``;
-- an entry id already committed by this source (``dedup_window`` most recent) is a
-  ``duplicate``: acknowledged, not written again.
+- the ids of the entries committed to a ring are remembered (the ``dedup_window`` most
+  recent): an entry that comes again, pending or even as new (a Redis restarted from an
+  append-only file that missed its last second of acknowledgements and reads), is a
+  ``duplicate``: acknowledged, not written again;
+- under the rings' "pause" policy a full ring keeps the rest of the batch waiting in order
+  (see :class:`~fastfeed.sources.base.RingWriter`): nothing more is read and nothing of the
+  batch is acknowledged until it is all written;
+- ``broker_restarts`` counts reconnections to a server with a different ``run_id``.
 
 Parameters: ``stream=`` (required), ``group=`` (default ``fastfeed``), ``consumer=`` (default
 ``HOSTNAME-PID``; give a stable name to resume a crashed instance's own pending entries at
@@ -62,12 +68,14 @@ class RedisStreamSource(Source):
         self.block = url.int("block", 500)
         self.claim_idle = url.int("claim_idle", 30000)
         self._conn: RespConnection | None = None
-        # Entry ids committed to a ring whose XACK is not confirmed yet, by batch: if the
-        # connection goes before the reply, they come back (pending) and must not be decoded
-        # twice.
-        self._unconfirmed: dict[int, list[bytes]] = {}
+        # Entries acknowledged but not confirmed yet, by batch (counted as acked on the reply).
+        self._unconfirmed: dict[int, int] = {}
         self._batch = 0
         self._next_claim = 0.0
+        # The highest entry id committed, as (ms, seq): every id in self.seen is at most this,
+        # so a batch of new entries that starts above it needs no duplicate check.
+        self._high = (-1, -1)
+        self._run_id: bytes | None = None
 
     @classmethod
     def validate(cls, url: Any) -> None:
@@ -83,9 +91,6 @@ class RedisStreamSource(Source):
         except ImportError:
             raise FatalSourceError("the Redis sources need hiredis: "
                                    "pip install 'fastfeed[redis]'") from None
-        for ids in self._unconfirmed.values():
-            for entry_id in ids:
-                self.seen.add(entry_id)
         self._unconfirmed = {}
         u = self.url
         conn = self._conn = await RespConnection.open(
@@ -97,6 +102,7 @@ class RedisStreamSource(Source):
             if db and db != "0":
                 await conn.call("SELECT", db)
             await conn.call("CLIENT", "SETNAME", u.str("name", "fastfeed") or "fastfeed")
+            info = await conn.call("INFO", "server")
         except RespError as exc:
             text = str(exc)
             if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid")):
@@ -113,6 +119,13 @@ class RedisStreamSource(Source):
                 raise FatalSourceError(f"cannot create the consumer group: {text}") from None
             if "BUSYGROUP" not in text:
                 raise  # LOADING (a restarted server replaying its file) and the like: retry
+        run_id = _run_id(info)
+        if run_id is not None:
+            if self._run_id is not None and run_id != self._run_id:
+                self.counts["broker_restarts"] += 1
+                log.warning("Redis restarted (new run_id): entries it lost from its file "
+                            "are gone; entries that come again are recognised as duplicates")
+            self._run_id = run_id
         self.connected()
         await self._loop(conn)
 
@@ -140,7 +153,7 @@ class RedisStreamSource(Source):
                 return
             from_id = entries[-1][0]
             self.counts["redelivered"] += len(entries)
-            ids, refused = self._commit(entries, now_us())
+            ids, refused = await self._commit(entries, now_us(), fresh=False)
             if ids:
                 await self._ack(conn, ids)
             if refused:
@@ -174,7 +187,8 @@ class RedisStreamSource(Source):
                 reads.append(conn.request(self._read()))
             entries = reply[0][1] if reply else []
             if entries:
-                ids, r = self._commit(entries, now_us())
+                # Under "pause" this waits for the rings (the reads in flight wait too).
+                ids, r = await self._commit(entries, now_us(), fresh=True)
                 refused += r
                 if ids:
                     ack = self._ack(conn, ids)
@@ -190,20 +204,18 @@ class RedisStreamSource(Source):
                 self._next_claim = time.monotonic() + min(self.claim_idle / 2000, 5.0)
 
     def _ack(self, conn: RespConnection, ids: list[bytes]) -> asyncio.Future[Any]:
-        """XACK ``ids`` (already committed); counted once the server confirms. Until then they
-        are kept: if the connection goes first, their redelivery is recognised."""
+        """XACK ``ids`` (already committed, so in :attr:`seen`); counted once the server
+        confirms. If the connection goes first, their redelivery is recognised."""
         batch = self._batch = self._batch + 1
-        self._unconfirmed[batch] = ids
+        self._unconfirmed[batch] = len(ids)
         fut = conn.request(self._xack(ids))
 
         def done(f: asyncio.Future[Any]) -> None:
+            # Refused or lost with the connection, the entries stay pending and come again:
+            # their ids are in self.seen, so they are recognised as duplicates then.
+            n = self._unconfirmed.pop(batch, 0)
             if not f.cancelled() and f.exception() is None:
-                self.counts["acked"] += len(self._unconfirmed.pop(batch, ()))
-            elif not f.cancelled() and isinstance(f.exception(), RespError):
-                # Refused (not lost with the connection): the entries stay pending and will
-                # be read again; they are committed already.
-                for entry_id in self._unconfirmed.pop(batch, ()):
-                    self.seen.add(entry_id)
+                self.counts["acked"] += n
         fut.add_done_callback(done)
         return fut
 
@@ -219,14 +231,33 @@ class RedisStreamSource(Source):
             parts.append(prefix + (b"\r\n" + prefix).join(same) + b"\r\n")
         return b"".join(parts)
 
-    def _commit(self, entries: list[Any], ts: int) -> tuple[list[bytes], int]:
-        """Write each entry's frame; returns (ids to acknowledge, how many a ring refused)."""
+    async def _commit(self, entries: list[Any], ts: int, *,
+                      fresh: bool) -> tuple[list[bytes], int]:
+        """Write each entry's frame; returns (ids to acknowledge, how many a ring dropped:
+        those stay pending). ``fresh``: new entries (">"), in increasing id order.
+
+        Under "pause" the frames a ring had no room for wait in the writer's backlog; this
+        waits until they are written, so that every id returned is committed."""
+        new, done, refused = self._write(entries, ts, fresh)
+        out = self.out
+        if out.backlog:
+            await out.drain()
+        if new:
+            self.seen.add_many(new)
+            high = _id_key(new[-1])
+            if high > self._high:
+                self._high = high
+        return new + done if done else new, refused
+
+    def _write(self, entries: list[Any], ts: int,
+               fresh: bool) -> tuple[list[bytes], list[bytes], int]:
+        """(ids written or waiting in the backlog, ids done with otherwise: duplicates and
+        entries without a frame, how many a ring dropped)."""
         field = self.field
-        seen = self.seen
-        check = len(seen) > 0
-        if not check:
-            # The common case: new entries whose only field is the frame. Comprehensions
-            # rather than a loop: this runs for every entry at full rate.
+        if fresh and (not self.seen or _id_key(entries[0][0]) > self._high):
+            # The common case: new entries above every id committed so far (none can be a
+            # duplicate) whose only field is the frame. Comprehensions rather than a loop:
+            # this runs for every entry at full rate.
             id_tuple, fields = zip(*entries, strict=True)
             ids = list(id_tuple)
             payloads = [f[1] if f and f[0] == field else None for f in fields]
@@ -235,12 +266,13 @@ class RedisStreamSource(Source):
                 if refused:
                     skip = set(refused)
                     ids = [x for i, x in enumerate(ids) if i not in skip]
-                return ids, len(refused)
+                return ids, [], len(refused)
+        seen = self.seen
         ids: list[bytes] = []
         payloads: list[bytes] = []
         done: list[bytes] = []
         for entry_id, fields in entries:
-            if check and entry_id in seen:
+            if entry_id in seen:
                 self.counts["messages"] += 1
                 self.counts["duplicates"] += 1
                 done.append(entry_id)
@@ -267,8 +299,7 @@ class RedisStreamSource(Source):
         if refused:
             skip = set(refused)
             ids = [x for i, x in enumerate(ids) if i not in skip]
-        ids += done
-        return ids, len(refused)
+        return ids, done, len(refused)
 
     async def _claim(self, conn: RespConnection) -> None:
         """Take over entries other consumers left pending longer than ``claim_idle``."""
@@ -287,7 +318,7 @@ class RedisStreamSource(Source):
                 self.counts["reclaimed"] += len(entries)
                 self.counts["redelivered"] += len(entries)
                 log.info("reclaimed %d entries from idle consumers", len(entries))
-                ids, _ = self._commit(entries, now_us())
+                ids, _ = await self._commit(entries, now_us(), fresh=False)
                 if ids:
                     await self._ack(conn, ids)
             if start == b"0-0" or self.stopping:
@@ -298,3 +329,18 @@ class RedisStreamSource(Source):
         if conn is not None:
             conn.close()
             await asyncio.wait({conn.lost}, timeout=2.0)
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id ``b"<ms>-<seq>"`` as a tuple that sorts as Redis sorts ids."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def _run_id(info: Any) -> bytes | None:
+    """``run_id`` from an ``INFO server`` reply (new at every start of the server)."""
+    if isinstance(info, bytes):
+        for line in info.split(b"\r\n"):
+            if line.startswith(b"run_id:"):
+                return line[7:].strip()
+    return None
