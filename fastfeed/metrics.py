@@ -1,9 +1,11 @@
 """Prometheus metrics for a running :class:`fastfeed.Feed` (optional: prometheus-client).
 
 ``serve_metrics(feed, port)`` starts prometheus-client's HTTP server in this process with
-a collector that reads ``feed.stats()`` at every scrape: counters for frames, rows per
-kind, errors, control messages, drops, gaps, reconnects, auth renewals and worker
-restarts, and the wire-to-array latency as gauges of its percentiles.
+a collector that reads ``feed.stats()`` at every scrape: counters for frames received and
+decoded, rows per kind, rows delivered, errors, control messages, drops (frames and rows),
+gaps, backpressure (pauses and seconds paused), handler errors, full symbol tables,
+reconnects, auth renewals and restarts, and the wire-to-array latency as gauges of its
+percentiles.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from typing import Any
 __all__ = ["serve_metrics"]
 
 _COUNTERS = {
-    "frames": "data frames decoded",
+    "received": "data frames the network process wrote into the rings",
+    "frames": "data frames decoded (rows or an error each)",
     "ticks": "tick rows decoded",
     "quotes": "quote rows decoded",
     "bars": "bar rows decoded",
     "errors": "frames that failed to decode",
     "control": "non-market messages",
-    "dropped": "frames or outputs dropped on a full ring",
+    "dropped": "frames dropped on a full ring (only with a dropping full policy)",
+    "dropped_rows": "decoded rows dropped on a full output ring (only with a dropping policy)",
+    "pauses": "times the source was paused because a ring was full (lossless backpressure)",
+    "backpressure_s": "seconds the source spent paused for room in a ring",
+    "handler_errors": "exceptions raised by the handler",
+    "symbols_full": "frames refused because a symbol table was full (raise max_symbols)",
     "gaps": "sequence gaps seen by the workers",
     "reconnects": "reconnections of the network process",
     "auth_renewals": "feed token renewals",
+    "network_restarts": "network (or source) process restarts after it died",
     "worker_restarts": "decoder workers restarted",
     "poisoned": "frames set aside after killing a worker repeatedly",
 }
@@ -39,6 +48,9 @@ class _Collector:
         s = self.feed.stats()
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"fastfeed_{name}", doc, value=s.get(name, 0))
+        d = s.get("delivered", {})
+        yield CounterMetricFamily("fastfeed_delivered_rows", "rows handed to the consumer",
+                                  value=sum(d.get(k, 0) for k in ("ticks", "quotes", "bars")))
         g = GaugeMetricFamily("fastfeed_latency_microseconds",
                               "frame receipt to rows handed over, by quantile", labels=["quantile"])
         for q, key in (("0.5", "p50"), ("0.99", "p99"), ("0.999", "p999"), ("1", "max")):

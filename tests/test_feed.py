@@ -304,9 +304,15 @@ def test_prometheus_metrics(tmp_path):
             server = serve_metrics(feed, 0)
             try:
                 deadline = time.monotonic() + 60
-                while feed.frames_decoded() < 20000:
+                while True:
                     feed.poll(timeout=0.05)
-                    assert time.monotonic() < deadline
+                    s = feed.stats()  # the consumer's own call counts the batch it holds
+                    rows = s["ticks"] + s["quotes"] + s["bars"]
+                    # (the network process publishes its counters every 50 ms)
+                    if s["frames"] >= 20000 and s["received"] >= 20000 and sum(s["delivered"][k] for k in
+                                                    ("ticks", "quotes", "bars")) == rows:
+                        break  # every row handed over, so the latency has samples
+                    assert time.monotonic() < deadline, s
                 url = f"http://127.0.0.1:{server.server_port}/metrics"
                 with urllib.request.urlopen(url, timeout=10) as resp:
                     text = resp.read().decode()
@@ -315,6 +321,11 @@ def test_prometheus_metrics(tmp_path):
                 server.server_close()
         sim.stop()
     assert "fastfeed_frames_total 20000.0" in text
+    assert "fastfeed_received_total 20000.0" in text
+    assert f"fastfeed_delivered_rows_total {float(rows)}" in text
+    for name in ("dropped", "dropped_rows", "handler_errors", "network_restarts"):
+        assert f"fastfeed_{name}_total 0.0" in text
+    assert "fastfeed_backpressure_s_total" in text and "fastfeed_pauses_total" in text
     assert 'fastfeed_latency_microseconds{quantile="0.5"}' in text
 
 
