@@ -137,7 +137,7 @@ class ChildProcess:
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
-            self._proc.join()
+            self._proc.join(5.0)  # SIGKILL cannot be refused; the bound is for a stuck kernel
         self._collect()
         return self._proc.exitcode
 
@@ -145,7 +145,7 @@ class ChildProcess:
         """SIGKILL the child (tests: a crash in the middle of a stream)."""
         if self._proc.is_alive():
             self._proc.kill()
-        self._proc.join()
+        self._proc.join(5.0)
 
     def __enter__(self) -> ChildProcess:
         return self.start()

@@ -44,6 +44,7 @@ class ParquetSink:
         self.out.mkdir(parents=True, exist_ok=True)
         self.tables = tables
         self.roll_rows = roll_rows
+        self.close_timeout = 120.0  # bound on close(): what is queued is written first
         self.roll_seconds = roll_seconds
         self.compression = compression
         self.dropped = 0
@@ -132,7 +133,10 @@ class ParquetSink:
         """Write what is queued, close the files; re-raise a writer error."""
         if self._thread.is_alive():
             self._q.put(None)
-            self._thread.join()
+            self._thread.join(self.close_timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"parquet sink: the writer did not finish within "
+                                   f"{self.close_timeout:g} s; files may be incomplete")
         if self.error is not None:
             raise RuntimeError(f"parquet sink failed: {self.error}") from self.error
 
