@@ -27,12 +27,15 @@ class OutputBatch:
     ``parts`` is a list of ``(kind, array)`` with kind "ticks", "quotes" or "bars"; ``ticks``,
     ``quotes`` and ``bars`` concatenate the parts of one kind (a copy only when there are
     several). Valid until :meth:`release`, which lets the worker reuse the space.
+    ``gaps``: frames of this worker's ring dropped (under a dropping full policy) since the
+    rows of the previous batch, so a consumer sees where data is missing; 0 when lossless.
     """
 
     def __init__(self, worker: int, parts: list[tuple[str, np.ndarray]], ring_batch: Any,
-                 dtypes: dict[str, np.dtype]) -> None:
+                 dtypes: dict[str, np.dtype], gaps: int = 0) -> None:
         self.worker = worker
         self.parts = parts
+        self.gaps = gaps
         self._batch = ring_batch
         self._dtypes = dtypes
 
@@ -97,19 +100,21 @@ class OutputReader:
         parts: list[tuple[str, np.ndarray]] = []
         buf = b.buffer
         seen = self._seen[worker]
+        gaps = 0
         for off, length, kind in zip(b.offsets.tolist(), b.lengths.tolist(), b.types.tolist(),
                                      strict=True):
-            first, end, chunk, nchunks, _ = OUT_HDR.unpack_from(buf, off)
+            first, end, chunk, nchunks, missing = OUT_HDR.unpack_from(buf, off)
             key = (end, kind, chunk)
             if key <= seen:
                 continue  # already delivered before the worker restarted
             seen = key
+            gaps += missing
             name = KIND_NAMES[kind]
             dt = self._dtypes[name]
             count = (length - OUT_HDR.size) // dt.itemsize
             parts.append((name, np.frombuffer(buf, dt, count, off + OUT_HDR.size)))
         self._seen[worker] = seen
-        return OutputBatch(worker, parts, b, self._dtypes)
+        return OutputBatch(worker, parts, b, self._dtypes, gaps)
 
     def take(self) -> OutputBatch | None:
         """The next ready output, taking the workers in turn so that none is starved."""

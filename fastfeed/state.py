@@ -21,7 +21,7 @@ OUTPUT_QUOTES = 2
 OUTPUT_BARS = 3
 KIND_NAMES = {OUTPUT_TICKS: "ticks", OUTPUT_QUOTES: "quotes", OUTPUT_BARS: "bars"}
 # Output payload header: first input seq, end input seq (exclusive), chunk index, chunk count,
-# reserved. 32 bytes keep the rows behind it 8-byte aligned, as the ring's records are.
+# gaps (input frames dropped before these rows; on the first record a range publishes). 32 bytes keep the rows behind it 8-byte aligned, as the ring's records are.
 OUT_HDR = struct.Struct("<QQIIQ")
 
 # State segment: one 256-byte row (32 int64) per worker after a global row and the output
@@ -58,6 +58,7 @@ S_IDLE, S_RUNNING, S_EXITED = 0, 1, 2
 G_HANDLER_FAILED = 1  # a handler raised and on_handler_error="raise": the parent stops the feed
 F_SYMBOLS_FULL = 21  # frames refused because an intern table was full
 F_COUNTED_END = 22  # end seq of the last range whose rows were counted (once per range)
+F_GAPS_OWED = 23  # ring gaps seen but not yet reported on a published output record
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from fastfeed.state import (
     F_DONE_SEQ,
     F_ERRORS,
     F_FRAMES,
+    F_GAPS_OWED,
     F_HANDLER_ERRORS,
     F_HEARTBEAT,
     F_OUT_DROPPED,
@@ -298,6 +299,8 @@ def _process_batch(spec: WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring |
             _count(row, res, stop - start, dec, e0, c0, sf0)
             row[F_COUNTED_END] = end_seq
         if out is not None:
+            if start == 0 and end_seq > row[F_PUB_END] and batch.gaps:
+                row[F_GAPS_OWED] += batch.gaps  # told to the consumer with the next rows
             row[F_PUB_END] = end_seq  # from here on, this range must be repeated identically
             _publish(out, spec.index, first_seq, end_seq, res, row)
             if bell is not None:
@@ -348,6 +351,7 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any) -
     Under the lossless policies the write waits for the parent to read; a refused chunk
     (a dropping policy, or a ring shut down at stop) has its rows counted."""
     room = out.max_payload - OUT_HDR.size
+    gaps = int(row[F_GAPS_OWED])
     for kind, arr in ((OUTPUT_TICKS, res.ticks), (OUTPUT_QUOTES, res.quotes), (OUTPUT_BARS, res.bars)):
         if not len(arr):
             continue
@@ -357,9 +361,12 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any) -
         step = per * arr.dtype.itemsize
         for c in range(nchunks):
             body = raw[c * step : (c + 1) * step]
-            payload = OUT_HDR.pack(first, end, c, nchunks, 0) + body
+            payload = OUT_HDR.pack(first, end, c, nchunks, gaps) + body
             if not out.write(payload, type=kind, route=worker):
                 row[F_OUT_DROPPED] += len(body) // arr.dtype.itemsize
+            elif gaps:
+                row[F_GAPS_OWED] -= gaps
+                gaps = 0
 
 
 class InlineDecoder:
