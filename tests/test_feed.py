@@ -407,3 +407,33 @@ def test_bad_pinning_is_one_clear_error(tmp_path, own_affinity):
         assert os.sched_getaffinity(0) == own_affinity
     r = run_cli("stream", "--host", "http://127.0.0.1:1", "--consumer-cpus", "x")
     assert r.returncode != 0 and "not a CPU list" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_verbose_reaches_every_process_in_one_format(tmp_path):
+    """-v: the network process's and the workers' records come through the parent's own
+    handler, each line naming its process; nothing is printed around logging."""
+    with SimulatorProcess("--rate", "0", "--count", "20000") as sim:
+        args = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        r = _stream(args, 20000, "--workers", "2", "-v")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    session = [ln for ln in lines if " fastfeed-session fastfeed.session INFO connected to " in ln]
+    assert session, r.stderr
+    assert all(" INFO " in ln or " WARNING " in ln or " ERROR " in ln or " DEBUG " in ln
+               for ln in lines), r.stderr  # one format: every line is a log record
+    assert "Traceback" not in r.stderr
+
+
+def test_dropping_policy_is_counted_and_exits_3(tmp_path):
+    """--full-policy drop: a full ring drops at once; every drop is counted, the run still
+    ends (frames accounted = decoded + dropped) and exits with status 3."""
+    n = 200_000
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        args = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        r = _stream(args, n, "--full-policy", "drop", "--workers", "1")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] + out["dropped"] >= n
+    if out["dropped"]:
+        assert r.returncode == 3 and "dropped" in r.stderr, (r.returncode, r.stderr)
+    else:
+        assert r.returncode == 0  # the machine kept up this time: nothing to count
