@@ -33,6 +33,18 @@ SIM_SCOPE = "api://fastfeed-sim/.default"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def _die_with_parent() -> None:
+    """In the simulator's process, before exec: SIGTERM when the process that started it dies
+    (``fastfeed demo`` killed with -9 must not leave a simulator running)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class SimulatorProcess:
     """``python -m fastfeed sim --port 0 --json *args`` in a child process.
 
@@ -49,7 +61,8 @@ class SimulatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastfeed", "sim", "--host", host, "--port", "0", "--json",
              *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=_die_with_parent)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._err: list[str] = []
         self._err_thread = threading.Thread(target=self._drain, daemon=True)
