@@ -137,3 +137,18 @@ def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition",
             extra = info() if callable(info) else ""
             raise AssertionError(f"timed out waiting for {what} {extra}")
         time.sleep(0.01)
+
+
+def check_held_back_then_acked(url: str, n: int, *, pause: float, max_records: int) -> None:
+    """Run an at-least-once source ``url`` on small rings read slower than it delivers (the
+    rings fill): every one of the ``n`` published frames is written once, in order, and
+    acknowledged; the source paused and dropped, handed back or repeated nothing."""
+    with source_on_rings(url, pause=pause, max_records=max_records) as (proc, reader):
+        wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
+        wait_for(lambda: proc.counters()["acked"] >= n, what="acknowledgements")
+    c = proc.counters()
+    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
+    assert c["frames"] == n and c["acked"] == n, c
+    assert c["nacked"] == 0 and c["duplicates"] == 0 and c["redelivered"] == 0, c
+    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
+    reader.check_order()

@@ -163,15 +163,7 @@ def test_backpressure_holds_acknowledgements(rabbitmq: str, names: tuple[str, st
     lossless.publish_frames(url(rabbitmq, exchange=exchange), lossless.frames(0, n))
     src = url(rabbitmq, queue=queue, exchange=exchange, prefetch=200)
     # The reader is slower than the source (some 1600 frames/s): the rings fill.
-    with lossless.source_on_rings(src, pause=0.005, max_records=8) as (proc, reader):
-        lossless.wait_for(lambda: reader.count() >= n, 90, "every frame", proc.counters)
-        lossless.wait_for(lambda: proc.counters()["acked"] >= n, what="acknowledgements")
-    c = proc.counters()
-    assert c["ring_drops"] == 0 and c["pauses"] >= 1 and c["backpressure_us"] > 0, c
-    assert c["frames"] == n and c["acked"] == n, c
-    assert c["nacked"] == 0 and c["duplicates"] == 0 and c["redelivered"] == 0, c
-    assert sorted(reader.numbers()) == list(range(n)) and reader.gaps == 0
-    reader.check_order()
+    lossless.check_held_back_then_acked(src, n, pause=0.005, max_records=8)
     assert queue_depth(rabbitmq, queue) == 0
 
 
