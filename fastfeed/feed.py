@@ -223,10 +223,15 @@ class Feed:
 
         self._relay = LogRelay(mp.get_context("spawn"), self.log_level)
         self._sup = Supervisor("fastfeed")
-        self._pool = WorkerPool(self.workers, handler=self.handler,
-                                output=self.output and not self.inline,
-                                supervisor=self._sup, log=self._relay.config(),
-                                **self._pool_options).start()
+        try:
+            self._pool = WorkerPool(self.workers, handler=self.handler,
+                                    output=self.output and not self.inline,
+                                    supervisor=self._sup, log=self._relay.config(),
+                                    **self._pool_options).start()
+        except BaseException:
+            self._sup.close()
+            self._relay.close()
+            raise
         try:
             self._net_slot = self._sup.add("network process", self._spawn_network,
                                            self._network_exited)
@@ -244,6 +249,7 @@ class Feed:
             self._pool.stop(drain=False)
             self._pool.close()
             self._pool = None
+            self._sup.close()
             self._relay.close()
             raise
         self._started_at = time.monotonic()
