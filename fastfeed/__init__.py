@@ -29,9 +29,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "Feed": "fastfeed.feed",
     "FeedError": "fastfeed.feed",
+    "FeedIdleError": "fastfeed.feed",
     "WorkerPool": "fastfeed.pool",
-    "OutputBatch": "fastfeed.pool",
-    "WorkerStats": "fastfeed.pool",
+    "OutputBatch": "fastfeed.output",
+    "WorkerStats": "fastfeed.state",
     "Settings": "fastfeed.config",
     "load_settings": "fastfeed.config",
 }
@@ -50,6 +51,7 @@ __all__ = [
     "Doorbell",
     "Feed",
     "FeedError",
+    "FeedIdleError",
     "OutputBatch",
     "Ring",
     "RingBatch",
