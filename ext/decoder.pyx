@@ -237,6 +237,9 @@ cdef class Batch:
     cdef list _errors
     cdef list _control
     cdef readonly Py_ssize_t frames
+    cdef public Py_ssize_t gaps
+    """Frames dropped before this batch's (a dropping full policy), set by who read them from
+    a ring; 0 when lossless."""
 
     @property
     def errors(self) -> list:

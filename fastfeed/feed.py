@@ -418,6 +418,8 @@ class Feed:
         ``on_handler_error="raise"``."""
         if self._fatal is not None:
             raise FeedError(self._fatal)
+        if self._sup is not None and self._sup.gave_up is not None:
+            raise FeedError(self._sup.gave_up)
         pool = self._pool
         if pool is not None and pool.handler_failed():
             raise FeedError("the handler raised (its traceback is in the log) and "
@@ -436,8 +438,8 @@ class Feed:
                                 f"{n} frames received in all")
 
     def _received(self) -> int:
-        s = self._session
-        return self._net_base.get("frames", 0) + (s.counters()["frames"] if s is not None else 0)
+        pool = self._pool
+        return sum(r.written for r in pool.rings) if pool is not None else 0
 
     def finished(self) -> bool:
         """True once the source has ended (a finite source wrote everything, or the feed was
@@ -707,7 +709,10 @@ class Feed:
                  for k in ("frames", "ticks", "quotes", "bars", "errors", "control")}
         out: dict[str, Any] = dict(total)
         out["control"] += session.get("control", 0)
-        out["received"] = session.get("frames", 0)
+        # The rings count what was written into them themselves: exact across network
+        # process restarts (its own counters are published every 50 ms, and a kill -9
+        # loses the last ones).
+        out["received"] = sum(r.written for r in rings) if rings else session.get("frames", 0)
         out["dropped"] = session.get("ring_drops", 0)
         out["dropped_rows"] = sum(w.output_dropped for w in workers)
         out["gaps"] = sum(r.gaps for r in rings)

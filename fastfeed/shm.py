@@ -37,7 +37,8 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}$")
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """Start time of process ``pid`` in clock ticks since boot, or None if it does not exist."""
+    """Start time of process ``pid`` in clock ticks since boot, or None if it does not exist
+    or has already died (a zombie: killed, not yet reaped by its parent)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -45,7 +46,10 @@ def process_start_ticks(pid: int) -> int | None:
         return None
     # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
     rest = stat[stat.rfind(b")") + 2 :].split()
-    # rest[0] is field 3 (state); start time is field 22.
+    # rest[0] is field 3 (state); start time is field 22. A zombie (Z) or dead (X) process
+    # still has its /proc entry until it is reaped, but it will never unlink its segments.
+    if rest[0] in (b"Z", b"X"):
+        return None
     return int(rest[22 - 3])
 
 

@@ -36,6 +36,10 @@ log = logging.getLogger("fastfeed.supervisor")
 QUICK_S = 1.0
 FIRST_S = 0.05
 CAP_S = 5.0
+# A child that dies this many times in a row right after starting will not start at all
+# (a script without `if __name__ == "__main__":`, a handler that cannot be imported):
+# the supervisor gives up and says so instead of retrying for ever.
+GIVE_UP_AFTER = 6
 # How often an orphaned child notices: the parent's death is also seen at once through the
 # multiprocessing sentinel, this is the fallback.
 _PARENT_POLL_S = 0.25
@@ -105,7 +109,8 @@ class Supervisor:
     watches it. When it ends, ``on_exit(proc)`` runs in the supervisor's thread; if it returns
     True the child is started again (after the back-off) and its ``restarts`` count goes up.
     :meth:`hold` stops all restarting (the feed is stopping): from then on the caller owns the
-    children.
+    children. A child that keeps dying right after it starts is given up on after
+    :data:`GIVE_UP_AFTER` tries: :attr:`gave_up` then holds the one-line reason.
     """
 
     def __init__(self, name: str) -> None:
@@ -115,6 +120,7 @@ class Supervisor:
         self._holding = False
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._thread: threading.Thread | None = None
+        self.gave_up: str | None = None
 
     def add(self, name: str, spawn: Callable[[], Any], on_exit: Callable[[Any], bool]) -> int:
         """Start a child and watch it; returns its slot number."""
@@ -210,6 +216,14 @@ class Supervisor:
                         continue
                     quick = now - s.started_at < QUICK_S
                     s.failures = s.failures + 1 if quick else 0
+                    if s.failures >= GIVE_UP_AFTER:
+                        code = getattr(proc, "exitcode", None)
+                        self.gave_up = (f"{s.name} died {s.failures} times in a row right after "
+                                        f"starting (last exit code {code}); see its log above. "
+                                        f"A script that starts a feed needs "
+                                        f"`if __name__ == \"__main__\":` (children are spawned)")
+                        log.error("%s", self.gave_up)
+                        continue
                     delay = min(CAP_S, FIRST_S * 2 ** s.failures) if s.failures else 0.0
                     s.due = now + delay
                     if delay:

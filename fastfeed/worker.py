@@ -410,6 +410,7 @@ class InlineDecoder:
         e0, c0, sf0 = dec.errors_total, dec.control_total, _symbols_full(dec)
         try:
             res = dec.decode_region(b.buffer, b.offsets, b.lengths, b.recv_ts)
+            res.gaps = b.gaps
             if self.capture is not None:
                 self.capture.write_batch(b, 0, len(b))
         finally:
