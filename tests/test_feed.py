@@ -437,3 +437,63 @@ def test_dropping_policy_is_counted_and_exits_3(tmp_path):
         assert r.returncode == 3 and "dropped" in r.stderr, (r.returncode, r.stderr)
     else:
         assert r.returncode == 0  # the machine kept up this time: nothing to count
+
+
+def test_a_slow_consumer_pauses_the_socket_without_killing_the_heartbeat(tmp_path):
+    """The consumer stalls for several heartbeat intervals at a time: the rings fill, the
+    network process stops reading (its pongs then sit unread in the socket), yet it keeps
+    pinging and does not take its own pause for a dead server: no heartbeat timeout, no
+    reconnect, every frame delivered."""
+    n = 400_000
+    with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+        settings = load_settings(sim.settings_args(token_cache=str(tmp_path / "t.json"),
+                                                   heartbeat_interval=0.2, pong_misses=2),
+                                 env={})
+        rows = 0
+        # Inline: the consumer reads the input ring itself, so its stall fills the ring at once
+        # (with workers, the output rings would first buffer a good part of the stream).
+        with Feed(settings, workers=0, ring_capacity=1 << 16) as feed:
+            deadline = time.monotonic() + 90
+            stalls = 0
+            for b in feed:
+                rows += len(b.ticks) + len(b.quotes) + len(b.bars)
+                if stalls < 3 and feed.stats()["frames"] > (stalls + 1) * n // 4:
+                    time.sleep(1.0)  # five heartbeat intervals with nobody reading
+                    stalls += 1
+                if feed.frames_accounted() >= n:
+                    feed.request_stop()  # the loop hands over what is left, then ends
+                assert time.monotonic() < deadline
+            s = feed.stats()
+        sent = sim.stop()
+    assert stalls == 3
+    assert s["pauses"] >= 3 and s["backpressure_s"] >= 2.0, s
+    assert s["session"]["heartbeat_timeouts"] == 0 and s["reconnects"] == 0, s["session"]
+    assert s["session"]["pings_sent"] >= 10, s["session"]
+    assert s["frames"] == n and s["dropped"] == 0 and s["dropped_rows"] == 0
+    assert rows == sent["ticks"] + sent["quotes"] + sent["bars"] == s["ticks"] + s["quotes"] + s["bars"]
+
+
+def test_batches_after_a_gap_say_how_many_frames_were_dropped(tmp_path):
+    """full_policy="drop" with a consumer that falls behind: frames are dropped; the
+    batches that follow carry the number (gaps), inline and through a worker."""
+    n = 200_000
+    for workers in (1, 0):
+        with SimulatorProcess("--rate", "0", "--count", str(n)) as sim:
+            with Feed(settings_for(sim, tmp_path), workers=workers, full_policy="drop",
+                      ring_capacity=1 << 14) as feed:
+                seen_gaps = 0
+                deadline = time.monotonic() + 60
+                while not feed.finished():
+                    b = feed.poll()
+                    if b is not None:
+                        seen_gaps += b.gaps
+                        time.sleep(0.002)
+                    # (checked when idle too: the drop counts come from the network process)
+                    if feed.frames_accounted() >= n:
+                        feed.request_stop()
+                    assert time.monotonic() < deadline, feed.stats()
+                s = feed.stats()
+            sim.stop()
+        assert s["dropped"] > 0, s
+        # Every gap a worker saw before rows it then published reached the consumer.
+        assert 0 < seen_gaps <= s["gaps"] <= s["dropped"], (workers, seen_gaps, s["gaps"])
