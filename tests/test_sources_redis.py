@@ -229,6 +229,12 @@ def test_two_instances_share_one_consumer_group(redis_server: BrokerProcess) -> 
     port = redis_server.port
     with Feed(source=stream_url(port, consumer="a", count=200), workers=1) as fa, \
             Feed(source=stream_url(port, consumer="b", count=200), workers=1) as fb:
+        # Both must be reading before the first entry, or one may take them all (a busy
+        # machine can start one process seconds after the other).
+        deadline = time.monotonic() + 30
+        while not all(f.stats()["session"].get("connects", 0) for f in (fa, fb)):
+            assert time.monotonic() < deadline, [f.stats()["session"] for f in (fa, fb)]
+            time.sleep(0.02)
         sent = publish(stream_url(port), count=20000, rate=40000)
         a, b = collect_ticks([fa, fb], 20000)
     both = np.concatenate([a, b])
