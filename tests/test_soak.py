@@ -339,7 +339,8 @@ def _soak(tmp_path: Path, hog: subprocess.Popen, sims: list[SimulatorProcess]) -
     assert a_stats["stalls"] == a_stats["connections"] >= 4, a_stats
     assert b_stats["drops"] >= COUNT_B // DROP - 1, b_stats
     assert a_stats["throttled"] == b_stats["throttled"] == 2
-    assert b_stats["upgrades_refused"] >= 1  # the first simulator's token, refused
+    # (B refuses A's token only if the client offers it before its background renewal
+    # replaced it: timing, not a property; either way the stream went on.)
     assert a_stats["pongs_sent"] == b_stats["pongs_sent"] == 0  # no-pong
     assert a_stats["rfc_pongs"] > 0 and b_stats["rfc_pongs"] > 0  # RFC pings answered
     s = stats["session"]
