@@ -110,8 +110,11 @@ def tables_in(buf: memoryview, symbol_capacity: int, small_capacity: int) -> lis
     from fastfeed._decoder import SymbolTable
 
     layout, _ = symbol_layout(symbol_capacity, small_capacity)
+    # Statuses and bar types keep id 0 for "" (the field was absent), as a standalone
+    # Decoder's own tables do; the first to format the segment interns it.
     return [
-        SymbolTable(buf[off : off + SymbolTable.nbytes(cap)], capacity=cap) for off, cap in layout
+        SymbolTable(buf[off : off + SymbolTable.nbytes(cap)], capacity=cap, reserve_empty=i > 0)
+        for i, (off, cap) in enumerate(layout)
     ]
 
 

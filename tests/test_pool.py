@@ -466,3 +466,34 @@ def test_a_frame_that_kills_the_worker_every_time_is_set_aside(capfd: pytest.Cap
     assert st.poisoned == 1 and st.restarts >= 3 and st.frames == n - 1
     err = capfd.readouterr().err
     assert "killed the worker 3 times; set aside" in err and b'"v":1234.0' in err.encode()
+
+
+def test_workers_give_absent_status_and_bar_type_the_empty_code() -> None:
+    """A quote without "ss" and a bar without "bt" decode through the workers' shared tables
+    to code "" (id 0), as through a standalone Decoder: id 0 of the shared statuses and bar
+    types tables is reserved for "absent"."""
+    from fastfeed import Decoder
+
+    frames = [b'{"c":"A:X","ss":"OPEN","b":1.0,"a":1.5,"t":1}',
+              b'{"c":"A:X","b":1.0,"a":1.5,"t":2}',
+              b'{"c":"A:Y","s":[{"t":1,"o":1,"h":1,"l":1,"c":1,"v":1}],"bt":"1m"}',
+              b'{"c":"A:Y","s":[{"t":2,"o":1,"h":1,"l":1,"c":1,"v":1}]}']
+    dec = Decoder()
+    r = dec.decode(frames)
+    want_status = [dec.statuses[int(i)] for i in r.quotes["status"]]
+    want_bt = [dec.bar_types[int(i)] for i in r.bars["bar_type"]]
+    assert want_status == ["OPEN", ""] and want_bt == ["1m", ""]
+    with WorkerPool(1, batch_size=16) as pool:
+        for f in frames:  # one worker: every frame goes to ring 0
+            assert pool.rings[0].write(f)
+        quotes, bars = [], []
+        deadline = time.monotonic() + JOIN_S
+        while len(quotes) < 2 or len(bars) < 2:
+            assert time.monotonic() < deadline, pool.stats()
+            ob = pool.read_output(0, timeout=0.05)
+            if ob is not None:
+                quotes += [pool.statuses[int(i)] for i in ob.quotes["status"]]
+                bars += [pool.bar_types[int(i)] for i in ob.bars["bar_type"]]
+                ob.release()
+        assert pool.statuses[0] == "" and pool.bar_types[0] == ""
+    assert quotes == want_status and bars == want_bt
