@@ -60,6 +60,22 @@ def _cpu_set(cpus: Iterable[int] | None, what: str) -> set[int] | None:
     return out
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """Every keyword option must be a Settings field: a misspelt one is an error that names
+    it (and the closest field), not an option silently ignored."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    fields = {f.name for f in dataclasses.fields(Settings)} | {"tenant"}
+    known = fields | set(inspect.signature(Feed.__init__).parameters) - {"self", "options"}
+    for name in options:
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"Feed() got an unexpected keyword argument {name!r}{hint}")
+
+
 class FeedError(RuntimeError):
     """The feed cannot go on (the network process stopped on a fatal error, or a handler
     raised under ``on_handler_error="raise"``)."""
@@ -158,10 +174,20 @@ class Feed:
             raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
+        if options:
+            _check_options(options)
         if settings is None and source is None and replay is None:
             settings = load_settings(options, config_file=config_file)
         elif options:
-            raise TypeError("give either settings or keyword options, not both")
+            raise TypeError(f"{', '.join(sorted(options))}: login settings are for the "
+                            f"WebSocket feed; give them as keywords or as settings=, and "
+                            f"neither with source= or replay=")
+        if (isinstance(ring_capacity, bool) or not isinstance(ring_capacity, int)
+                or ring_capacity < 1024 or ring_capacity & (ring_capacity - 1)):
+            raise ValueError(f"ring_capacity must be a power of two of at least 1024 bytes, "
+                             f"got {ring_capacity!r}")
+        if isinstance(max_symbols, bool) or not isinstance(max_symbols, int) or max_symbols < 1:
+            raise ValueError(f"max_symbols must be an int >= 1, got {max_symbols!r}")
         self.settings = settings
         self.source = source
         self.replay = replay

@@ -497,3 +497,17 @@ def test_batches_after_a_gap_say_how_many_frames_were_dropped(tmp_path):
         assert s["dropped"] > 0, s
         # Every gap a worker saw before rows it then published reached the consumer.
         assert 0 < seen_gaps <= s["gaps"] <= s["dropped"], (workers, seen_gaps, s["gaps"])
+
+
+def test_bad_feed_arguments_are_one_clear_error():
+    with pytest.raises(TypeError, match=r"'emial' \(did you mean 'email'\?\)"):
+        Feed(host="http://127.0.0.1:9", emial="a@b")
+    with pytest.raises(TypeError, match=r"'wrokers' \(did you mean 'workers'\?\)"):
+        Feed(source="redis://127.0.0.1:6379/0?channel=x", wrokers=2)
+    for kw, what in ((dict(workers=2.5), "workers"), (dict(workers="2"), "workers"),
+                     (dict(ring_capacity=1000), "ring_capacity"),
+                     (dict(full_policy="x"), "full_policy"), (dict(idle_timeout=0), "idle_timeout"),
+                     (dict(on_handler_error="ignore"), "on_handler_error"),
+                     (dict(max_symbols=0), "max_symbols")):
+        with pytest.raises(ValueError, match=what):
+            Feed(source="redis://127.0.0.1:6379/0?channel=x", **kw)
