@@ -357,16 +357,26 @@ def _add_record(sub: Any) -> None:
 
 def _cmd_record(args: argparse.Namespace) -> int:
     _check_run_args(args)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise PermissionError(f"not writable: {args.out}")
+    except OSError as exc:
+        raise CommandError(f"--out {args.out}: cannot write there ({exc.strerror or exc})",
+                           EXIT_USAGE) from None
     sink = None
     if args.format == "capture":
         feed = _feed_from_args(args, capture=args.out, output=False)
     else:
         try:
             from .sinks import ParquetSink
+
+            feed = _feed_from_args(args)
+            sink = ParquetSink(args.out,
+                               tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
         except ImportError:
-            raise CommandError("--format parquet needs pyarrow: pip install pyarrow") from None
-        feed = _feed_from_args(args)
-        sink = ParquetSink(args.out, tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
+            raise CommandError("--format parquet needs pyarrow: pip install pyarrow",
+                               EXIT_USAGE) from None
     stats = _consume(feed, count=args.count, duration=args.duration, sink=sink,
                      display=Display("fastfeed record", quiet=args.quiet or args.json),
                      metrics_port=args.metrics_port)

@@ -511,3 +511,10 @@ def test_bad_feed_arguments_are_one_clear_error():
                      (dict(max_symbols=0), "max_symbols")):
         with pytest.raises(ValueError, match=what):
             Feed(source="redis://127.0.0.1:6379/0?channel=x", **kw)
+
+
+def test_record_to_an_unwritable_place_is_one_line():
+    r = run_cli("record", "--out", "/proc/forbidden", "--host", "http://127.0.0.1:9",
+                "--email", "a@b", "--duration", "1")
+    assert r.returncode == 2 and r.stderr.startswith("fastfeed: error: --out /proc/forbidden")
+    assert "Traceback" not in r.stderr
