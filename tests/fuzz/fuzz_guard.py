@@ -14,18 +14,27 @@ normal one, with tests/fuzz/run_guard.sh, which CI uses too:
     bash tests/fuzz/run_guard.sh -runs=200000          # what CI runs
     nice -n 10 bash tests/fuzz/run_guard.sh -max_total_time=3600 -print_final_stats=1
 
-That script copies the package to a scratch directory, builds ``fastfeed._decoder`` there
-with ``FASTFEED_SANITIZE=1 FASTFEED_ONLY=fastfeed._decoder``, and runs this file as
+That script copies the package to a scratch directory ($SAN), builds ``fastfeed._decoder``
+there with the sanitizers but no sanitizer runtime linked, and runs this file with
+atheris' own runtime (LLVM's ASan + UBSan, with libFuzzer) preloaded:
 
-    PYTHONPATH=$SCRATCH FASTFEED_EXPECT_SANITIZED=1 \\
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) \\
-    ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \\
-    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \\
-    python3 tests/fuzz/fuzz_guard.py -max_len=4096 $CORPUS [libFuzzer flags]
+    cp -r setup.py pyproject.toml README.md ext fastfeed $SAN/ && rm -f $SAN/ext/*.c
+    (cd $SAN && FASTFEED_SANITIZE=1 FASTFEED_SANITIZE_RUNTIME=preload \
+        FASTFEED_ONLY=fastfeed._decoder python3 setup.py build_ext --inplace)
+    PY=$(python3 -c 'import sys; print(sys.executable)')   # not a pyenv shim script
+    env PYTHONPATH=$SAN FASTFEED_EXPECT_SANITIZED=1 \
+        LD_PRELOAD=$($PY -c 'import atheris; print(atheris.path())')/asan_with_fuzzer.so \
+        ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
+        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+        $PY tests/fuzz/fuzz_guard.py -max_len=4096 $CORPUS [libFuzzer flags]
 
-(Python itself is not built with ASan, so its runtime must be preloaded; leak checking
-is off because the interpreter never frees some memory by design.)  With
-``FASTFEED_EXPECT_SANITIZED=1`` the target refuses to start unless the decoder it
+Python itself is not built with ASan, so the runtime must be preloaded; leak checking is
+off because the interpreter never frees some memory by design.  GCC's runtime
+(``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``, with the module built by plain
+``FASTFEED_SANITIZE=1``) finds the same bugs, but its stubs of libFuzzer's coverage
+callbacks take precedence over libFuzzer's, so atheris gets no coverage and the corpus
+collapses to one input: run_guard.sh uses it only when atheris' runtime is missing.
+With ``FASTFEED_EXPECT_SANITIZED=1`` the target refuses to start unless the decoder it
 imported really is the sanitized build.  Without the sanitizer it still runs: the guard
 pages alone catch over-reads past a frame's end.
 """
