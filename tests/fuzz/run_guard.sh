@@ -46,6 +46,10 @@ fi
 
 # The package's Python files and the checkout's built modules (fastfeed/__init__ imports
 # _ring too), with _decoder rebuilt from a fresh Cython translation in debug mode.
+if ! compgen -G "$root/fastfeed/_ring.*.so" >/dev/null; then
+  echo "run_guard: build the package first (python3 setup.py build_ext --inplace)" >&2
+  exit 1
+fi
 mkdir -p "$san" "$corpus"
 cp -r "$root/setup.py" "$root/pyproject.toml" "$root/README.md" "$root/ext" "$root/fastfeed" "$san/"
 rm -f "$san"/ext/*.c "$san"/fastfeed/_decoder.*.so
