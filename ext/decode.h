@@ -419,6 +419,7 @@ typedef struct {
     int escaped;
 } ff_str;
 
+/* The caller checked that p[0..3] are in the frame. */
 static inline int ff_hex4(const uint8_t *p, uint32_t *out)
 {
     uint32_t v = 0;
@@ -437,6 +438,7 @@ static inline int ff_hex4(const uint8_t *p, uint32_t *out)
 /* Length of a valid UTF-8 sequence starting at p (lead byte >= 0x80), 0 if invalid. */
 static inline int ff_utf8_len(const uint8_t *p, const uint8_t *e)
 {
+    assert(p < e);
     uint8_t c = p[0];
     if (c >= 0xC2 && c <= 0xDF) {
         if (e - p < 2 || (p[1] & 0xC0) != 0x80) return 0;
@@ -759,6 +761,7 @@ static int ff_skip_literal(ff_dec *d, const char *lit, size_t n)
 
 static int ff_skip_container(ff_dec *d, int depth, uint8_t close)
 {
+    assert(d->p < d->end); /* at the opening bracket */
     if (depth >= FF_MAX_DEPTH) return ff_fail_msg(d, d->p, "nesting too deep");
     d->p++;
     ff_ws(d);
@@ -1274,6 +1277,7 @@ static int ff_commit(ff_dec *d)
  * fields are filled in when the enclosing message ends. */
 static int ff_bar_obj(ff_dec *d, uint32_t *msg_bad, size_t *msg_badpos)
 {
+    assert(d->p < d->end && *d->p == '{');
     ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
     if (!row) return ff_fail_msg(d, d->p, "out of memory");
     size_t row_index = d->bars.len - 1;
@@ -1383,6 +1387,7 @@ static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *
 /* One message object; d->p at '{'.  Classifies it at its end by the keys it held. */
 static int ff_message(ff_dec *d, int depth)
 {
+    assert(d->p < d->end && *d->p == '{');
     const uint8_t *obj_start = d->p;
     uint32_t seen = 0, bad = 0;
     size_t badpos[F_N];
