@@ -1121,7 +1121,9 @@ static __attribute__((noinline)) int32_t ff_defer(ff_dec *d, int role, const cha
         d->pend = a;
         d->pend_cap = cap;
     }
-    if (d->pend_text_len + n > d->pend_text_cap) {
+    /* allocated even for an empty code: pend_text + off is passed to memcpy/memcmp,
+     * which must never get NULL, even for 0 bytes */
+    if (!d->pend_text || d->pend_text_len + n > d->pend_text_cap) {
         size_t cap = d->pend_text_cap ? d->pend_text_cap : 1024;
         while (cap < d->pend_text_len + n) cap *= 2;
         char *t = (char *)realloc(d->pend_text, cap);

@@ -217,3 +217,30 @@ def test_decode_region_refuses_a_frame_past_the_buffer() -> None:
         with pytest.raises(ValueError, match="outside the buffer"):
             dec.decode_region(buf, [off], [n], [0])
     assert len(dec.decode_region(buf, [0], [len(buf)], [0]).ticks) == 1
+
+
+# Found by the guard-page fuzz target under UBSan: a fresh decoder whose first new code
+# is the empty one passed NULL (its not yet allocated pending-code text) to memcpy when
+# committing it.  Only a sanitizer sees that; here the frames must decode, on every path.
+EMPTY_CODE_FIRST = [
+    b'{"c":"","lt":1636014463309}',
+    b'{"c":"","t":1,"p":2,"v":3}',
+    b'[{"c":"","p":1}]',
+]
+
+
+@pytest.mark.parametrize("frame", EMPTY_CODE_FIRST)
+def test_empty_code_first_in_a_fresh_decoder(frame: bytes) -> None:
+    guard = guardpage.GuardedRegion()
+    for path in range(3):
+        dec = Decoder(error_store=0)
+        view = guard.place(frame)
+        if path == 0:
+            batch = dec.decode([view], recv_ts=0)
+        elif path == 1:
+            batch = dec.decode_region(guard.region, [guard.offset(len(frame))], [len(frame)], [0])
+        else:
+            batch = dec.decode_buffer(view, recv_ts=0)
+        assert not batch.errors, (path, batch.errors)
+        assert batch.rows == 1 and list(dec.symbols) == [""]
+        assert (batch.ticks["sym"].tolist() + batch.quotes["sym"].tolist()) == [0]

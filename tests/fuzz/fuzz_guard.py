@@ -130,12 +130,28 @@ def one_input(data: bytes) -> None:
     dec.decode_region(SLOTS.memory, offsets, lengths, [0] * len(lengths))
 
 
+# What this target found, each run first on a decoder of its own (a fresh one: some of
+# them need one), before the fuzzing starts.
+REGRESSIONS = [
+    # the empty code as a fresh decoder's first new code: memcpy(dst, NULL, 0) when
+    # committing it (UBSan: null pointer passed as a nonnull argument), symtab.h
+    b'{"c":"","lt":1636014463309}',
+    b'{"c":"","t":1,"p":2,"v":3}',
+    b'[{"c":"","p":1}]',
+]
+
+
 def main() -> None:
+    global DEC
     mod = sys.modules["fastfeed._decoder"].__file__
     if os.environ.get("FASTFEED_EXPECT_SANITIZED") == "1" and not sanitized(mod):
         sys.exit(f"fuzz_guard: {mod} is not the sanitizer build (fastfeed from {fastfeed.__file__})")
     print(f"fuzz_guard: decoder {mod} ({'sanitized' if sanitized(mod) else 'not sanitized'})",
           file=sys.stderr, flush=True)
+    for data in REGRESSIONS:
+        DEC = Decoder(error_store=0)
+        one_input(data)
+    DEC = Decoder(error_store=0)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
