@@ -3,6 +3,10 @@
 Environment switches (all off by default):
   FASTFEED_DEBUG=1      -O0 -g, Cython bounds and wraparound checks on, asserts kept
   FASTFEED_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer (implies debug)
+  FASTFEED_SANITIZE_RUNTIME=preload
+                        ...with the sanitizer runtimes left unlinked: the process must
+                        LD_PRELOAD one, as the fuzz targets do with atheris'
+                        asan_with_fuzzer.so (see tests/fuzz/run_guard.sh)
   FASTFEED_ANNOTATE=1   write Cython's HTML annotation next to each .pyx
   FASTFEED_ONLY=a,b     build only these extension modules
 """
@@ -44,7 +48,10 @@ else:
 if SANITIZE:
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     cflags += san
-    ldflags += san
+    # "preload": no runtime linked (its symbols stay undefined), so that the one the
+    # process preloads serves them, and no second ASan runtime comes in with the module.
+    if os.environ.get("FASTFEED_SANITIZE_RUNTIME", "") != "preload":
+        ldflags += san
 
 MODULES = {
     "fastfeed._decoder": ["ext/decoder.pyx"],

@@ -12,11 +12,21 @@
  * bad frame contributes no rows.  Codes new to their table are only looked up
  * while the frame is read and inserted once all of it has decoded, so a bad
  * frame adds nothing to the tables either.
+ *
+ * Bounds: every byte read lies in [start, end) of the frame, on every path, valid
+ * input or not.  Frames are not padded (they sit in ring memory, mmap'd captures,
+ * broker buffers, and may end where mapped memory ends), so an 8-byte load is made
+ * only after one check that end - p >= 8 (ff_load_upto serves a frame's last bytes
+ * from a load that ends at `end`), and a function that reads *p either checks p < end
+ * itself or says that its caller did (asserted in debug builds).
+ * tests/test_decoder_bounds.py and tests/fuzz/fuzz_guard.py hold frames against a
+ * PROT_NONE page to prove it.
  */
 #ifndef FF_DECODE_H
 #define FF_DECODE_H
 
 #include <Python.h>
+#include <assert.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -112,11 +122,13 @@ static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const ui
 
 /* The shape nearly every feed number has, `-?D{1,16}(.D{1,7})?` with no exponent,
  * read in at most three 8-byte loads.  Returns 0 when the text is anything else;
- * the general parser then takes it, errors included. */
+ * the general parser then takes it, errors included.  p may be at e (a frame that
+ * ends right after a key's colon): every byte it reads is in [lo, e). */
 static inline int ff_fast_decimal(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int *neg,
                                   uint64_t *mant, uint32_t *nfrac, const uint8_t **out)
 {
     int ng = 0;
+    if (FF_UNLIKELY(p >= e)) return 0;
     if (*p == '-') {
         ng = 1;
         p++;
@@ -407,6 +419,7 @@ typedef struct {
     int escaped;
 } ff_str;
 
+/* The caller checked that p[0..3] are in the frame. */
 static inline int ff_hex4(const uint8_t *p, uint32_t *out)
 {
     uint32_t v = 0;
@@ -425,6 +438,7 @@ static inline int ff_hex4(const uint8_t *p, uint32_t *out)
 /* Length of a valid UTF-8 sequence starting at p (lead byte >= 0x80), 0 if invalid. */
 static inline int ff_utf8_len(const uint8_t *p, const uint8_t *e)
 {
+    assert(p < e);
     uint8_t c = p[0];
     if (c >= 0xC2 && c <= 0xDF) {
         if (e - p < 2 || (p[1] & 0xC0) != 0x80) return 0;
@@ -449,6 +463,7 @@ static inline int ff_utf8_len(const uint8_t *p, const uint8_t *e)
 /* d->p at the opening quote.  Validates escapes and UTF-8; leaves d->p after the closing quote. */
 static int ff_string(ff_dec *d, ff_str *out)
 {
+    assert(d->p < d->end && *d->p == '"');
     const uint8_t *p = d->p + 1, *e = d->end;
     out->s = p;
     out->escaped = 0;
@@ -598,7 +613,7 @@ static int ff_number(ff_dec *d, ff_num *n)
     uint32_t nsig = 0;
     n->start = p;
     n->neg = 0;
-    if (*p == '-') {
+    if (p < e && *p == '-') {
         n->neg = 1;
         p++;
     }
@@ -746,6 +761,7 @@ static int ff_skip_literal(ff_dec *d, const char *lit, size_t n)
 
 static int ff_skip_container(ff_dec *d, int depth, uint8_t close)
 {
+    assert(d->p < d->end); /* at the opening bracket */
     if (depth >= FF_MAX_DEPTH) return ff_fail_msg(d, d->p, "nesting too deep");
     d->p++;
     ff_ws(d);
@@ -912,6 +928,7 @@ static inline int ff_member_next(ff_dec *d)
 static inline int ff_value_num(ff_dec *d, int field, int kind, double *dv, int64_t *iv,
                                uint32_t *bad, size_t *badpos)
 {
+    assert(d->p < d->end); /* the caller checked: a value starts here */
     uint8_t c = *d->p;
     const uint8_t *after;
     if (FF_LIKELY(ff_num_fast(d->p, d->end, d->start, kind, dv, iv, &after))) goto ok;
@@ -953,6 +970,7 @@ ok:
 static inline int ff_value_str(ff_dec *d, int field, ff_str *s, int *kind, uint32_t *bad,
                                size_t *badpos)
 {
+    assert(d->p < d->end); /* the caller checked: a value starts here */
     uint8_t c = *d->p;
     if (FF_LIKELY(c == '"')) {
         if (ff_string(d, s) < 0) return -1;
@@ -1103,7 +1121,9 @@ static __attribute__((noinline)) int32_t ff_defer(ff_dec *d, int role, const cha
         d->pend = a;
         d->pend_cap = cap;
     }
-    if (d->pend_text_len + n > d->pend_text_cap) {
+    /* allocated even for an empty code: pend_text + off is passed to memcpy/memcmp,
+     * which must never get NULL, even for 0 bytes */
+    if (!d->pend_text || d->pend_text_len + n > d->pend_text_cap) {
         size_t cap = d->pend_text_cap ? d->pend_text_cap : 1024;
         while (cap < d->pend_text_len + n) cap *= 2;
         char *t = (char *)realloc(d->pend_text, cap);
@@ -1259,6 +1279,7 @@ static int ff_commit(ff_dec *d)
  * fields are filled in when the enclosing message ends. */
 static int ff_bar_obj(ff_dec *d, uint32_t *msg_bad, size_t *msg_badpos)
 {
+    assert(d->p < d->end && *d->p == '{');
     ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
     if (!row) return ff_fail_msg(d, d->p, "out of memory");
     size_t row_index = d->bars.len - 1;
@@ -1321,6 +1342,7 @@ static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *
 {
     d->bars.len = bars_start; /* a repeated `s`: the last one wins */
     *bad &= ~(1u << F_S);
+    assert(d->p < d->end); /* the caller checked: a value starts here */
     uint8_t c = *d->p;
     if (c == 'n') return ff_skip_literal(d, "null", 4);
     if (c != '[') {
@@ -1367,6 +1389,7 @@ static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *
 /* One message object; d->p at '{'.  Classifies it at its end by the keys it held. */
 static int ff_message(ff_dec *d, int depth)
 {
+    assert(d->p < d->end && *d->p == '{');
     const uint8_t *obj_start = d->p;
     uint32_t seen = 0, bad = 0;
     size_t badpos[F_N];

@@ -482,7 +482,8 @@ cdef class Decoder:
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
         try:
             for i in range(count):
-                if off[i] < 0 or ln[i] < 0 or off[i] + ln[i] > view.len:
+                # (no off + ln: a sum that overflows would pass)
+                if off[i] < 0 or ln[i] < 0 or off[i] > view.len or ln[i] > view.len - off[i]:
                     raise ValueError(
                         f"frame {i} ({off[i]}+{ln[i]}) lies outside the buffer of {view.len} bytes")
                 self._one(<const uint8_t *>view.buf + off[i], ln[i], ts[i], i)

@@ -141,7 +141,7 @@ static inline int ff_same_bytes(const char *a, const char *b, size_t n)
 {
     if (n >= 8 && n <= 16)
         return ff_load_u64(a) == ff_load_u64(b) && ff_load_u64(a + n - 8) == ff_load_u64(b + n - 8);
-    return memcmp(a, b, n) == 0;
+    return n == 0 || memcmp(a, b, n) == 0; /* memcmp must not get NULL, even for 0 bytes */
 }
 
 /* -1 when absent. */
@@ -220,7 +220,7 @@ static inline int32_t ff_symtab_add_locked(ff_symtab *t, const char *p, uint32_t
     ff_symtab_hdr *hdr = t->hdr;
     uint32_t count = hdr->count;
     if (count >= hdr->capacity || hdr->arena_used + n > hdr->arena_size) return -1;
-    memcpy(t->arena + hdr->arena_used, p, n);
+    if (n) memcpy(t->arena + hdr->arena_used, p, n); /* p may be NULL when n is 0 */
     t->entries[count].off = hdr->arena_used;
     t->entries[count].len = n;
     hdr->arena_used += n;

@@ -9,6 +9,7 @@ reference; for coverage inside the C scanner, build with clang and
 CFLAGS=-fsanitize=fuzzer-no-link (see atheris' docs on native extensions).
 """
 
+import decimal
 import os
 import sys
 
@@ -25,7 +26,13 @@ DEC = Decoder(error_store=0)
 
 def one_input(data: bytes) -> None:
     batch = DEC.decode([data], recv_ts=0)
-    ref = reference.decode([data], 0)
+    try:
+        ref = reference.decode([data], 0)
+    except decimal.InvalidOperation:
+        # a number whose exponent no Decimal holds (the reference's Decimal(text) of a
+        # timestamp): the reference cannot judge the frame, only the decoder runs
+        DEC.decode_buffer(data, recv_ts=0)
+        return
     got_error = bool(batch.errors)
     assert got_error == bool(ref["errors"]), (data, batch.errors)
     if not got_error:
