@@ -333,15 +333,25 @@ static inline void ff__count_drop(ff_ring_header *h, int oversize)
         FF_STORE_RLX(&h->dropped_oversize, h->dropped_oversize + 1);
 }
 
+/* A write the policy gave up on: a drop, counted and taking a sequence number, except under
+   "pause", where nothing was lost: the producer still holds the frame. */
+static inline void ff__refused(ff_ring_header *h)
+{
+    if (h->full_policy != FF_POLICY_PAUSE)
+        ff__count_drop(h, 0);
+}
+
 /* Wait until a record of `len` bytes fits, per the ring's policy. Returns 1 when it fits
    (pos/end reserved as by ff__reserve), 0 when the policy gives up or the ring is closed.
    Spins, yields, then sleeps on the space futex. */
 static inline int ff__reserve_wait(ff_ring_header *h, uint8_t *data, uint32_t len, uint64_t *pos, uint64_t *end)
 {
     uint32_t policy = h->full_policy;
-    if (policy == FF_POLICY_DROP || policy == FF_POLICY_PAUSE)
+    if (policy == FF_POLICY_DROP)
         return 0;
     FF_STORE_RLX(&h->full_waits, h->full_waits + 1);
+    if (policy == FF_POLICY_PAUSE)
+        return 0; /* the producer keeps the frame and retries (see ff__refused) */
     if (policy == FF_POLICY_WAIT && h->wait_timeout_ns <= 0)
         return ff__reserve(h, data, len, pos, end);
     int64_t deadline = policy == FF_POLICY_WAIT ? ff_now_ns() + h->wait_timeout_ns : INT64_MAX;
@@ -411,11 +421,7 @@ static inline int ff_ring_write(void *base, const void *payload, uint32_t len, i
     uint8_t *data = ff_ring_data(base);
     uint64_t pos, end;
     if (!ff__reserve_wait(h, data, len, &pos, &end)) {
-        if (h->full_policy == FF_POLICY_PAUSE) {
-            FF_STORE_RLX(&h->full_waits, h->full_waits + 1);
-            return 0; /* not dropped: the producer keeps the frame and retries */
-        }
-        ff__count_drop(h, 0);
+        ff__refused(h);
         return 0;
     }
     const uint64_t mask = h->capacity - 1;
@@ -440,8 +446,7 @@ static inline void *ff_ring_claim(void *base, uint32_t max_len)
     }
     if (FF_UNLIKELY(!ff__reserve(h, data, max_len, &pos, &end))) {
         if (!ff__reserve_wait(h, data, max_len, &pos, &end)) {
-            if (h->full_policy != FF_POLICY_PAUSE)
-                ff__count_drop(h, 0);
+            ff__refused(h);
             return NULL;
         }
     }
