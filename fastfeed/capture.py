@@ -133,7 +133,6 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
     c = dict.fromkeys(COUNTERS, 0)
     try:
         first_ts = None
-        base_bp = 0
         t0 = time.monotonic()
         k = len(rings)
         for i, (ts, payload) in enumerate(read_capture(path, stats)):
@@ -161,17 +160,17 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
                     continue
                 # Lossless: a finite source waits for the workers, whatever the consumer does.
                 c["pauses"] += 1
-                p0 = time.monotonic()
+                bp0, p0 = c["backpressure_us"], time.monotonic()
                 while not ring.write(payload, recv_ts=ts, route=route):
                     if stop.is_set():
                         break
                     time.sleep(_RETRY_S)
-                    c["backpressure_us"] = base_bp + int((time.monotonic() - p0) * 1e6)
+                    c["backpressure_us"] = bp0 + int((time.monotonic() - p0) * 1e6)
                     counters[:] = [c[n] for n in COUNTERS]
                 else:
                     c["frames"] += 1
                     c["bytes"] += len(payload)
-                base_bp = c["backpressure_us"] = base_bp + int((time.monotonic() - p0) * 1e6)
+                c["backpressure_us"] = bp0 + int((time.monotonic() - p0) * 1e6)
                 if stop.is_set():
                     break
                 continue

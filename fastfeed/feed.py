@@ -225,7 +225,6 @@ class Feed:
         self._consumer: int | None = None  # the thread that polls
         self._sup: Supervisor | None = None
         self._relay: LogRelay | None = None
-        self._net_slot: int | None = None
         self._net_base: dict[str, int] = {}  # the network process's counters of past lives
         self._network_restarts = 0
         self._fatal: str | None = None
@@ -259,8 +258,7 @@ class Feed:
             self._relay.close()
             raise
         try:
-            self._net_slot = self._sup.add("network process", self._spawn_network,
-                                           self._network_exited)
+            self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:
                 # Last: processes started from this thread would inherit the pinning. The
                 # thread gets its CPUs back at stop().
@@ -474,9 +472,8 @@ class Feed:
         if pool is None:
             return self._stopped
         if s is not None:
-            if not (self._source_ending or getattr(s, "done", False)):
-                return False
-            if s.is_alive() and not getattr(s, "done", False):
+            done = getattr(s, "done", False)  # a finite source that wrote everything
+            if not done and (not self._source_ending or s.is_alive()):
                 return False
         return pool.idle()
 
@@ -599,10 +596,10 @@ class Feed:
         """Frames the feed is done with: decoded by a worker (rows or an error), set aside
         as poisoned, or dropped."""
         pool = self._pool
-        poisoned = sum(w.poisoned for w in pool.stats()) if pool is not None else 0
+        handled = pool.frames_handled() if pool is not None else 0
         # An at-least-once broker delivers again what a ring refused: not lost, not done.
         lost = 0 if self._redelivers else self._session_counters().get("ring_drops", 0)
-        return self.frames_decoded() + poisoned + lost
+        return handled + lost
 
     def run(self, handler: Callable[[int, Any], None] | None = None, *,
             duration: float | None = None, frames: int | None = None,
@@ -738,7 +735,7 @@ class Feed:
         # The rings count what was written into them themselves: exact across network
         # process restarts (its own counters are published every 50 ms, and a kill -9
         # loses the last ones).
-        out["received"] = sum(r.written for r in rings) if rings else session.get("frames", 0)
+        out["received"] = self._received() if rings else session.get("frames", 0)
         out["dropped"] = session.get("ring_drops", 0)
         out["dropped_rows"] = sum(w.output_dropped for w in workers)
         out["gaps"] = sum(r.gaps for r in rings)

@@ -36,7 +36,9 @@ from fastfeed.state import (
     F_CRASH_SEQ,
     F_CRASHES,
     F_DONE_SEQ,
+    F_FRAMES,
     F_PENDING_END,
+    F_POISONED,
     F_RESTARTS,
     F_STATE,
     G_HANDLER_FAILED,
@@ -432,6 +434,14 @@ class WorkerPool:
         if any(r.used for r in self.rings):
             return False
         return not self.output or self._reader is None or self._reader.empty()
+
+    def frames_handled(self) -> int:
+        """Frames the workers are done with: decoded (rows or an error) or set aside as
+        poisoned. Read straight from the state segment: cheap enough for every poll."""
+        if self._state is None:
+            return 0
+        rows = self._state[W0:W0 + self.workers]
+        return int(rows[:, F_FRAMES].sum() + rows[:, F_POISONED].sum())
 
     def handler_failed(self) -> bool:
         """True once a handler raised under on_handler_error="raise"."""

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Supervisor", "ignore_stop_signals", "set_affinity", "watch_parent"]
@@ -97,8 +97,6 @@ class _Slot:
     started_at: float = 0.0
     failures: int = 0
     due: float | None = None
-    restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -107,7 +105,7 @@ class Supervisor:
     ``add(name, spawn, on_exit)`` starts a child with ``spawn()`` (which returns an object
     with ``sentinel``, ``join()`` and ``is_alive()``, such as a ``multiprocessing.Process``) and
     watches it. When it ends, ``on_exit(proc)`` runs in the supervisor's thread; if it returns
-    True the child is started again (after the back-off) and its ``restarts`` count goes up.
+    True the child is started again (after the back-off); the caller counts restarts.
     :meth:`hold` stops all restarting (the feed is stopping): from then on the caller owns the
     children. A child that keeps dying right after it starts is given up on after
     :data:`GIVE_UP_AFTER` tries: :attr:`gave_up` then holds the one-line reason.
@@ -140,9 +138,6 @@ class Supervisor:
         """The slot's current process (None while it awaits a restart)."""
         return self._slots[slot].proc
 
-    def restarts(self, slot: int) -> int:
-        return self._slots[slot].restarts
-
     def _start(self, slot: _Slot) -> None:
         slot.proc = slot.spawn()
         slot.started_at = time.monotonic()
@@ -152,7 +147,6 @@ class Supervisor:
         """Start the slot's child again at once (the caller's own restart, after :meth:`hold`)."""
         with self._lock:
             s = self._slots[slot]
-            s.restarts += 1
             self._start(s)
             return s.proc
 
@@ -231,7 +225,6 @@ class Supervisor:
                                     "in %.2fs", s.name, s.failures, delay)
                 for s in self._slots:
                     if s.due is not None and s.due <= now and s.proc is None:
-                        s.restarts += 1
                         try:
                             self._start(s)
                         except Exception:

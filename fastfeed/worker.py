@@ -104,7 +104,6 @@ class WorkerSpec:
     log: ChildLogging | None = None
 
 
-
 log = logging.getLogger("fastfeed.worker")
 
 
@@ -124,7 +123,7 @@ class HandlerGuard:
         self.cells = cells
         self.every_s = every_s
         self._next_log = 0.0
-        self._logged = 0
+        self._logged = False
 
     def __call__(self, index: int, batch: Any) -> BaseException | None:
         try:
@@ -134,16 +133,16 @@ class HandlerGuard:
             self.row[F_HANDLER_ERRORS] += 1
             n = int(self.row[F_HANDLER_ERRORS])
             now = time.monotonic()
-            if self._logged == 0:
+            if not self._logged:
                 log.error("the handler raised in %s (logged once with its traceback; "
                           "later ones are counted in handler_errors)", self.where, exc_info=True)
-                self._logged = n
+                self._logged = True
                 self._next_log = now + self.every_s
             elif now >= self._next_log:
                 log.error("the handler raised %d times in %s (last: %s: %s)", n, self.where,
                           type(exc).__name__, exc)
                 self._next_log = now + self.every_s
-            if self.policy == "raise" and self.cells is not None:
+            if self.policy == "raise":
                 self.cells[G_HANDLER_FAILED] = 1
             return exc
 
@@ -281,7 +280,7 @@ def _process_batch(spec: WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring |
         end_seq = int(seqs[stop - 1]) + 1
         first_seq = int(seqs[start])
         row[F_PENDING_END] = end_seq
-        e0, c0, sf0 = dec.errors_total, dec.control_total, _symbols_full(dec)
+        e0, c0, sf0 = dec.errors_total, dec.control_total, dec.symbols_full_total
         if start == 0:
             res = dec.decode_region(batch.buffer, batch.offsets, batch.lengths, batch.recv_ts,
                                     stop)
@@ -312,10 +311,6 @@ def _process_batch(spec: WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring |
         start = stop
 
 
-def _symbols_full(dec: Any) -> int:
-    return int(getattr(dec, "symbols_full_total", 0))
-
-
 def _count(row: Any, res: Any, frames: int, dec: Any, e0: int, c0: int, sf0: int) -> None:
     row[F_BATCHES] += 1
     row[F_FRAMES] += frames
@@ -324,7 +319,7 @@ def _count(row: Any, res: Any, frames: int, dec: Any, e0: int, c0: int, sf0: int
     row[F_BARS] += len(res.bars)
     row[F_ERRORS] += dec.errors_total - e0  # len(res.errors) would make a list
     row[F_CONTROL] += dec.control_total - c0
-    sf = _symbols_full(dec) - sf0
+    sf = dec.symbols_full_total - sf0
     if sf:
         row[F_SYMBOLS_FULL] += sf
         if not _said["symbols_full"]:
@@ -407,7 +402,7 @@ class InlineDecoder:
         if b is None:
             return None
         dec = self.dec
-        e0, c0, sf0 = dec.errors_total, dec.control_total, _symbols_full(dec)
+        e0, c0, sf0 = dec.errors_total, dec.control_total, dec.symbols_full_total
         try:
             res = dec.decode_region(b.buffer, b.offsets, b.lengths, b.recv_ts)
             res.gaps = b.gaps
