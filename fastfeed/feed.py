@@ -4,7 +4,7 @@
 
     with Feed(host="http://127.0.0.1:8080", tenant_id=..., client_id=..., client_secret=...,
               email="ops@example.com", workers=2) as feed:
-        for batch in feed:                 # zero-copy views, valid until the next batch
+        for batch in feed:                 # a fastfeed.Batch, valid until the next one
             act(batch.ticks, batch.quotes, batch.bars)
 
 ``Feed`` starts a network process (the WebSocket session, or a pub/sub source) that
@@ -14,11 +14,11 @@ workers, one per ring; it supervises both and stops them cleanly (context manage
 
 Ways to consume:
 
-- ``for batch in feed`` / ``async for batch in feed``: decoded batches arrive in this
-  process through output rings as NumPy views into shared memory, valid until the next
-  batch is taken (``.copy()`` to keep rows);
+- ``for batch in feed`` / ``async for batch in feed``: one :class:`fastfeed.Batch` at a time,
+  the same in every mode; with workers its arrays are NumPy views into shared memory, valid
+  until the next batch is taken (the batch then refuses them; ``batch.copy()`` keeps rows);
 - ``feed.run(handler)``: ``handler(worker_index, batch)`` runs inside every worker on each
-  decoded batch (a :class:`fastfeed.Batch`); it must be picklable;
+  decoded batch (a :class:`fastfeed.Batch` too); it must be picklable;
 - ``Feed(workers=0)``: no worker process; :meth:`poll` decodes the ring in this process
   (one process hop fewer: the lowest latency, with ``busy_poll`` and pinning);
 - ``feed.stats()`` at any time: every counter of every process.
@@ -38,11 +38,15 @@ from dataclasses import asdict
 from types import FrameType, TracebackType
 from typing import Any
 
-from ._decoder import now_us
+import numpy as np
+import numpy.typing as npt
+
+from ._decoder import SymbolTable, now_us
+from .batch import Batch
 from .config import Settings, load_settings
 from .latency import LatencyHistogram
 from .logs import LogRelay
-from .pool import HANDLER_ERROR_POLICIES, OutputBatch, WorkerPool
+from .pool import HANDLER_ERROR_POLICIES, WorkerPool
 from .session import SessionProcess
 from .supervisor import Supervisor, set_affinity
 
@@ -144,7 +148,7 @@ class Feed:
         speed: float = 0.0,
         capture: str | None = None,
         workers: int = 1,
-        handler: Callable[[int, Any], None] | None = None,
+        handler: Callable[[int, Batch], None] | None = None,
         output: bool = True,
         ring_capacity: int = 1 << 22,
         full_policy: str = "pause",
@@ -211,9 +215,12 @@ class Feed:
         self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
         self._session: Any = None  # SessionProcess, or a pub/sub SourceProcess
+        # Latency of the rows handed over while the feed runs, and apart from it, of those
+        # handed over after a stop was asked for (the drain: they waited for the stop).
         self._latency = LatencyHistogram()
-        self._delivered = {"batches": 0, "ticks": 0, "quotes": 0, "bars": 0}
-        self._current: OutputBatch | None = None
+        self._latency_drain = LatencyHistogram()
+        self._delivered = {"batches": 0, "frames": 0, "ticks": 0, "quotes": 0, "bars": 0}
+        self._current: Batch | None = None
         self._polls = 0
         self._stop_event = threading.Event()
         self._started_at = 0.0
@@ -221,7 +228,8 @@ class Feed:
         self._final: dict[str, Any] | None = None
         self._tables_after: tuple[Any, ...] | None = None
         self._unpin: tuple[int, set[int]] | None = None  # (thread id, its CPUs before start)
-        self._pending: tuple[Any, int] | None = None  # (batch handed over, when), not counted yet
+        # (batch handed over, its arrays, when), not counted yet
+        self._pending: tuple[Batch, tuple[Any, Any, Any], int] | None = None
         self._consumer: int | None = None  # the thread that polls
         self._sup: Supervisor | None = None
         self._relay: LogRelay | None = None
@@ -337,9 +345,7 @@ class Feed:
         self._stopped = True
         self._stop_event.set()
         self._flush()
-        if self._current is not None:
-            self._current.release()
-            self._current = None
+        self._release_current()
         pool = self._pool
         deadline = time.monotonic() + (1.0 if self._hurry else timeout)
         try:
@@ -385,6 +391,7 @@ class Feed:
         if self.inline:
             while (r := pool.read_inline(timeout)) is not None:
                 self._count_undelivered(r)
+                r.release()
                 got, timeout = True, 0
         elif self.output:
             while (b := pool.take_output()) is not None:
@@ -395,9 +402,9 @@ class Feed:
                 return self._discard(0)
         return got
 
-    def _count_undelivered(self, b: Any) -> None:
+    def _count_undelivered(self, b: Batch) -> None:
         self._undelivered["batches"] += 1
-        self._undelivered["rows"] += len(b.ticks) + len(b.quotes) + len(b.bars)
+        self._undelivered["rows"] += b.rows
 
     def _end_source(self) -> None:
         """Ask the source to stop (once); the pipeline then drains."""
@@ -486,31 +493,34 @@ class Feed:
         p = self._pending
         if p is not None:
             self._pending = None
-            self._account(p[0], p[1])
+            self._account(*p)
 
-    def _account(self, b: Any, now: int | None = None) -> None:
-        if now is None:
-            now = now_us()
+    def _account(self, b: Batch, arrays: tuple[Any, Any, Any], now: int) -> None:
         d = self._delivered
         d["batches"] += 1
-        if isinstance(b, OutputBatch):
-            for kind, arr in b.parts:
+        d["frames"] += b.frames
+        # Rows handed over once a stop was asked for waited for it: reported apart.
+        rec = (self._latency_drain if self._source_ending else self._latency).record_rows
+        # A batch of views the consumer released early may show newer rows: counted, but
+        # its times are not read.
+        stamps = not b.released or b.owned
+        for kind, arr in zip(("ticks", "quotes", "bars"), arrays, strict=True):
+            if len(arr):
                 d[kind] += len(arr)
-                self._latency.record_rows(now, arr)
-        else:
-            rec = self._latency.record_rows
-            for kind, arr in (("ticks", b.ticks), ("quotes", b.quotes), ("bars", b.bars)):
-                if len(arr):
-                    d[kind] += len(arr)
+                if stamps:
                     rec(now, arr)
 
-    def poll(self, timeout: float = 0.05) -> Any:
-        """The next decoded batch, or None if none arrived within ``timeout`` seconds.
+    def _release_current(self) -> None:
+        b = self._current
+        if b is not None:
+            self._current = None
+            b.release()
 
-        With workers, the batch's arrays are views into shared memory, valid until the
-        next call (or :meth:`stop`); ``.copy()`` what you keep. Inline (``workers=0``) the
-        batch is a :class:`fastfeed.Batch` decoded here, whose arrays it owns (it also
-        carries ``errors`` and ``control``).
+    def poll(self, timeout: float = 0.05) -> Batch | None:
+        """The next decoded :class:`fastfeed.Batch`, or None if none arrived within
+        ``timeout`` seconds. The batch handed over before is released first: with workers
+        its arrays are views into shared memory that newer rows now use, so it refuses to
+        give them out; ``batch.copy()`` what you keep. The same in every mode.
         """
         if self._stopped:
             raise RuntimeError("the feed has stopped: make a new Feed to read again")
@@ -521,39 +531,34 @@ class Feed:
             raise RuntimeError("this feed was made with output=False")
         self._consumer = threading.get_ident()
         self._flush()  # before the release below: its arrays may be views into the ring
+        self._release_current()
         if self._stop_event.is_set():
             self._end_source()
         self._polls += 1
         if not self._polls & 255:
             self.check()  # now and then even while data flows: a handler may have failed
+        pool = self._pool
         if self.inline:
-            r = self._pool.read_inline(timeout)
-            if r is None:
-                self.check()
-                self._check_idle()
-                return None
-            self._pending = (r, now_us())
-            return r
-        if self._current is not None:
-            self._current.release()
-            self._current = None
-        b = self._pool.take_output()
-        if b is None:
-            # Nothing ready: sleep on the one worker's ring, or on the pool's doorbell
-            # that every worker rings after publishing, so none waits on another.
-            if self.workers == 1:
-                b = self._pool.read_output(0, timeout=timeout)
-            elif self._pool.wait_output(timeout):
-                b = self._pool.take_output()
+            b = pool.read_inline(timeout)
+        else:
+            b = pool.take_output()
             if b is None:
-                self.check()
-                self._check_idle()
-                return None
+                # Nothing ready: sleep on the one worker's ring, or on the pool's doorbell
+                # that every worker rings after publishing, so none waits on another.
+                if self.workers == 1:
+                    b = pool.read_output(0, timeout=timeout)
+                elif pool.wait_output(timeout):
+                    b = pool.take_output()
+        if b is None:
+            self.check()
+            self._check_idle()
+            return None
+        b._tables = self  # codes through the feed: still readable after it stops
         self._current = b
-        self._pending = (b, now_us())
+        self._pending = (b, (b._ticks, b._quotes, b._bars), now_us())
         return b
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Batch]:
         """Decoded batches until the feed is stopped (:meth:`request_stop`, a signal in
         :meth:`run`) or a finite source (a replay) is exhausted; either way everything
         already in the pipeline is delivered first, then the loop ends by itself."""
@@ -564,7 +569,7 @@ class Feed:
             elif self._hurry or self.finished():
                 return
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def __aiter__(self) -> AsyncIterator[Batch]:
         while True:
             b = self.poll(timeout=0)
             if b is not None:
@@ -601,7 +606,7 @@ class Feed:
         lost = 0 if self._redelivers else self._session_counters().get("ring_drops", 0)
         return handled + lost
 
-    def run(self, handler: Callable[[int, Any], None] | None = None, *,
+    def run(self, handler: Callable[[int, Batch], None] | None = None, *,
             duration: float | None = None, frames: int | None = None,
             on_stats: Callable[[dict[str, Any]], None] | None = None,
             stats_interval: float = 1.0) -> dict[str, Any]:
@@ -655,28 +660,49 @@ class Feed:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _table(self, i: int) -> Any:
+    def _table(self, i: int) -> SymbolTable | list[str]:
         if self._tables_after is not None:
-            return self._tables_after[i]
-        if self._pool is None:
-            return None
-        return (self._pool.symbols, self._pool.statuses, self._pool.bar_types)[i]
+            return self._tables_after[i]  # type: ignore[no-any-return]
+        if self._pool is None or self._pool.symbols is None:
+            return []
+        return (self._pool.symbols, self._pool.statuses, self._pool.bar_types)[i]  # type: ignore[no-any-return]
 
     @property
-    def symbols(self) -> Any:
+    def symbols(self) -> SymbolTable | list[str]:
         """The symbol table (``feed.symbols[id]`` is the code), the same in every process;
-        a plain list of the codes once the feed has stopped."""
+        a plain list of the codes once the feed has stopped (empty before it starts)."""
         return self._table(0)
 
     @property
-    def statuses(self) -> Any:
+    def statuses(self) -> SymbolTable | list[str]:
         """``ss`` codes by id (id 0 is "", absent)."""
         return self._table(1)
 
     @property
-    def bar_types(self) -> Any:
+    def bar_types(self) -> SymbolTable | list[str]:
         """``bt`` codes by id (id 0 is "", absent)."""
         return self._table(2)
+
+    # -- conversions --------------------------------------------------------------------------
+
+    def to_pandas(self, rows: npt.NDArray[np.void], *, tz: str | None = "UTC") -> Any:
+        """A pandas DataFrame of rows kept from this feed's batches (ticks, quotes or bars,
+        e.g. joined copies), with this feed's codes. For a batch: ``batch.to_pandas()``."""
+        from .convert import to_pandas
+
+        return to_pandas(rows, self.symbols, self.statuses, self.bar_types, tz=tz)
+
+    def to_arrow(self, rows: npt.NDArray[np.void], *, tz: str | None = "UTC") -> Any:
+        """A pyarrow Table of rows kept from this feed's batches (see :meth:`to_pandas`)."""
+        from .convert import to_arrow
+
+        return to_arrow(rows, self.symbols, self.statuses, self.bar_types, tz=tz)
+
+    def to_polars(self, rows: npt.NDArray[np.void], *, tz: str | None = "UTC") -> Any:
+        """A polars DataFrame of rows kept from this feed's batches (see :meth:`to_pandas`)."""
+        from .convert import to_polars
+
+        return to_polars(rows, self.symbols, self.statuses, self.bar_types, tz=tz)
 
     def source_done(self) -> bool:
         """True when a finite source (a replay) has written everything and all of it has
@@ -708,7 +734,9 @@ class Feed:
         but handed to nobody). Backpressure: ``pauses`` and ``backpressure_s``, the time
         the source was paused for room. ``handler_errors``, ``network_restarts``,
         ``worker_restarts``, ``symbols_full``; ``latency_us`` is frame receipt to rows
-        handed over. ``delivered`` and ``latency_us`` count a batch once it has been
+        handed over while the feed ran, ``latency_drain_us`` the same for the rows handed
+        over after a stop was asked for (they waited for it: the drain is reported apart).
+        ``delivered`` (``frames`` among them) and ``latency_us`` count a batch once it has been
         handed over: in the polling thread, at once; from another thread, from the next
         poll on.
         """
@@ -720,6 +748,7 @@ class Feed:
             out["delivered"] = dict(self._delivered)
             out["undelivered"] = dict(self._undelivered)
             out["latency_us"] = self._latency.summary()
+            out["latency_drain_us"] = self._latency_drain.summary()
             return out
         return self._collect()
 
@@ -751,6 +780,7 @@ class Feed:
         out["delivered"] = dict(self._delivered)
         out["undelivered"] = dict(self._undelivered)
         out["latency_us"] = self._latency.summary()
+        out["latency_drain_us"] = self._latency_drain.summary()
         out["elapsed_s"] = round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0
         out["session"] = session
         out["workers"] = [asdict(w) for w in workers]

@@ -1,7 +1,9 @@
 """The output reader: decoded rows from the workers' output rings, in the parent.
 
 Each worker publishes its decoded arrays to its own output ring (see :mod:`fastfeed.worker`);
-the parent reads them here as zero-copy NumPy views into the ring. A worker that restarted
+the parent reads them here as one :class:`fastfeed.Batch` per read: zero-copy NumPy views into
+the ring, with the errors and control messages of the same frames (an events record after the
+rows of each range) and the range's frame count and gaps (in the record headers). A worker that restarted
 mid-publish publishes the interrupted range again, identically: the parts already seen are
 dropped here, so every row is handed over once. One doorbell, rung by every worker after it
 publishes, lets the parent sleep until any worker has output.
@@ -9,114 +11,114 @@ publishes, lets the parent sleep until any worker has output.
 
 from __future__ import annotations
 
+import struct
 import time
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from fastfeed._ring import Doorbell, Ring
-from fastfeed.state import KIND_NAMES, OUT_HDR
+from fastfeed.batch import Batch, Tables
+from fastfeed.state import KIND_NAMES, OUT_HDR, OUTPUT_EVENTS
 
-__all__ = ["OutputBatch", "OutputReader"]
+__all__ = ["OutputReader", "pack_events", "unpack_events"]
 
-
-class OutputBatch:
-    """Decoded rows from one worker's output ring, as zero-copy NumPy views into the ring.
-
-    ``parts`` is a list of ``(kind, array)`` with kind "ticks", "quotes" or "bars"; ``ticks``,
-    ``quotes`` and ``bars`` concatenate the parts of one kind (a copy only when there are
-    several). Valid until :meth:`release`, which lets the worker reuse the space.
-    ``gaps``: frames of this worker's ring dropped (under a dropping full policy) since the
-    rows of the previous batch, so a consumer sees where data is missing; 0 when lossless.
-    """
-
-    def __init__(self, worker: int, parts: list[tuple[str, np.ndarray]], ring_batch: Any,
-                 dtypes: dict[str, np.dtype], gaps: int = 0) -> None:
-        self.worker = worker
-        self.parts = parts
-        self.gaps = gaps
-        self._batch = ring_batch
-        self._dtypes = dtypes
-
-    def _kind(self, kind: str) -> np.ndarray:
-        arrays = [a for k, a in self.parts if k == kind]
-        if len(arrays) == 1:
-            return arrays[0]
-        if not arrays:
-            return np.empty(0, self._dtypes[kind])
-        return np.concatenate(arrays)
-
-    @property
-    def ticks(self) -> np.ndarray:
-        return self._kind("ticks")
-
-    @property
-    def quotes(self) -> np.ndarray:
-        return self._kind("quotes")
-
-    @property
-    def bars(self) -> np.ndarray:
-        return self._kind("bars")
-
-    def release(self) -> None:
-        """Give the space back to the worker. The arrays must not be used afterwards."""
-        self.parts = []
-        self._batch.release()
-
-    def __enter__(self) -> OutputBatch:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        counts = {k: sum(len(a) for kk, a in self.parts if kk == k) for k in KIND_NAMES.values()}
-        return f"<OutputBatch worker={self.worker} {counts}>"
+# One event (an error or a control message) in an OUTPUT_EVENTS record: seq, length, kind
+# (1 error: the reason, UTF-8; 2 control: the message's raw bytes), then the bytes.
+_EVENT = struct.Struct("<qIB")
+_ERROR, _CONTROL = 1, 2
 
 
+def pack_events(events: list[tuple[int, int, bytes]], room: int) -> list[bytes]:
+    """``(seq, kind, bytes)`` events as record bodies of at most ``room`` bytes each (at least
+    one body, empty when there are no events). A message too long for a record by itself is
+    cut to fit (the rows' record size is the same limit the input ring set on frames)."""
+    bodies: list[bytes] = []
+    cur = bytearray()
+    for seq, kind, data in events:
+        if len(data) + _EVENT.size > room:
+            data = data[: room - _EVENT.size]
+        if len(cur) + _EVENT.size + len(data) > room:
+            bodies.append(bytes(cur))
+            cur = bytearray()
+        cur += _EVENT.pack(seq, len(data), kind)
+        cur += data
+    bodies.append(bytes(cur))
+    return bodies
+
+
+def unpack_events(buf: Any, off: int, end: int, errors: list[tuple[int, str]],
+                  control: list[bytes]) -> None:
+    """Append the events of one record body (``buf[off:end]``) to ``errors`` and ``control``."""
+    while off < end:
+        seq, n, kind = _EVENT.unpack_from(buf, off)
+        off += _EVENT.size
+        data = bytes(buf[off : off + n])
+        off += n
+        if kind == _ERROR:
+            errors.append((seq, data.decode("utf-8", "replace")))
+        else:
+            control.append(data)
 
 
 class OutputReader:
     """Reads the output rings of a pool (``outputs[i]`` is worker i's)."""
 
-    def __init__(self, outputs: list[Ring], bell: Doorbell, dtypes: dict[str, np.dtype]) -> None:
+    def __init__(self, outputs: list[Ring], bell: Doorbell, dtypes: dict[str, np.dtype],
+                 tables: Tables | None = None) -> None:
         self.outputs = outputs
+        self.tables = tables
         self._bell = bell
         self._dtypes = dtypes
         self._seen: list[tuple[int, int, int]] = [(0, 0, -1)] * len(outputs)
         self._next = 0
 
     def read(self, worker: int, timeout: float | None = 0.0,
-             max_records: int = 1024) -> OutputBatch | None:
-        """Decoded rows published by ``worker`` since the last call, or None if none arrived
-        within ``timeout`` seconds (None: wait). Parts a restarted worker published a second
-        time are dropped here, so every row is seen once."""
+             max_records: int = 1024) -> Batch | None:
+        """Decoded rows published by ``worker`` since the last call, as a :class:`Batch` of
+        views into the ring (released by the caller), or None if none arrived within
+        ``timeout`` seconds (None: wait). Parts a restarted worker published a second time
+        are dropped here, so every row is seen once."""
         ring = self.outputs[worker]
         b = ring.read_batch(max_records, timeout)
         if b is None:
             return None
-        parts: list[tuple[str, np.ndarray]] = []
+        parts: dict[str, list[np.ndarray]] = {"ticks": [], "quotes": [], "bars": []}
+        errors: list[tuple[int, str]] = []
+        control: list[bytes] = []
         buf = b.buffer
         seen = self._seen[worker]
-        gaps = 0
+        gaps = frames = 0
+        first = last = -1
+        hdr = OUT_HDR.size
         for off, length, kind in zip(b.offsets.tolist(), b.lengths.tolist(), b.types.tolist(),
                                      strict=True):
-            first, end, chunk, nchunks, missing = OUT_HDR.unpack_from(buf, off)
+            start, end, chunk, _nchunks, missing, nframes, _ = OUT_HDR.unpack_from(buf, off)
             key = (end, kind, chunk)
             if key <= seen:
                 continue  # already delivered before the worker restarted
             seen = key
             gaps += missing
+            frames += nframes
+            if first < 0:
+                first = start
+            last = end
+            if kind == OUTPUT_EVENTS:
+                unpack_events(buf, off + hdr, off + length, errors, control)
+                continue
             name = KIND_NAMES[kind]
             dt = self._dtypes[name]
-            count = (length - OUT_HDR.size) // dt.itemsize
-            parts.append((name, np.frombuffer(buf, dt, count, off + OUT_HDR.size)))
+            count = (length - hdr) // dt.itemsize
+            parts[name].append(np.frombuffer(buf, dt, count, off + hdr))
         self._seen[worker] = seen
-        return OutputBatch(worker, parts, b, self._dtypes, gaps)
+        # One array per kind, made once: the view itself when the kind came in one record (the
+        # usual case), else one joined copy.
+        arrays = [p[0] if len(p) == 1 else (np.concatenate(p) if p else None)
+                  for p in parts.values()]
+        return Batch(*arrays, frames=frames, errors=errors, control=control, worker=worker,
+                     seq=(max(first, 0), max(last, 0)), gaps=gaps, tables=self.tables, owner=b)
 
-    def take(self) -> OutputBatch | None:
+    def take(self) -> Batch | None:
         """The next ready output, taking the workers in turn so that none is starved."""
         n = len(self.outputs)
         for _ in range(n):

@@ -28,7 +28,8 @@ import numpy as np
 from fastfeed import shm
 from fastfeed._ring import Doorbell, Ring
 from fastfeed.logs import ChildLogging
-from fastfeed.output import OutputBatch, OutputReader
+from fastfeed.batch import Batch
+from fastfeed.output import OutputReader
 from fastfeed.state import (
     BELL_OFFSET,
     COLS,
@@ -61,7 +62,6 @@ __all__ = [
     "OUTPUT_BARS",
     "OUTPUT_QUOTES",
     "OUTPUT_TICKS",
-    "OutputBatch",
     "WorkerPool",
     "WorkerStats",
     "set_affinity",
@@ -215,7 +215,7 @@ class WorkerPool:
         # Format the tables here, before any worker lays a table over the same memory.
         self._tables = tables_in(self._sym_seg.buf, self.symbol_capacity, self.small_capacity)
         if self.output:
-            self._reader = OutputReader(self.outputs, self._bell, self._dtypes)
+            self._reader = OutputReader(self.outputs, self._bell, self._dtypes, tables=self)
         for i in range(self.workers):
             self._specs.append(WorkerSpec(
                 index=i, ring_name=self.rings[i].name,
@@ -406,12 +406,12 @@ class WorkerPool:
         return self._reader
 
     def read_output(self, worker: int, timeout: float | None = 0.0,
-                    max_records: int = 1024) -> OutputBatch | None:
+                    max_records: int = 1024) -> Batch | None:
         """Decoded rows published by ``worker`` since the last call, or None if none arrived
         within ``timeout`` seconds. Every row is seen once, across worker restarts."""
         return self._output().read(worker, timeout, max_records)
 
-    def take_output(self) -> OutputBatch | None:
+    def take_output(self) -> Batch | None:
         """The next ready output of any worker (in turn), or None."""
         return self._output().take()
 
@@ -420,7 +420,8 @@ class WorkerPool:
         pass (False)."""
         return self._output().wait(timeout)
 
-    def read_inline(self, timeout: float | None = 0.0, *, busy_poll: bool | None = None) -> Any:
+    def read_inline(self, timeout: float | None = 0.0, *, busy_poll: bool | None = None
+                    ) -> Batch | None:
         """Inline pools only: decode what is in ring 0 in this process and return it as a
         :class:`fastfeed.Batch` (rows owned by the batch), or None if nothing arrived within
         ``timeout`` seconds. Runs the handler, if any, on the batch first."""

@@ -19,10 +19,14 @@ __all__ = ["OUTPUT_BARS", "OUTPUT_QUOTES", "OUTPUT_TICKS", "WorkerStats"]
 OUTPUT_TICKS = 1
 OUTPUT_QUOTES = 2
 OUTPUT_BARS = 3
+# Errors and control messages of a range (see fastfeed.output.pack_events), after its rows.
+OUTPUT_EVENTS = 4
 KIND_NAMES = {OUTPUT_TICKS: "ticks", OUTPUT_QUOTES: "quotes", OUTPUT_BARS: "bars"}
 # Output payload header: first input seq, end input seq (exclusive), chunk index, chunk count,
-# gaps (input frames dropped before these rows; on the first record a range publishes). 32 bytes keep the rows behind it 8-byte aligned, as the ring's records are.
-OUT_HDR = struct.Struct("<QQIIQ")
+# gaps (input frames dropped before these rows) and frames (input frames the range holds), both
+# on the first record a range publishes only; 4 spare bytes. 40 bytes keep the rows behind it
+# 8-byte aligned, as the ring's records are.
+OUT_HDR = struct.Struct("<QQIIQII")
 
 # State segment: one 256-byte row (32 int64) per worker after a global row and the output
 # doorbell's row, so workers never write to the same cache line.

@@ -28,6 +28,7 @@ import numpy as np
 
 from fastfeed import shm
 from fastfeed._ring import Doorbell, Ring
+from fastfeed.batch import Batch
 from fastfeed.logs import ChildLogging, configure_child_logging
 from fastfeed.state import (
     BELL_OFFSET,
@@ -58,6 +59,7 @@ from fastfeed.state import (
     G_STOP,
     OUT_HDR,
     OUTPUT_BARS,
+    OUTPUT_EVENTS,
     OUTPUT_QUOTES,
     OUTPUT_TICKS,
     POISON_DEATHS,
@@ -70,10 +72,10 @@ from fastfeed.supervisor import ignore_stop_signals, watch_parent
 
 __all__ = ["Handler", "InlineDecoder", "WorkerSpec", "worker_main"]
 
-Handler = Callable[[int, Any], None]
+Handler = Callable[[int, Batch], None]
 """``handler(worker_index, batch)``, run inside the worker for every decoded batch (a
-``fastfeed.Batch`` with ``ticks``, ``quotes``, ``bars``, ``errors``, ``control``). It must be
-picklable (a module-level function or a ``functools.partial`` of one): workers are spawned."""
+:class:`fastfeed.Batch`, released when the handler returns: ``copy()`` what it keeps). It must
+be picklable (a module-level function or a ``functools.partial`` of one): workers are spawned."""
 
 
 
@@ -290,8 +292,13 @@ def _process_batch(spec: WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring |
                 batch.recv_ts[start:stop])
         if capture is not None:
             capture.write_batch(batch, start, stop)
+        new_errors = dec.errors_total != e0
+        new_control = dec.control_total != c0
         if guard is not None:
-            guard(spec.index, res)
+            b = Batch.from_decoded(res, worker=spec.index, seqs=seqs[start:stop],
+                                   gaps=batch.gaps if start == 0 else 0, tables=dec)
+            guard(spec.index, b)
+            b.release()
         if end_seq > row[F_COUNTED_END]:
             # Counted before the rows are published, so a consumer that holds a batch sees
             # it counted; once per range, however often a restarted worker repeats it.
@@ -301,7 +308,8 @@ def _process_batch(spec: WorkerSpec, batch: Any, dec: Any, row: Any, out: Ring |
             if start == 0 and end_seq > row[F_PUB_END] and batch.gaps:
                 row[F_GAPS_OWED] += batch.gaps  # told to the consumer with the next rows
             row[F_PUB_END] = end_seq  # from here on, this range must be repeated identically
-            _publish(out, spec.index, first_seq, end_seq, res, row)
+            events = _events(res, seqs, start) if new_errors or new_control else None
+            _publish(out, spec.index, first_seq, end_seq, res, row, stop - start, events)
             if bell is not None:
                 bell.ring()  # wake the parent if it sleeps in wait_output()
         if spec.fault is not None and spec.fault[0] == "after_publish":
@@ -341,10 +349,25 @@ def _maybe_crash(marker: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any) -> None:
-    """Write each non-empty array of a decoded batch to the output ring, chunked to fit.
-    Under the lossless policies the write waits for the parent to read; a refused chunk
-    (a dropping policy, or a ring shut down at stop) has its rows counted."""
+def _events(res: Any, seqs: Any, start: int) -> list[tuple[int, int, bytes]]:
+    """The errors and control messages of a decoded range as ``(seq, kind, bytes)``: kind 1
+    an error (its reason, UTF-8), 2 a control message (its raw bytes)."""
+    out = [(int(seqs[start + i]), 1, reason.encode()) for i, reason in res.errors]
+    # Control messages carry no frame index: they are numbered by the range's first frame.
+    first = int(seqs[start])
+    out.extend((first, 2, c) for c in res.control)
+    return out
+
+
+def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any,
+             frames: int = 0, events: list[tuple[int, int, bytes]] | None = None) -> None:
+    """Write each non-empty array of a decoded range to the output ring, chunked to fit, then
+    its errors and control messages. The range's frame count (and the gaps owed) go on the
+    first record; a range with nothing else to publish sends an empty events record for it.
+    Under the lossless policies the write waits for the parent to read; a refused chunk (a
+    dropping policy, or a ring shut down at stop) has its rows counted."""
+    from fastfeed.output import pack_events
+
     room = out.max_payload - OUT_HDR.size
     gaps = int(row[F_GAPS_OWED])
     for kind, arr in ((OUTPUT_TICKS, res.ticks), (OUTPUT_QUOTES, res.quotes), (OUTPUT_BARS, res.bars)):
@@ -356,12 +379,23 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any) -
         step = per * arr.dtype.itemsize
         for c in range(nchunks):
             body = raw[c * step : (c + 1) * step]
-            payload = OUT_HDR.pack(first, end, c, nchunks, gaps) + body
+            payload = OUT_HDR.pack(first, end, c, nchunks, gaps, frames, 0) + body
             if not out.write(payload, type=kind, route=worker):
                 row[F_OUT_DROPPED] += len(body) // arr.dtype.itemsize
-            elif gaps:
-                row[F_GAPS_OWED] -= gaps
-                gaps = 0
+            else:
+                if gaps:
+                    row[F_GAPS_OWED] -= gaps
+                    gaps = 0
+                frames = 0
+    if events or frames:
+        bodies = pack_events(events or [], room)
+        for c, body in enumerate(bodies):
+            payload = OUT_HDR.pack(first, end, c, len(bodies), gaps, frames, 0) + body
+            if out.write(payload, type=OUTPUT_EVENTS, route=worker):
+                if gaps:
+                    row[F_GAPS_OWED] -= gaps
+                    gaps = 0
+                frames = 0
 
 
 class InlineDecoder:
@@ -396,7 +430,7 @@ class InlineDecoder:
         self.row[F_PID] = os.getpid()
         self.row[F_STATE] = S_RUNNING
 
-    def read(self, timeout: float | None, busy_poll: bool | None = None) -> Any:
+    def read(self, timeout: float | None, busy_poll: bool | None = None) -> Batch | None:
         b = self.ring.read_batch(self.batch_size, timeout,
                                  busy_poll=self.busy_poll if busy_poll is None else busy_poll)
         if b is None:
@@ -405,18 +439,18 @@ class InlineDecoder:
         e0, c0, sf0 = dec.errors_total, dec.control_total, dec.symbols_full_total
         try:
             res = dec.decode_region(b.buffer, b.offsets, b.lengths, b.recv_ts)
-            res.gaps = b.gaps
+            out = Batch.from_decoded(res, seqs=b.seqs, gaps=b.gaps, tables=dec)
             if self.capture is not None:
                 self.capture.write_batch(b, 0, len(b))
         finally:
             # The rows are copies: the ring space can go back to the producer at once.
             b.release()
         row = self.row
-        exc = self.guard(0, res) if self.guard is not None else None
+        exc = self.guard(0, out) if self.guard is not None else None
         _count(row, res, res.frames, dec, e0, c0, sf0)
         if exc is not None and self.on_handler_error == "raise":
             raise exc
-        return res
+        return out
 
     def close(self) -> None:
         if self.capture is not None:
