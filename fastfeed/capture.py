@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import control
 from .child import ChildProcess
 
 __all__ = ["MAGIC", "CaptureWriter", "ReplayProcess", "read_capture", "capture_files"]
@@ -152,6 +153,7 @@ def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, 
             if route < 0:
                 # as the live listener does: no symbol, not market data for a ring
                 c["control"] += 1
+                control.publish(payload)
                 continue
             ring = rings[route % k]
             if not ring.write(payload, recv_ts=ts, route=route):

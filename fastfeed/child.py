@@ -51,10 +51,14 @@ async def serve(runner: Any, values: Callable[[], Iterable[int]], counters: Any 
 
 
 def _child_main(target: Callable[..., None], parent_pid: int, log: ChildLogging | None,
-                *args: Any) -> None:
+                extras: dict[str, Any], *args: Any) -> None:
     ignore_stop_signals()
     watch_parent(parent_pid)
     configure_child_logging(log)
+    if extras.get("control"):
+        from . import control
+
+        control.attach(extras["control"])
     # What the child imported to get here lives as long as it does: freezing it keeps the
     # garbage collector's full passes, whose pauses land on the latency tail, short.
     gc.freeze()
@@ -74,12 +78,19 @@ class ChildProcess:
         self._recv, send = ctx.Pipe(duplex=False)
         if log is not None:
             log_level = log.level
+        # Set before start() (pickled then): see send_control_to().
+        self._extras: dict[str, Any] = {}
         self._proc = ctx.Process(target=_child_main, name=name, daemon=True,
-                                 args=(target, os.getpid(), log, *args, self._counters,
-                                       self._stop, send, log_level))
+                                 args=(target, os.getpid(), log, self._extras, *args,
+                                       self._counters, self._stop, send, log_level))
         self._send = send
         self.error: str | None = None
         self.finished = False
+
+    def send_control_to(self, ring_name: str) -> None:
+        """Before :meth:`start`: publish control messages to this ring (see
+        :mod:`fastfeed.control`)."""
+        self._extras["control"] = ring_name
 
     def start(self) -> ChildProcess:
         """Start the process; returns self."""

@@ -44,6 +44,7 @@ import numpy.typing as npt
 from ._decoder import SymbolTable, now_us
 from .batch import Batch
 from .config import Settings, load_settings
+from .control import ControlReader
 from .latency import LatencyHistogram
 from .logs import LogRelay
 from .pool import HANDLER_ERROR_POLICIES, WorkerPool
@@ -214,6 +215,7 @@ class Feed:
         self.network_cpus = _cpu_set(network_cpus, "network_cpus")
         self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
+        self._control: ControlReader | None = None  # control messages of the network process
         self._session: Any = None  # SessionProcess, or a pub/sub SourceProcess
         # Latency of the rows handed over while the feed runs, and apart from it, of those
         # handed over after a stop was asked for (the drain: they waited for the stop).
@@ -266,6 +268,8 @@ class Feed:
             self._relay.close()
             raise
         try:
+            if self.output:
+                self._control = ControlReader(f"{self._pool.name}.ctl")
             self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:
                 # Last: processes started from this thread would inherit the pinning. The
@@ -281,6 +285,9 @@ class Feed:
             self._pool.stop(drain=False)
             self._pool.close()
             self._pool = None
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             self._sup.close()
             self._relay.close()
             raise
@@ -304,6 +311,8 @@ class Feed:
         else:
             assert self.settings is not None
             child = SessionProcess(self.settings, names, log=log_cfg)
+        if self._control is not None:
+            child.send_control_to(self._control.name)
         child.start()
         self._session = child
         if self.network_cpus is not None:
@@ -372,6 +381,9 @@ class Feed:
                                        (pool.symbols, pool.statuses, pool.bar_types))
         finally:
             pool.close()
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             if self._sup is not None:
                 self._sup.close()
             if self._relay is not None:
@@ -482,7 +494,8 @@ class Feed:
             done = getattr(s, "done", False)  # a finite source that wrote everything
             if not done and (not self._source_ending or s.is_alive()):
                 return False
-        return pool.idle()
+        ctl = self._control
+        return pool.idle() and (ctl is None or not ctl.pending())
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -549,6 +562,14 @@ class Feed:
                     b = pool.read_output(0, timeout=timeout)
                 elif pool.wait_output(timeout):
                     b = pool.take_output()
+        ctl = self._control
+        if ctl is not None and ctl.pending():
+            # What the network process took as control (status and error objects): handed
+            # over with the rows, or on a batch of its own when there are none.
+            if b is None:
+                b = Batch(control=ctl.take(), worker=0)
+            else:
+                b.control.extend(ctl.take())
         if b is None:
             self.check()
             self._check_idle()
@@ -767,6 +788,7 @@ class Feed:
         out["received"] = self._received() if rings else session.get("frames", 0)
         out["dropped"] = session.get("ring_drops", 0)
         out["dropped_rows"] = sum(w.output_dropped for w in workers)
+        out["control_dropped"] = self._control.dropped if self._control is not None else 0
         out["gaps"] = sum(r.gaps for r in rings)
         out["pauses"] = session.get("pauses", 0)
         out["backpressure_s"] = round(session.get("backpressure_us", 0) / 1e6, 6)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import control
 from .auth import Authenticator, AuthError, CredentialsError, Token
 from .child import ChildProcess, serve
 from .config import ConfigError, Settings
@@ -157,6 +158,7 @@ class FeedSession:
         # cut short: a control message is never a place for secrets, but it can be long.
         if log.isEnabledFor(logging.DEBUG):
             log.debug("control message: %r", payload[:200])
+        control.publish(payload)  # to the consumer's batches, when a feed reads them
         if self._user_control is not None:
             self._user_control(payload)
 

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, ClassVar
 
+from .. import control as fastfeed_control  # write_many counts in a local named control
 from .._listener import route_of
 from ..session import Backoff
 from . import COUNTERS
@@ -146,6 +147,7 @@ class RingWriter:
             c["control"] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("control message: %r", payload[:200])
+            fastfeed_control.publish(payload)
             return True
         if self.backlog:
             self._keep(payload, r, recv_ts, key)  # behind the frames that wait: keep the order
@@ -200,6 +202,7 @@ class RingWriter:
                     control += 1
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("control message: %r", p[:200])
+                    fastfeed_control.publish(p)
                     continue
             try:
                 ok = writes[r % n](p, recv_ts=recv_ts, route=r)
@@ -269,6 +272,7 @@ class RingWriter:
             r = self.route(p)
             if r < 0:
                 self.counts["control"] += 1
+                fastfeed_control.publish(p)
             else:
                 self._keep(p, r, recv_ts)
 
