@@ -15,48 +15,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["add_settings_arguments", "main"]
+__all__ = ["EXIT_DROPPED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "CommandError",
+           "add_settings_arguments", "build_parser", "main"]
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_DROPPED = 3  # the run finished, but frames or rows were dropped (a dropping full policy)
-EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), after an orderly drain and the summary
-
-
-class CommandError(Exception):
-    """An error to print as one line, with the exit status it maps to."""
-
-    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def add_settings_arguments(p: argparse.ArgumentParser) -> None:
-    """The connection and login options shared by every command that talks to a feed.
-
-    Each defaults to ``None`` so that unset options fall through to ``FASTFEED_*`` variables
-    and the TOML file (see :func:`fastfeed.config.load_settings`).
-    """
-    g = p.add_argument_group("feed and login settings (also FASTFEED_* variables or --config)")
-    g.add_argument("--config", metavar="PATH", help="TOML settings file")
-    g.add_argument("--host", metavar="URL",
-                   help="feed host: a name (HTTPS/WSS) or http://HOST:PORT (the simulator)")
-    g.add_argument("--authority", metavar="URL",
-                   help="Azure AD authority (default https://login.microsoftonline.com)")
-    g.add_argument("--tenant", metavar="ID", help="Azure AD tenant id")
-    g.add_argument("--client-id", metavar="ID")
-    g.add_argument("--client-secret", metavar="SECRET",
-                   help="prefer FASTFEED_CLIENT_SECRET or the config file: "
-                        "arguments are visible to other local users")
-    g.add_argument("--scope", metavar="SCOPE", help="e.g. api://<app-id>/.default")
-    g.add_argument("--token-cache", metavar="PATH",
-                   help="token cache file (default ~/.cache/fastfeed/token.json)")
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from .config import load_settings
-    return load_settings(vars(args), config_file=getattr(args, "config", None))
-
+# Shared with fastfeed.cli_feed, which this module imports (never the other way round).
+from .cli_common import (
+    EXIT_DROPPED,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandError,
+    add_settings_arguments,
+    settings_from_args,
+)
 
 # -- sim --------------------------------------------------------------------------------------
 
@@ -199,7 +170,7 @@ def _add_login(sub: Any) -> None:
 
 def _cmd_login(args: argparse.Namespace) -> int:
     from .auth import Authenticator
-    settings = _settings(args)
+    settings = settings_from_args(args)
     settings.require("host", "tenant_id", "client_id", "client_secret", "scope")
     auth = Authenticator(settings)
     token = auth.renew()

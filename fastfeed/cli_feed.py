@@ -20,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import (
+from .cli_common import (
     EXIT_DROPPED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     CommandError,
     add_settings_arguments,
+    settings_from_args,
 )
 
 SUMMARY_KEYS = ("received", "frames", "ticks", "quotes", "bars", "errors", "control", "dropped",
@@ -211,9 +212,7 @@ def _feed_from_args(args: argparse.Namespace, **kw: Any) -> Any:
 
     if getattr(args, "source", None):
         return Feed(source=args.source, **_pipeline_kwargs(args), **kw)
-    from .cli import _settings
-
-    settings = _settings(args)
+    settings = settings_from_args(args)
     return Feed(settings, **_pipeline_kwargs(args), **kw)
 
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from fastfeed import shm
 from fastfeed._ring import Doorbell, Ring
-from fastfeed.logs import ChildLogging
 from fastfeed.batch import Batch
+from fastfeed.logs import ChildLogging
 from fastfeed.output import OutputReader
 from fastfeed.state import (
     BELL_OFFSET,

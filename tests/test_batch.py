@@ -125,11 +125,11 @@ def test_a_released_batch_refuses_its_arrays_and_a_copy_stays_valid(tmp_path, wo
         for b, kept, snap in held:
             assert b.released and not kept.released and kept.owned
             # nothing of a released batch is readable through it
-            for read in (lambda: b.ticks, lambda: b.quotes, lambda: b.bars,
-                         lambda: b["ticks"], lambda: list(b.items()), b.copy,
-                         b.to_pandas, b.to_arrow):
+            for read in (lambda x: x.ticks, lambda x: x.quotes, lambda x: x.bars,
+                         lambda x: x["ticks"], lambda x: list(x.items()), Batch.copy,
+                         Batch.to_pandas, Batch.to_arrow):
                 with pytest.raises(BatchReleasedError, match="released"):
-                    read()
+                    read(b)
             assert "released" in repr(b)
             b.release()  # idempotent
             assert _content(kept) == snap
