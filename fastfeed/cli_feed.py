@@ -109,8 +109,11 @@ def _us(v: float) -> str:
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     out = {k: stats[k] for k in SUMMARY_KEYS}
-    out["latency_us"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                         for k, v in stats["latency_us"].items()}
+    # The run's steady state; the rows handed over after the stop was asked for waited for
+    # it, and are reported apart.
+    for key in ("latency_us", "latency_drain_us"):
+        out[key] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in stats[key].items()}
     out["delivered"] = stats["delivered"]
     out["undelivered"] = stats["undelivered"]
     if "stop_reason" in stats:
@@ -296,11 +299,13 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
     if args.json:
         print(json.dumps(_summary(stats)))
     elif not args.quiet:
-        lat = stats["latency_us"]
+        lat, drain = stats["latency_us"], stats["latency_drain_us"]
+        tail = ("" if math.isnan(drain["max"]) else
+                f" (the drain at stop apart: p50 {_us(drain['p50'])} µs p99 {_us(drain['p99'])} µs)")
         print(f"done: {stats['frames']:,} frames, {stats['ticks']:,} ticks, {stats['quotes']:,} quotes, "
               f"{stats['bars']:,} bars, {stats['errors']} errors, {stats['dropped']} dropped, "
               f"{stats['gaps']} gaps in {stats['elapsed_s']:.1f} s; latency p50 {_us(lat['p50'])} µs "
-              f"p99 {_us(lat['p99'])} µs")
+              f"p99 {_us(lat['p99'])} µs{tail}")
     err = stats.get("error")
     if err:
         raise CommandError(err)

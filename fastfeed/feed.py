@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -247,6 +248,7 @@ class Feed:
 
             self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
         self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
+        self._newest_rx_us = 0  # the latest receive time among the rows handed over
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -468,14 +470,46 @@ class Feed:
             raise FeedError("the handler raised (its traceback is in the log) and "
                             "on_handler_error='raise' stops the feed")
 
+    def _note_received(self) -> tuple[int, float]:
+        """(frames received, when that count was first seen where it is)."""
+        n = self._received()
+        if n != self._last_rx[0]:
+            self._last_rx = (n, time.monotonic())
+        return self._last_rx
+
+    def staleness(self) -> float:
+        """Seconds since the last frame arrived (NaN before the first): from the receive
+        time of the newest row handed over, or, when that is older (frames with no rows, a
+        feed without output), from when the count of frames received last moved, as seen
+        by this call or by :meth:`poll` waiting for data."""
+        n, seen = self._note_received()
+        if n == 0:
+            return math.nan
+        by_count = time.monotonic() - seen
+        if self._newest_rx_us:
+            return max(0.0, min(by_count, (now_us() - self._newest_rx_us) / 1e6))
+        return by_count
+
+    @property
+    def source_label(self) -> str:
+        """Where the frames come from, without credentials (a metrics label)."""
+        if self.replay is not None:
+            return f"replay:{self.replay}"
+        if self.source is not None:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(self.source)
+            host = u.hostname or ""
+            port = f":{u.port}" if u.port else ""
+            return f"{u.scheme}://{host}{port}{u.path}"
+        return str(self.settings.ws_url) if self.settings is not None else "websocket"
+
     def _check_idle(self) -> None:
         if self.idle_timeout is None or self._source_ending:
             return
-        n = self._received()
+        n, seen = self._note_received()
         now = time.monotonic()
-        if n != self._last_rx[0]:
-            self._last_rx = (n, now)
-        elif now - self._last_rx[1] >= self.idle_timeout:
+        if now - seen >= self.idle_timeout:
             raise FeedIdleError(f"nothing received for {self.idle_timeout:g} s "
                                 f"(idle_timeout={self.idle_timeout:g}); "
                                 f"{n} frames received in all")
@@ -522,6 +556,9 @@ class Feed:
                 d[kind] += len(arr)
                 if stamps:
                     rec(now, arr)
+                    last = int(arr["recv_ts"][-1])  # rows are in receive order
+                    if last > self._newest_rx_us:
+                        self._newest_rx_us = last
 
     def _release_current(self) -> None:
         b = self._current

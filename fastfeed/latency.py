@@ -63,6 +63,30 @@ class LatencyHistogram:
         # the bucket's upper edge, capped by the largest value seen
         return min(_GROWTH ** i, float(self.max_us))
 
+    def cumulative(self, bounds_us: list[float]) -> list[int]:
+        """Rows whose latency is at most each bound (µs), for a histogram with those upper
+        bounds (Prometheus' ``le``). Bucket i holds [1.02**(i-1), 1.02**i) µs; a bucket counts
+        below a bound when its lower edge is, so a count may include values up to 2% above
+        it (and none below 50 µs, where a bucket holds at most one whole µs)."""
+        cum = np.cumsum(self.counts)
+        out = []
+        for b in bounds_us:
+            if b < 1:
+                out.append(int(self.counts[0]))
+                continue
+            # the last bucket whose lower edge 1.02**(i-1) is <= b
+            i = min(int(math.floor(math.log(b) / _LOG_GROWTH + 1e-9)) + 1, _NBUCKETS)
+            out.append(int(cum[i]))
+        return out
+
+    def sum_us(self) -> float:
+        """The latencies' total (µs), from the bucket midpoints: within 1% of the truth."""
+        if self.total == 0:
+            return 0.0
+        i = np.arange(1, _NBUCKETS + 1, dtype=np.float64)
+        mid = _GROWTH ** (i - 0.5)  # geometric middle of [1.02**(i-1), 1.02**i)
+        return float(np.dot(self.counts[1:], mid))
+
     def summary(self) -> dict[str, float]:
         """``p50``, ``p99``, ``p999`` and ``max`` in µs (NaN when nothing was recorded)."""
         return {
