@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -286,12 +287,12 @@ def test_parquet_sink_and_conversions(tmp_path):
     assert ticks.num_rows == stats["ticks"] and len(list((tmp_path / "pq").glob("ticks-*"))) > 1
     # files are cut at roll_rows even when one batch brings more
     assert all(pq.read_metadata(f).num_rows <= 5000 for f in (tmp_path / "pq").glob("*.parquet"))
-    assert ticks.schema.field("ts").type == pa.timestamp("us")
+    assert ticks.schema.field("ts").type == pa.timestamp("us", tz="UTC")
     assert str(ticks.column("sym")[0]).startswith(("NASDAQ:", "NYSE:")) or ":" in str(ticks.column("sym")[0])
     dec = Decoder()
     b = dec.decode([b'{"c":"A:B","t":1.5,"p":2,"v":3}'])
     df = to_pandas(b.ticks, dec.symbols)
-    assert df["sym"].iloc[0] == "A:B" and str(df["ts"].dtype) == "datetime64[us]"
+    assert df["sym"].iloc[0] == "A:B" and str(df["ts"].dtype) == "datetime64[us, UTC]"
     assert to_arrow(b.ticks, dec.symbols).num_rows == 1
 
 
@@ -320,13 +321,17 @@ def test_prometheus_metrics(tmp_path):
                 server.shutdown()
                 server.server_close()
         sim.stop()
-    assert "fastfeed_frames_total 20000.0" in text
-    assert "fastfeed_received_total 20000.0" in text
-    assert f"fastfeed_delivered_rows_total {float(rows)}" in text
-    for name in ("dropped", "dropped_rows", "handler_errors", "network_restarts"):
+    assert "fastfeed_frames_decoded_total 20000.0" in text
+    assert "fastfeed_frames_received_total 20000.0" in text
+    delivered = sum(float(v) for v in re.findall(
+        r'fastfeed_rows_delivered_total\{kind="\w+"\} (\S+)', text))
+    assert delivered == rows
+    for name in ("frames_dropped", "rows_dropped", "handler_errors"):
         assert f"fastfeed_{name}_total 0.0" in text
-    assert "fastfeed_backpressure_s_total" in text and "fastfeed_pauses_total" in text
-    assert 'fastfeed_latency_microseconds{quantile="0.5"}' in text
+    assert 'fastfeed_restarts_total{process="network"} 0.0' in text
+    assert "fastfeed_backpressure_seconds_total" in text
+    assert "fastfeed_backpressure_pauses_total" in text
+    assert 'fastfeed_latency_seconds_bucket{le="1e-06",phase="run"}' in text
 
 
 @pytest.fixture
