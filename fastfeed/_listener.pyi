@@ -1,11 +1,12 @@
 """Type stub for the extension fastfeed._listener (source: ext/listener.pyx)."""
 
+import builtins
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from picows import WSFrame, WSListener, WSTransport
 
-def route_of(code: bytes | str) -> int:
+def route_of(code: builtins.bytes | str) -> int:
     """The route (31-bit FNV-1a hash) of a symbol code; its ring is ``route % n_rings``."""
 
 class FeedListener(WSListener):
@@ -25,7 +26,7 @@ class FeedListener(WSListener):
         self,
         ring_addresses: Iterable[int],
         keepalive: Any = None,
-        on_control: Callable[[bytes], None] | None = None,
+        on_control: Callable[[builtins.bytes], None] | None = None,
     ) -> None: ...
     @property
     def n_rings(self) -> int: ...

@@ -42,6 +42,11 @@ from ._decoder import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE
 from .convert import Kind, to_arrow, to_pandas, to_polars
 
 if TYPE_CHECKING:
+    # Only for the annotations: each library is optional (and pandas and pyarrow ship no
+    # types; without their stubs these are Any).
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
     from typing_extensions import Buffer
 
 __all__ = ["Batch", "BatchReleasedError", "Decoder", "Kinds", "Tables"]
@@ -242,9 +247,9 @@ class Batch:
         return Kinds(*(fn(a, *tables, tz=tz) for _k, a in self.items()))
 
     @overload
-    def to_pandas(self, kind: Kind, *, tz: str | None = "UTC") -> Any: ...
+    def to_pandas(self, kind: Kind, *, tz: str | None = "UTC") -> pd.DataFrame: ...
     @overload
-    def to_pandas(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[Any]: ...
+    def to_pandas(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[pd.DataFrame]: ...
     def to_pandas(self, kind: Kind | None = None, *, tz: str | None = "UTC") -> Any:
         """pandas DataFrames (copies): ``to_pandas("ticks")`` one, ``to_pandas()`` a
         :class:`Kinds` of three. Symbols, statuses and bar types are categoricals; times
@@ -252,17 +257,17 @@ class Batch:
         return self._convert(to_pandas, kind, tz)
 
     @overload
-    def to_arrow(self, kind: Kind, *, tz: str | None = "UTC") -> Any: ...
+    def to_arrow(self, kind: Kind, *, tz: str | None = "UTC") -> pa.Table: ...
     @overload
-    def to_arrow(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[Any]: ...
+    def to_arrow(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[pa.Table]: ...
     def to_arrow(self, kind: Kind | None = None, *, tz: str | None = "UTC") -> Any:
         """pyarrow Tables (copies), as :meth:`to_pandas`; absent values are null."""
         return self._convert(to_arrow, kind, tz)
 
     @overload
-    def to_polars(self, kind: Kind, *, tz: str | None = "UTC") -> Any: ...
+    def to_polars(self, kind: Kind, *, tz: str | None = "UTC") -> pl.DataFrame: ...
     @overload
-    def to_polars(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[Any]: ...
+    def to_polars(self, kind: None = None, *, tz: str | None = "UTC") -> Kinds[pl.DataFrame]: ...
     def to_polars(self, kind: Kind | None = None, *, tz: str | None = "UTC") -> Any:
         """polars DataFrames (copies), as :meth:`to_arrow`."""
         return self._convert(to_polars, kind, tz)
@@ -276,8 +281,8 @@ class Decoder(_decoder.Decoder):
     converters use this decoder's tables.
     """
 
-    def decode(self, frames: Iterable[Buffer],
-               recv_ts: int | Sequence[int] | npt.ArrayLike | None = None) -> Batch:  # type: ignore[override]
+    def decode(self, frames: Iterable[Buffer],  # type: ignore[override]
+               recv_ts: int | Sequence[int] | npt.ArrayLike | None = None) -> Batch:
         """Decode a sequence of frames (``bytes`` or any bytes-like object). ``recv_ts``:
         the receive time stamped on every row, int64 µs since the epoch: ``None`` for now,
         one int for all frames, or one per frame."""
@@ -288,8 +293,8 @@ class Decoder(_decoder.Decoder):
         non-blank lines from 0."""
         return Batch.from_decoded(super().decode_buffer(data, recv_ts), tables=self)
 
-    def decode_region(self, buffer: Buffer, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
-                      recv_ts: npt.ArrayLike, count: int = -1) -> Batch:  # type: ignore[override]
+    def decode_region(self, buffer: Buffer, offsets: npt.ArrayLike,  # type: ignore[override]
+                      lengths: npt.ArrayLike, recv_ts: npt.ArrayLike, count: int = -1) -> Batch:
         """Decode ``count`` frames laid in ``buffer`` at ``offsets``/``lengths`` (a ring's
         records, read in place)."""
         return Batch.from_decoded(super().decode_region(buffer, offsets, lengths, recv_ts, count),

@@ -207,7 +207,7 @@ class Feed:
         self.log_level = log_level
         self.full_policy = full_policy
         self.idle_timeout = idle_timeout
-        self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
+        self._pool_options: dict[str, Any] = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
                                   capture_dir=capture, inline=self.inline,
                                   cpus=_cpu_set(worker_cpus, "worker_cpus"),

@@ -126,7 +126,7 @@ def _le(bound_s: float) -> str:
     # Prometheus' own rendering of a float bound ("1e-06", "0.0015", "1.0")
     from prometheus_client.utils import floatToGoString
 
-    return str(floatToGoString(bound_s))
+    return str(floatToGoString(bound_s))  # type: ignore[no-untyped-call]
 
 
 def serve_metrics(feed: Feed, port: int, addr: str = "127.0.0.1") -> Any:
@@ -138,7 +138,7 @@ def serve_metrics(feed: Feed, port: int, addr: str = "127.0.0.1") -> Any:
     except ImportError:
         raise RuntimeError("metrics need prometheus-client: pip install prometheus-client") from None
     registry = CollectorRegistry()  # one per feed: several feeds may serve in one process
-    registry.register(_Collector(feed))  # type: ignore[arg-type]
+    registry.register(_Collector(feed))
     server, _thread = start_http_server(port, addr=addr, registry=registry)
     return server
 
