@@ -92,14 +92,13 @@ class Batch:
     """
 
     __slots__ = ("_ticks", "_quotes", "_bars", "rows", "frames", "errors", "control", "worker",
-                 "seq", "gaps", "_tables", "_owner", "__weakref__")
+                 "_first", "_end", "gaps", "_tables", "_owner", "__weakref__")
 
     rows: int
     frames: int
     errors: list[tuple[int, str]]
     control: list[bytes]
     worker: int
-    seq: tuple[int, int]
     gaps: int
 
     def __init__(self, ticks: Rows | None = None, quotes: Rows | None = None,
@@ -116,7 +115,7 @@ class Batch:
         self.errors = [] if errors is None else errors
         self.control = [] if control is None else control
         self.worker = worker
-        self.seq = seq
+        self._first, self._end = seq
         self.gaps = gaps
         self._tables = tables
         # What gives the memory back when the batch is released (an output ring's read), or
@@ -129,16 +128,34 @@ class Batch:
                      tables: Tables | None = None) -> Batch:
         """A batch of what a decoder returned (it owns the arrays). ``seqs``: the ring
         sequence number of each frame decoded, to number the errors and set ``seq``."""
-        n = res.frames
+        # Slots set directly: this runs once per batch on the consumer's path, and a call
+        # with keywords would cost twice as much.
+        b = cls.__new__(cls)
+        b._ticks = t = res.ticks
+        b._quotes = q = res.quotes
+        b._bars = r = res.bars
+        b.rows = len(t) + len(q) + len(r)
+        b.frames = n = res.frames
         errors = res.errors
         if seqs is not None and n:
             if errors:
                 errors = [(int(seqs[i]), reason) for i, reason in errors]
-            seq = (int(seqs[0]), int(seqs[n - 1]) + 1)
+            b._first = int(seqs[0])
+            b._end = int(seqs[n - 1]) + 1
         else:
-            seq = (0, n)
-        return cls(res.ticks, res.quotes, res.bars, frames=n, errors=errors,
-                   control=res.control, worker=worker, seq=seq, gaps=gaps, tables=tables)
+            b._first, b._end = 0, n
+        b.errors = errors
+        b.control = res.control
+        b.worker = worker
+        b.gaps = gaps
+        b._tables = tables
+        b._owner = None
+        return b
+
+    @property
+    def seq(self) -> tuple[int, int]:
+        """``(first, end)``: the sequence numbers of the batch's frames in their ring."""
+        return (self._first, self._end)
 
     # -- the arrays ---------------------------------------------------------------------------
 
@@ -217,7 +234,8 @@ class Batch:
         assert self._quotes is not None and self._bars is not None
         return Batch(self._ticks.copy(), self._quotes.copy(), self._bars.copy(),
                      frames=self.frames, errors=list(self.errors), control=list(self.control),
-                     worker=self.worker, seq=self.seq, gaps=self.gaps, tables=self._tables)
+                     worker=self.worker, seq=(self._first, self._end), gaps=self.gaps,
+                     tables=self._tables)
 
     def __enter__(self) -> Batch:
         return self

@@ -551,14 +551,18 @@ class Feed:
         # A batch of views the consumer released early may show newer rows: counted, but
         # its times are not read.
         stamps = not b.released or b.owned
+        newest = None
         for kind, arr in zip(("ticks", "quotes", "bars"), arrays, strict=True):
             if len(arr):
                 d[kind] += len(arr)
                 if stamps:
                     rec(now, arr)
-                    last = int(arr["recv_ts"][-1])  # rows are in receive order
-                    if last > self._newest_rx_us:
-                        self._newest_rx_us = last
+                    if newest is None:
+                        newest = arr  # one kind is enough for the staleness (seconds)
+        if newest is not None:
+            last = int(newest["recv_ts"][-1])  # rows are in receive order
+            if last > self._newest_rx_us:
+                self._newest_rx_us = last
 
     def _release_current(self) -> None:
         b = self._current

@@ -5,7 +5,9 @@ the parent reads them here as one :class:`fastfeed.Batch` per read: zero-copy Nu
 the ring, with the errors and control messages of the same frames (an events record after the
 rows of each range) and the range's frame count and gaps (in the record headers). A worker that restarted
 mid-publish publishes the interrupted range again, identically: the parts already seen are
-dropped here, so every row is handed over once. One doorbell, rung by every worker after it
+dropped here, so every row is handed over once. A range is normally one record (rows of
+every kind and events together), so a batch holds whole ranges; a range too big for one
+record comes as records per kind and may be split between two batches. One doorbell, rung by every worker after it
 publishes, lets the parent sleep until any worker has output.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from fastfeed._ring import Doorbell, Ring
 from fastfeed.batch import Batch, Tables
-from fastfeed.state import KIND_NAMES, OUT_HDR, OUTPUT_EVENTS
+from fastfeed.state import KIND_NAMES, OUT_HDR, OUTPUT_EVENTS, OUTPUT_RANGE, RANGE_HDR
 
 __all__ = ["OutputReader", "pack_events", "unpack_events"]
 
@@ -59,6 +61,12 @@ def unpack_events(buf: Any, off: int, end: int, errors: list[tuple[int, str]],
             errors.append((seq, data.decode("utf-8", "replace")))
         else:
             control.append(data)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    a = np.concatenate(parts)
+    a.flags.writeable = False
+    return a
 
 
 class OutputReader:
@@ -103,6 +111,17 @@ class OutputReader:
             if first < 0:
                 first = start
             last = end
+            if kind == OUTPUT_RANGE:
+                p = off + hdr + RANGE_HDR.size
+                counts = RANGE_HDR.unpack_from(buf, off + hdr)
+                for name, count in zip(("ticks", "quotes", "bars"), counts, strict=False):
+                    if count:
+                        dt = self._dtypes[name]
+                        parts[name].append(np.frombuffer(buf, dt, count, p))
+                        p += count * dt.itemsize
+                if counts[3]:
+                    unpack_events(buf, p, p + counts[3], errors, control)
+                continue
             if kind == OUTPUT_EVENTS:
                 unpack_events(buf, off + hdr, off + length, errors, control)
                 continue
@@ -112,11 +131,11 @@ class OutputReader:
             parts[name].append(np.frombuffer(buf, dt, count, off + hdr))
         self._seen[worker] = seen
         # One array per kind, made once: the view itself when the kind came in one record (the
-        # usual case), else one joined copy.
-        arrays = [p[0] if len(p) == 1 else (np.concatenate(p) if p else None)
-                  for p in parts.values()]
-        return Batch(*arrays, frames=frames, errors=errors, control=control, worker=worker,
-                     seq=(max(first, 0), max(last, 0)), gaps=gaps, tables=self.tables, owner=b)
+        # usual case), else one joined copy, read-only as the views are.
+        arrays = [p[0] if len(p) == 1 else (_joined(p) if p else None) for p in parts.values()]
+        return Batch(*arrays, frames=frames, errors=errors, control=control,
+                     worker=worker, seq=(max(first, 0), max(last, 0)), gaps=gaps,
+                     tables=self.tables, owner=b)
 
     def take(self) -> Batch | None:
         """The next ready output, taking the workers in turn so that none is starved."""

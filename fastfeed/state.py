@@ -21,6 +21,11 @@ OUTPUT_QUOTES = 2
 OUTPUT_BARS = 3
 # Errors and control messages of a range (see fastfeed.output.pack_events), after its rows.
 OUTPUT_EVENTS = 4
+# A whole range in one record: RANGE_HDR's counts, then its ticks, quotes, bars and events, so
+# that a reader never sees part of a range. Ranges too big for one record are published as
+# the records above instead.
+OUTPUT_RANGE = 5
+RANGE_HDR = struct.Struct("<IIII")  # ticks, quotes, bars (rows), events (bytes); 16 bytes
 KIND_NAMES = {OUTPUT_TICKS: "ticks", OUTPUT_QUOTES: "quotes", OUTPUT_BARS: "bars"}
 # Output payload header: first input seq, end input seq (exclusive), chunk index, chunk count,
 # gaps (input frames dropped before these rows) and frames (input frames the range holds), both

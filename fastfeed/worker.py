@@ -61,8 +61,10 @@ from fastfeed.state import (
     OUTPUT_BARS,
     OUTPUT_EVENTS,
     OUTPUT_QUOTES,
+    OUTPUT_RANGE,
     OUTPUT_TICKS,
     POISON_DEATHS,
+    RANGE_HDR,
     S_EXITED,
     S_RUNNING,
     row_cells,
@@ -368,8 +370,26 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any,
     dropping policy, or a ring shut down at stop) has its rows counted."""
     from fastfeed.output import pack_events
 
-    room = out.max_payload - OUT_HDR.size
     gaps = int(row[F_GAPS_OWED])
+    # The usual case: the whole range in one record, so that the parent never reads part of
+    # it (a batch then holds whole ranges: its frame count and seq range are exact).
+    arrays = (res.ticks, res.quotes, res.bars)
+    ev = pack_events(events, 1 << 62)[0] if events else b""  # all in one body, uncut
+    size = OUT_HDR.size + RANGE_HDR.size + sum(a.nbytes for a in arrays) + len(ev)
+    if size <= out.max_payload:
+        payload = b"".join([OUT_HDR.pack(first, end, 0, 1, gaps, frames, 0),
+                            RANGE_HDR.pack(len(arrays[0]), len(arrays[1]), len(arrays[2]),
+                                           len(ev)),
+                            *(memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays
+                              if len(a)), ev])
+        if out.write(payload, type=OUTPUT_RANGE, route=worker):
+            if gaps:
+                row[F_GAPS_OWED] -= gaps
+        else:
+            row[F_OUT_DROPPED] += sum(len(a) for a in arrays)
+        return
+    # Too big for one record: each kind chunked to fit, then the events.
+    room = out.max_payload - OUT_HDR.size
     for kind, arr in ((OUTPUT_TICKS, res.ticks), (OUTPUT_QUOTES, res.quotes), (OUTPUT_BARS, res.bars)):
         if not len(arr):
             continue
@@ -389,8 +409,8 @@ def _publish(out: Ring, worker: int, first: int, end: int, res: Any, row: Any,
                 frames = 0
     if events or frames:
         bodies = pack_events(events or [], room)
-        for c, body in enumerate(bodies):
-            payload = OUT_HDR.pack(first, end, c, len(bodies), gaps, frames, 0) + body
+        for c, ev in enumerate(bodies):
+            payload = OUT_HDR.pack(first, end, c, len(bodies), gaps, frames, 0) + ev
             if out.write(payload, type=OUTPUT_EVENTS, route=worker):
                 if gaps:
                     row[F_GAPS_OWED] -= gaps

@@ -37,7 +37,7 @@ RECV = 1_749_462_530_000_000
 @pytest.fixture(scope="module")
 def batch():
     b = Decoder().decode(FRAMES, recv_ts=RECV)
-    assert (len(b.ticks), len(b.quotes), len(b.bars), b.errors) == (2, 2, 2, [])
+    assert (len(b.ticks), len(b.quotes), len(b.bars), len(b.errors)) == (2, 2, 2, 0)
     return b
 
 
