@@ -211,3 +211,46 @@ def test_events_round_trip_in_records_of_bounded_size():
     (body,) = pack_events([(1, 2, b"y" * 5000)], 1000)
     assert len(body) == 1000
     assert pack_events([], 1000) == [b""]
+
+
+def test_a_range_too_big_for_one_output_record_still_arrives_whole_once():
+    """Small output ring: a decoded range is larger than a record, so the worker publishes it
+    per kind, chunked, with its events after; every row, error and control message still
+    reaches the parent once, and the frames add up."""
+    from fastfeed._listener import route_of
+    from fastfeed.pool import WorkerPool
+
+    n, sym = 3000, "NASDAQ:AAPL"
+    r = route_of(sym)
+    frames = []
+    for i in range(n):
+        if i % 100 == 7:
+            frames.append(b'{"c":"NASDAQ:AAPL","p":"bad"}')  # an error
+        elif i % 100 == 9:
+            frames.append(b'{"c":"NASDAQ:AAPL","status":"ok","p":null}')  # a tick (null price)
+        else:
+            frames.append(b'{"c":"NASDAQ:AAPL","t":%d,"p":1.5,"v":%d}' % (1_700_000_000 + i, i))
+    with WorkerPool(1, full_policy="block", output_policy="block", ring_capacity=1 << 20,
+                    output_capacity=1 << 14, batch_size=1024) as pool:
+        assert pool.outputs[0].max_payload < 1024 * TICK_DTYPE.itemsize  # ranges must split
+        for f in frames:
+            assert pool.rings[0].write(f, route=r)
+        got_rows, got_frames, errors = [], 0, []
+        deadline = time.monotonic() + 60
+        # (the frame count comes with a range's first part: read until the worker is done)
+        while time.monotonic() < deadline:
+            b = pool.read_output(0, timeout=0.05)
+            if b is None:
+                if pool.stats()[0].done_seq >= n and not pool.outputs[0].used:
+                    break
+                continue
+            with b:
+                got_rows.append(b.ticks["volume"].copy())
+                got_frames += b.frames
+                errors += b.errors
+        assert pool.stop()
+    vols = np.concatenate(got_rows)
+    assert got_frames == n
+    assert len(errors) == n // 100 and all(seq % 100 == 7 for seq, _ in errors)
+    ok = sorted(int(v) for v in vols if not np.isnan(v))
+    assert ok == [i for i in range(n) if i % 100 not in (7, 9)]
