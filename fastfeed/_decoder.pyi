@@ -33,7 +33,9 @@ class SymbolTable:
     def to_list(self) -> list[str]: ...
 
 class Batch:
-    """What one decode call produced; the arrays belong to the batch."""
+    """What one decode call of the extension produced; the arrays belong to the batch.
+    Internal: the package's :class:`fastfeed.Batch` (``fastfeed.batch``) wraps it, and is what
+    ``fastfeed.Decoder``, a Feed and a handler give."""
 
     @property
     def ticks(self) -> npt.NDArray[np.void]: ...

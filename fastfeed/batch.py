@@ -244,9 +244,6 @@ class Batch:
                  tb: TracebackType | None) -> None:
         self.release()
 
-    def __len__(self) -> int:
-        return self.rows
-
     def __repr__(self) -> str:
         state = " released" if self._ticks is None else ""
         counts = ("" if self._ticks is None or self._quotes is None or self._bars is None else

@@ -54,7 +54,8 @@ def consume(feed: Feed, frames: int, deadline_s: float = 90) -> dict:
         assert b.ticks is b.ticks and b.quotes is b.quotes and b.bars is b.bars
         assert (b.ticks.dtype, b.quotes.dtype, b.bars.dtype) == (TICK_DTYPE, QUOTE_DTYPE,
                                                                   BAR_DTYPE)
-        assert b.rows == len(b.ticks) + len(b.quotes) + len(b.bars) == len(b)
+        assert b.rows == len(b.ticks) + len(b.quotes) + len(b.bars)
+        assert b  # a batch is never falsy, even with no rows (no __len__ to mislead `if b:`)
         for kind, arr in b.items():
             seen[kind] += len(arr)
             assert (arr["recv_ts"] > 0).all()
