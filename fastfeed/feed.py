@@ -207,7 +207,8 @@ class Feed:
         self.log_level = log_level
         self.full_policy = full_policy
         self.idle_timeout = idle_timeout
-        self._pool_options: dict[str, Any] = dict(ring_capacity=ring_capacity, full_policy=full_policy,
+        self._pool_options: dict[str, Any]
+        self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
                                   capture_dir=capture, inline=self.inline,
                                   cpus=_cpu_set(worker_cpus, "worker_cpus"),
@@ -231,8 +232,8 @@ class Feed:
         self._final: dict[str, Any] | None = None
         self._tables_after: tuple[Any, ...] | None = None
         self._unpin: tuple[int, set[int]] | None = None  # (thread id, its CPUs before start)
-        # (batch handed over, its arrays, when), not counted yet
-        self._pending: tuple[Batch, tuple[Any, Any, Any], int] | None = None
+        # (batch handed over, its arrays, whether they are views, when), not counted yet
+        self._pending: tuple[Batch, tuple[Any, Any, Any], bool, int] | None = None
         self._consumer: int | None = None  # the thread that polls
         self._sup: Supervisor | None = None
         self._relay: LogRelay | None = None
@@ -542,7 +543,7 @@ class Feed:
             self._pending = None
             self._account(*p)
 
-    def _account(self, b: Batch, arrays: tuple[Any, Any, Any], now: int) -> None:
+    def _account(self, b: Batch, arrays: tuple[Any, Any, Any], views: bool, now: int) -> None:
         d = self._delivered
         d["batches"] += 1
         d["frames"] += b.frames
@@ -550,7 +551,7 @@ class Feed:
         rec = (self._latency_drain if self._source_ending else self._latency).record_rows
         # A batch of views the consumer released early may show newer rows: counted, but
         # its times are not read.
-        stamps = not b.released or b.owned
+        stamps = not (views and b.released)
         newest = None
         for kind, arr in zip(("ticks", "quotes", "bars"), arrays, strict=True):
             if len(arr):
@@ -617,7 +618,7 @@ class Feed:
             return None
         b._tables = self  # codes through the feed: still readable after it stops
         self._current = b
-        self._pending = (b, (b._ticks, b._quotes, b._bars), now_us())
+        self._pending = (b, (b._ticks, b._quotes, b._bars), not b.owned, now_us())
         return b
 
     def __iter__(self) -> Iterator[Batch]:
