@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -255,3 +256,28 @@ def test_a_range_too_big_for_one_output_record_still_arrives_whole_once():
     assert len(errors) == n // 100 and all(seq % 100 == 7 for seq, _ in errors)
     ok = sorted(int(v) for v in vols if not np.isnan(v))
     assert ok == [i for i in range(n) if i % 100 not in (7, 9)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pub_sub_source_hands_its_control_messages_over_too(tmp_path, workers):
+    """A Redis Pub/Sub source in front of the same pipeline: the status objects published
+    between the data reach batch.control, with the same consumer code."""
+    from fastfeed.sim.publish import publish
+    from tests import brokers
+
+    if shutil.which("redis-server") is None:
+        brokers.missing("redis-server", "redis-server")
+    broker = brokers.start_redis(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{broker.port}/0?channel=feed"
+        with Feed(source=url, workers=workers) as feed:
+            brokers.wait_for(lambda: brokers.feed_connected(feed), what="subscription")
+            sent = publish(url, count=5000, malformed=0.01, status_every=500)
+            seen = consume(feed, sent["frames_sent"])
+            stats = feed.stats()
+    finally:
+        broker.stop()
+    assert sent["control_sent"] == 10 and sent["malformed"] > 0
+    assert len(seen["control"]) == stats["control"] == sent["control_sent"]
+    assert len(seen["errors"]) == stats["errors"] == sent["malformed"]
+    assert seen["frames"] == sent["frames_sent"] == stats["delivered"]["frames"]
