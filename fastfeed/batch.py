@@ -18,6 +18,10 @@ worker's share of the symbols), plus what those frames said that is not rows:
 - ``gaps``: frames of this ring dropped just before these (a dropping ``full_policy``); 0 when
   lossless.
 
+Control messages the network process took off the connection (they never enter a ring) ride
+on the next batch the Feed hands over; when no rows come, on a batch of their own, with
+``frames == 0``.
+
 **Lifetime.** A batch from a Feed is valid until it is *released*: by the next
 :meth:`Feed.poll` (the next step of ``for batch in feed``), by :meth:`Feed.stop`, or by
 :meth:`Batch.release` (``with batch:``). With workers its arrays are views of ring memory that
