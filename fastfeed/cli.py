@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,9 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", metavar="SCOPE", help="e.g. api://<app-id>/.default")
     g.add_argument("--token-cache", metavar="PATH",
                    help="token cache file (default ~/.cache/fastfeed/token.json)")
+    from .cli_feed import add_network_arguments
+
+    add_network_arguments(p)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -120,6 +124,13 @@ def _add_sim(sub: Any) -> None:
                         "redis+stream://...?stream=..., nats://...?subject=..., "
                         "amqp://...?exchange=..., kafka://...?topic=...; --count/--rate/"
                         "--duration bound it")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve https:// and wss:// with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE",
+                   help="the private key of --tls-cert (PEM; default: in the same file)")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="with --tls-cert: require client certificates issued by this CA "
+                        "(mutual TLS)")
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="with --publish: spread symbols over N channels/subjects "
                         "(name.0 .. name.N-1) for sharded consumers")
@@ -150,6 +161,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
          "--write-interval-us must be between 0 and 1000000"),
         (stamp and bool(args.publish),
          "--stamp-send applies to the WebSocket simulator, not --publish"),
+        ((args.tls_key or args.tls_client_ca) and not args.tls_cert,
+         "--tls-key and --tls-client-ca need --tls-cert"),
     )
     for bad, message in usage_errors:
         if bad:
@@ -171,7 +184,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                        client_id=args.client_id, client_secret=args.client_secret,
                        token_lifetime=args.token_lifetime, mix=args.mix,
                        start_time=args.start_time, faults=faults,
-                       stamp_send=args.stamp_send, write_interval_us=args.write_interval_us)
+                       stamp_send=args.stamp_send, write_interval_us=args.write_interval_us,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_client_ca=args.tls_client_ca)
     try:
         import uvloop
         runner: Callable[..., Any] = uvloop.run
@@ -180,7 +195,13 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(run(config, duration=args.duration, json_stats=args.json))
+    except ssl.SSLError as exc:
+        raise CommandError(f"--tls-cert {args.tls_cert} / --tls-key / --tls-client-ca: cannot "
+                           f"use them: {exc.reason or exc}", EXIT_USAGE) from None
     except OSError as exc:
+        if args.tls_cert and exc.filename:
+            raise CommandError(f"cannot read {exc.filename}: {exc.strerror or exc}",
+                               EXIT_USAGE) from None
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
             from None
     return 0
@@ -245,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format=FORMAT)
     from .auth import AuthError
     from .config import ConfigError
+    from .net import FatalNetworkError
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
@@ -253,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastfeed: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except AuthError as exc:
+    except (AuthError, FatalNetworkError) as exc:
         # The message already names the step, the status and the server's reason, in one
         # line; the description from Azure AD carries CRLFs, which are folded here.
         print(f"fastfeed: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -239,6 +239,29 @@ def _cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS, proxy and connect-timeout options (for the login and the WebSocket alike).
+
+    Each defaults to None so that FASTFEED_* variables and the config file fill in; the
+    values are checked when the settings are built (one-line error before anything starts).
+    """
+    g = p.add_argument_group("network: TLS and proxies (also FASTFEED_CA_FILE, "
+                             "FASTFEED_PROXY, HTTPS_PROXY, NO_PROXY...)")
+    g.add_argument("--ca-file", metavar="FILE",
+                   help="CA certificates (PEM) to trust for the feed host and the login "
+                        "(default: SSL_CERT_FILE / SSL_CERT_DIR, else the system store)")
+    g.add_argument("--client-cert", metavar="FILE",
+                   help="client certificate (PEM) for mutual TLS")
+    g.add_argument("--client-key", metavar="FILE",
+                   help="its private key (PEM; default: in --client-cert)")
+    g.add_argument("--proxy", metavar="URL",
+                   help="proxy for the login and the WebSocket: http://, https://, socks5:// "
+                        "(user:password@ allowed; default: HTTPS_PROXY/ALL_PROXY/NO_PROXY)")
+    g.add_argument("--connect-timeout", type=float, metavar="S",
+                   help="give up when no connection has succeeded for S seconds "
+                        "(default: keep retrying, every attempt logged)")
+
+
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
     """Where frames come from: the feed's login settings, or a broker URL."""
     add_settings_arguments(p)
@@ -305,6 +328,11 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
     err = stats.get("error")
     if err:
         raise CommandError(err)
+    if stats.get("stop_reason") == "duration" and stats.get("session", {}).get("connects") == 0:
+        # --duration ran out on a feed that never connected: not a successful run.
+        raise CommandError(f"never connected to the feed in {args.duration:g} s "
+                           f"({stats['session'].get('connect_errors', 0)} failed attempts, "
+                           f"logged above; --connect-timeout S ends such a run sooner)")
     lost = stats["dropped"] + stats["dropped_rows"]
     if lost:
         print(f"fastfeed: {stats['dropped']} frames and {stats['dropped_rows']} rows were dropped "

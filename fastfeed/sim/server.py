@@ -6,6 +6,10 @@ the little HTTP/1.1 it needs itself (one request per connection, ``Connection: c
 the RFC 6455 upgrade and framing by hand. Framing by hand also lets it pre-encode whole runs of
 frames and inject faults at the byte level (fragmentation, interleaved pings).
 
+TLS (``fastfeed sim --tls-cert FILE --tls-key FILE``): the same three endpoints over
+``https://`` and ``wss://``; ``--tls-client-ca FILE`` makes it require a client certificate
+from that CA (mutual TLS). Without them it speaks plain HTTP, as before.
+
 Speed at ``rate=0``: a pool of pre-encoded frames (:class:`~fastfeed.sim.market.Block`) is
 cycled; each send is one ``transport.write`` of a memoryview slice holding thousands of frames,
 so Python does a few microseconds of work per several thousand frames.
@@ -161,6 +165,11 @@ class SimConfig:
     #: smaller bursts, nearer a feed that writes each message as it is made, and costs the
     #: simulator more CPU (one wake-up per write).
     write_interval_us: int = 0
+    #: Serve TLS (https:// and wss://) with this certificate chain and key (PEM files).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: With TLS: require a client certificate issued by this CA (mutual TLS).
+    tls_client_ca: str | None = None
 
 
 def _precise_timers() -> None:
@@ -220,9 +229,10 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT`` of the running simulator."""
+        """``http://HOST:PORT`` (``https://`` with TLS) of the running simulator."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def pool(self) -> Block:
         """The pre-encoded frames cycled at rate 0 (built on first use)."""
@@ -244,8 +254,16 @@ class Simulator:
             # tick times cannot be stamped fails the start, not the first connection.
             self.pool()
         loop = asyncio.get_running_loop()
+        ctx = None
+        if self.config.tls_cert:
+            from ..tls import server_context
+
+            ctx = server_context(self.config.tls_cert, self.config.tls_key,
+                                 self.config.tls_client_ca)
+        elif self.config.tls_client_ca:
+            raise ValueError("tls_client_ca needs tls_cert (client certificates are a TLS thing)")
         self._server = await loop.create_server(lambda: _Conn(self), self.config.host,
-                                                self.config.port)
+                                                self.config.port, ssl=ctx)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
 
@@ -815,7 +833,7 @@ async def run(
 ) -> dict[str, Any]:
     """Run a simulator until ``duration`` passes or SIGINT/SIGTERM arrives; return its stats.
 
-    Prints ``listening on http://HOST:PORT`` first (flushed: scripts wait for it) and, with
+    Prints ``listening on http://HOST:PORT`` (``https://`` with TLS) first (flushed: scripts wait for it) and, with
     ``json_stats``, one JSON object of counters when it stops.
     """
     sim = Simulator(config)
