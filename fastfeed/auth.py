@@ -68,12 +68,15 @@ class AuthError(Exception):
         status: int | None = None,
         code: str | None = None,
         description: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.step = step
         self.status = status
         self.code = code
         self.description = description
+        #: Seconds the server asked to wait before the next try (429/503 Retry-After).
+        self.retry_after = retry_after
 
 
 class CredentialsError(AuthError):
@@ -151,6 +154,7 @@ def _client(settings: Settings) -> HTTPClient:
 def _post_with_retries(
     step: str, url: str, body: bytes, content_type: str, settings: Settings,
     sleep: Callable[[float], None], deadline: float | None = None,
+    attempts: int | None = None,
 ) -> Response:
     """POST, retrying no answer (refused, DNS, timeouts), 429 and 5xx with the shared
     back-off (:mod:`fastfeed.backoff`), up to ``settings.http_attempts`` attempts and not
@@ -162,11 +166,12 @@ def _post_with_retries(
     what = "Azure AD token request" if step == "token" else "feed token exchange"
     backoff = Backoff(0.5, 30.0)
     client = _client(settings)
-    for attempt in range(1, settings.http_attempts + 1):
+    attempts = attempts or settings.http_attempts
+    for attempt in range(1, attempts + 1):
         timeout = settings.http_timeout
         if deadline is not None:
             timeout = max(0.1, min(timeout, deadline - time.monotonic()))
-        last = attempt == settings.http_attempts
+        last = attempt == attempts
         try:
             resp = client.post(url, body, content_type, connect_timeout=min(timeout, 10.0),
                                read_timeout=timeout)
@@ -186,7 +191,7 @@ def _post_with_retries(
         if deadline is not None and time.monotonic() + wait >= deadline:
             raise AuthError(step, f"{what} to {_origin(url)} failed: {reason}")
         log.warning("%s to %s: %s; attempt %d of %d, next in %.1fs", what, _origin(url),
-                    reason, attempt, settings.http_attempts, wait)
+                    reason, attempt, attempts, wait)
         sleep(wait)
     raise AssertionError("unreachable")
 
@@ -209,7 +214,7 @@ def _short(body: bytes, limit: int = 200) -> str:
 
 
 def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
-                    deadline: float | None = None) -> str:
+                    deadline: float | None = None, attempts: int | None = None) -> str:
     """Step 1: the Azure AD client-credentials access token (a JWT), or :class:`AuthError`."""
     settings.require("tenant_id", "client_id", "client_secret", "scope")
     assert settings.client_secret is not None
@@ -220,7 +225,8 @@ def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time
         "grant_type": "client_credentials",
     }).encode()
     resp = _post_with_retries("token", settings.token_url, form,
-                              "application/x-www-form-urlencoded", settings, sleep, deadline)
+                              "application/x-www-form-urlencoded", settings, sleep, deadline,
+                              attempts)
     data = _json(resp.body)
     if resp.status == 200:
         token = data.get("access_token") if isinstance(data, dict) else None
@@ -248,7 +254,7 @@ def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time
     cls = AuthError if resp.status == 429 or resp.status >= 500 else CredentialsError
     hint = _AADSTS_HINTS.get(code or "", _DEFAULT_HINT) if cls is CredentialsError else ""
     raise cls("token", f"Azure AD token request failed: HTTP {resp.status}: {detail}{hint}",
-              status=resp.status, code=code, description=desc)
+              status=resp.status, code=code, description=desc, retry_after=resp.retry_after)
 
 
 # What to change for the Azure AD refusals met in practice (the code is in every answer).
@@ -268,12 +274,12 @@ _AADSTS_HINTS = {
 
 def exchange_token(
     settings: Settings, access_token: str, *, sleep: Callable[[float], None] = time.sleep,
-    deadline: float | None = None,
+    deadline: float | None = None, attempts: int | None = None,
 ) -> Token:
     """Step 2: trade the Azure AD token for the feed's ``authenticationToken``."""
     body = json.dumps({"access_token": access_token}).encode()
     resp = _post_with_retries("exchange", settings.exchange_url, body, "application/json",
-                              settings, sleep, deadline)
+                              settings, sleep, deadline, attempts)
     data = _json(resp.body)
     if resp.status != 200:
         desc = None
@@ -290,7 +296,8 @@ def exchange_token(
             hint = " -- check --scope: the Azure AD token must be for the feed host's app"
         raise cls("exchange",
                   f"feed token exchange at {_origin(settings.exchange_url)} failed: "
-                  f"HTTP {resp.status}: {detail}{hint}", status=resp.status, description=desc)
+                  f"HTTP {resp.status}: {detail}{hint}", status=resp.status, description=desc,
+                  retry_after=resp.retry_after)
     value = data.get("authenticationToken") if isinstance(data, dict) else None
     if not isinstance(value, str) or not value:
         raise AuthError("exchange", "feed token exchange: HTTP 200 without an authenticationToken",
@@ -305,12 +312,14 @@ def exchange_token(
 
 
 def login(settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
-          deadline: float | None = None) -> Token:
+          deadline: float | None = None, attempts: int | None = None) -> Token:
     """Both steps: a fresh feed token (not cached; see :class:`Authenticator`).
 
-    ``deadline`` (``time.monotonic()``): give up retrying past it (``connect_timeout``)."""
-    access = fetch_aad_token(settings, sleep=sleep, deadline=deadline)
-    return exchange_token(settings, access, sleep=sleep, deadline=deadline)
+    ``deadline`` (``time.monotonic()``): give up retrying past it (``connect_timeout``).
+    ``attempts``: per request, instead of ``settings.http_attempts`` (the session passes 1:
+    its own back-off retries the whole login, so that each attempt is logged once)."""
+    access = fetch_aad_token(settings, sleep=sleep, deadline=deadline, attempts=attempts)
+    return exchange_token(settings, access, sleep=sleep, deadline=deadline, attempts=attempts)
 
 
 # -- cache --------------------------------------------------------------------------------------
@@ -407,7 +416,7 @@ class Authenticator:
             return False
         return token.remaining() > self.settings.renew_before
 
-    def get_token(self, deadline: float | None = None) -> Token:
+    def get_token(self, deadline: float | None = None, attempts: int | None = None) -> Token:
         """A token with more than ``renew_before`` seconds left, logging in if needed
         (retrying transient failures up to ``deadline``, a ``time.monotonic()``)."""
         if self._usable(self._token):
@@ -419,16 +428,17 @@ class Authenticator:
             log.debug("using cached feed token %s", cached.fingerprint if cached else "")
             assert cached is not None
             return cached
-        return self.renew(deadline=deadline)
+        return self.renew(deadline=deadline, attempts=attempts)
 
-    def renew(self, refused: Token | None = None, deadline: float | None = None) -> Token:
+    def renew(self, refused: Token | None = None, deadline: float | None = None,
+              attempts: int | None = None) -> Token:
         """Log in again (both steps), cache and return the new token.
 
         ``refused`` is the token the feed host just refused; it is never handed out again.
         """
         if refused is not None:
             log.info("feed host refused token %s; logging in again", refused.fingerprint)
-        token = login(self.settings, sleep=self._sleep, deadline=deadline)
+        token = login(self.settings, sleep=self._sleep, deadline=deadline, attempts=attempts)
         self.renewals += 1
         self._token = token
         try:

@@ -13,6 +13,7 @@ Nothing here retries: :func:`fastfeed.auth` decides what is worth a retry.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.utils
 import ssl
@@ -98,7 +99,9 @@ class HTTPClient:
                 user, password = proxy_credentials(proxy)
                 headers = None
                 if user is not None:
-                    headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password or ''}")
+                    basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+                    # Canonical case: some proxies match the header name case-sensitively.
+                    headers = {"Proxy-Authorization": f"Basic {basic}"}
                 mgr = urllib3.ProxyManager(
                     _without_credentials(proxy), proxy_headers=headers,
                     # TLS to an https:// proxy is verified like the feed's (same CA file)

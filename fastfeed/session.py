@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .auth import Authenticator, AuthError, CredentialsError, Token
+from .auth import MAX_RETRY_AFTER_S, Authenticator, AuthError, CredentialsError, Token
 from .backoff import Backoff
 from .child import ChildProcess, serve
 from .config import ConfigError, Settings
@@ -110,6 +110,7 @@ class FeedSession:
         self._ssl: Any = None
         self._down_since = time.monotonic()  # since when no connection is up
         self._attempts = 0  # failed attempts since then
+        self._tls_eofs = 0  # TLS connections closed unanswered right after the handshake
 
     def __repr__(self) -> str:
         return f"FeedSession(url={self.settings.ws_url!r}, rings={self.listener.n_rings})"
@@ -186,6 +187,7 @@ class FeedSession:
         """Run a blocking login step in the executor. Refused credentials and certificates
         end the session; any other failure is logged with the next delay and waited out
         (None: the caller retries)."""
+        s = self.settings
         deadline = self._deadline()
         try:
             return await asyncio.get_running_loop().run_in_executor(None, step, deadline)
@@ -194,8 +196,41 @@ class FeedSession:
         except AuthError as exc:
             self._counts["connect_errors"] += 1
             self.last_error = " ".join(str(exc).split())
-            await self._wait_retry(f"login failed: {self.last_error}", backoff.next())
+            if exc.status is None and ("RemoteDisconnected" in self.last_error
+                                       or "Connection aborted" in self.last_error):
+                # closed without an answer: over TLS, maybe a refused client certificate
+                url = s.token_url if exc.step == "token" else s.exchange_url
+                if url.startswith("https:") and proxy_for(url, s.proxy) is None:
+                    await self._diagnose_tls(_host_port(url))
+            delay = backoff.next()
+            if exc.retry_after is not None:  # a throttling server said how long
+                delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
+            await self._wait_retry(f"login failed: {self.last_error}", delay)
             return None
+
+    async def _diagnose_tls(self, where: str) -> None:
+        """After a TLS connection to ``where`` closed before any answer: ask the server once
+        more, directly, why (TLS 1.3 servers send a refused client certificate's alert after
+        the handshake, which the clients above do not surface); raise
+        :class:`~fastfeed.net.FatalNetworkError` when it is something retrying cannot fix."""
+        s = self.settings
+        fatal = await asyncio.get_running_loop().run_in_executor(
+            None, _probe_tls, where, self._ssl_context(), s)
+        if fatal == "eof":
+            # No alert, no answer: some TLS stacks close this way on a refused client
+            # certificate (asyncio's, the simulator's, among them). Three in a row is not
+            # a passing hiccup.
+            self._tls_eofs += 1
+            if self._tls_eofs >= 3:
+                given = (f"the one given, {s.client_cert}, is not accepted"
+                         if s.client_cert else "none was given")
+                raise FatalNetworkError(
+                    f"{where} closed the TLS connection right after the handshake, "
+                    f"{self._tls_eofs} times, without an answer: it wants a client "
+                    f"certificate and {given} -- give one its CA accepts with "
+                    f"--client-cert FILE --client-key FILE")
+        elif fatal is not None:
+            raise FatalNetworkError(fatal)
 
     def _deadline(self) -> float | None:
         """When ``connect_timeout`` runs out (``time.monotonic()``), None without one."""
@@ -231,7 +266,8 @@ class FeedSession:
         while not self._stop.is_set():
             renewals = self.auth.renewals
             # The login is blocking HTTP (cold path): keep it off the event loop.
-            token = await self._login(self.auth.get_token, backoff)
+            # One HTTP attempt per login here: this loop's back-off retries (and logs) it.
+            token = await self._login(lambda d: self.auth.get_token(d, attempts=1), backoff)
             if token is None:
                 continue
             fresh = renewed_after_refusal or self.auth.renewals > renewals
@@ -250,7 +286,8 @@ class FeedSession:
                                 self.last_error)
                 # Expired, revoked, or refused once just after a login: log in again (both
                 # steps) and retry at once.
-                if await self._login(lambda d, t=token: self.auth.renew(t, d), backoff) is None:
+                if await self._login(lambda d, t=token: self.auth.renew(t, d, attempts=1),
+                                     backoff) is None:
                     continue
                 renewed_after_refusal = True
                 continue
@@ -285,10 +322,7 @@ class FeedSession:
         return proxy, (self._ssl_context() if proxy.startswith("https:") else None)
 
     def _host_port(self) -> str:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.settings.ws_url)
-        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'wss' else 80)}"
+        return _host_port(self.settings.ws_url)
 
     def _ssl_context(self) -> Any:
         if self._ssl is None:
@@ -343,7 +377,18 @@ class FeedSession:
                 self.last_error += f" (through proxy {redact_url(proxy)})"
             return None
 
+        if transport.response is None:
+            # Closed before the upgrade's answer: picows returns without an error. Over TLS
+            # that is how a server refusing our client certificate looks (TLS 1.3 sends the
+            # alert after the handshake): ask the server once more, directly, to learn why.
+            self._counts["connect_errors"] += 1
+            self.last_error = "connection closed during the WebSocket handshake"
+            if ssl_ctx is not None and proxy is None:
+                await self._diagnose_tls(self._host_port())
+            return None
+
         self._counts["connects"] += 1
+        self._tls_eofs = 0
         opened = time.monotonic()
         log.info("connected to %s%s (token %s)", s.ws_url,
                  f" through proxy {redact_url(proxy)}" if proxy else "", token.fingerprint)
@@ -453,3 +498,31 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _host_port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    secure = parts.scheme in ("https", "wss")
+    return f"{parts.hostname}:{parts.port or (443 if secure else 80)}"
+
+
+def _probe_tls(where: str, ctx: Any, settings: Settings, timeout: float = 3.0) -> str | None:
+    """Connect to ``where`` (``host:port``) with ``ctx`` and read: the TLS alert a server
+    sends after the handshake (a client certificate it refuses) surfaces here as an error
+    :func:`~fastfeed.tls.tls_failure` can name. ``"eof"`` when the server closed without a
+    word; None when it answered or nothing permanent shows."""
+    import socket
+    import ssl
+
+    host, _, port = where.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host.strip("[]")) as tls:
+            tls.sendall(b"GET /ws HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+            if not tls.recv(1):
+                return "eof"
+    except (OSError, ssl.SSLError) as exc:
+        return tls_failure(exc, where, ca_file=settings.ca_file, client_cert=settings.client_cert)
+    return None

@@ -85,6 +85,8 @@ class Faults:
     ping_every: int = 0
     #: Send a status object (a control message) after every this many data frames.
     status_every: int = 0
+    #: Answer every token exchange with 403 (an app the feed host does not entitle).
+    forbid: bool = False
 
 
 _FAULT_HELP = {
@@ -99,6 +101,7 @@ _FAULT_HELP = {
     "fragment=N": "split every data message into frames of N payload bytes",
     "ping-every=N": "send an RFC 6455 ping after every N data frames",
     "status-every=N": "send a status object (control message) after every N data frames",
+    "forbid": "answer every token exchange (/.auth/login/aad) with 403",
 }
 
 
@@ -111,6 +114,8 @@ def parse_faults(specs: Iterable[str]) -> Faults:
         try:
             if key == "no_pong":
                 faults.no_pong = True
+            elif key == "forbid":
+                faults.forbid = True
             elif key == "stall":
                 faults.stall = int(value) if value else 0
             elif key == "refuse_tokens":
@@ -364,6 +369,9 @@ class Simulator:
         if claims is None:
             c["exchange_errors"] += 1
             return 401, {"code": 401, "error": f"access token rejected: {reason}"}
+        if self.config.faults.forbid:
+            c["exchange_errors"] += 1
+            return 403, {"code": 403, "error": "this application is not allowed to use the feed"}
         uid = "sid:" + hashlib.sha256(str(claims.get("appid")).encode()).hexdigest()[:32]
         lifetime = self.config.faults.short_tokens
         if lifetime is None:
@@ -453,7 +461,8 @@ class _Conn(asyncio.Protocol):
 
     def _respond(self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
         assert self.transport is not None
-        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                   404: "Not Found",
                    405: "Method Not Allowed", 429: "Too Many Requests",
                    431: "Request Header Fields Too Large"}
         payload = json.dumps(body).encode() if body is not None else b""
