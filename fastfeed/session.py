@@ -196,8 +196,7 @@ class FeedSession:
         except AuthError as exc:
             self._counts["connect_errors"] += 1
             self.last_error = " ".join(str(exc).split())
-            if exc.status is None and ("RemoteDisconnected" in self.last_error
-                                       or "Connection aborted" in self.last_error):
+            if exc.status is None and any(m in self.last_error for m in _CLOSED_UNANSWERED):
                 # closed without an answer: over TLS, maybe a refused client certificate
                 url = s.token_url if exc.step == "token" else s.exchange_url
                 if url.startswith("https:") and proxy_for(url, s.proxy) is None:
@@ -500,6 +499,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+# How a login request over TLS ends when the server hangs up without an answer.
+_CLOSED_UNANSWERED = ("RemoteDisconnected", "Connection aborted", "EOF occurred in violation",
+                      "UNEXPECTED_EOF", "Connection reset")
+
+
 def _host_port(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -524,5 +528,8 @@ def _probe_tls(where: str, ctx: Any, settings: Settings, timeout: float = 3.0) -
             if not tls.recv(1):
                 return "eof"
     except (OSError, ssl.SSLError) as exc:
-        return tls_failure(exc, where, ca_file=settings.ca_file, client_cert=settings.client_cert)
+        fatal = tls_failure(exc, where, ca_file=settings.ca_file, client_cert=settings.client_cert)
+        if fatal is None and isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+            return "eof"  # cut in the handshake itself: the same refusal, seen earlier
+        return fatal
     return None
