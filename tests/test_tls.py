@@ -221,15 +221,16 @@ def test_feed_api_takes_ca_file_and_client_cert(tls_sim, certs, tmp_path):
     args = sim.settings_args(token_cache=str(tmp_path / "token.json"),
                              client_cert=certs.client)
     assert args["ca_file"] == certs.ca_file
-    got = 0
+    rows = 0
     with Feed(**args, workers=1) as feed:
         deadline = time.monotonic() + 60
-        while got < 30000:
-            assert time.monotonic() < deadline, f"only {got} frames"
+        while feed.frames_accounted() < 30000:
+            assert time.monotonic() < deadline, f"only {feed.frames_accounted()} frames"
             b = feed.poll(timeout=0.5)
             if b is not None:
-                got += b.frames
-    assert got == 30000
+                rows += len(b.ticks) + len(b.quotes) + len(b.bars)
+        stats = feed.stats()
+    assert stats["frames"] == 30000 and stats["errors"] == 0 and rows >= 30000
 
 
 # -- settings ---------------------------------------------------------------------------------
