@@ -131,7 +131,7 @@ class HTTPClient:
                                 client_cert=self._client_cert)
             if fatal is not None:
                 raise FatalNetworkError(fatal) from None
-            reason = _reason(exc)
+            reason = _reason(exc, parts.hostname or "")
             if proxy and "407" in reason:
                 raise FatalNetworkError(
                     f"proxy {redact_url(proxy)} refused the request with 407 (proxy "
@@ -152,8 +152,10 @@ def _without_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, host: str) -> str:
     """A short reason without urllib3's object reprs: 'connection refused', 'timed out'..."""
+    import socket
+
     import urllib3
 
     inner: BaseException = exc
@@ -162,8 +164,9 @@ def _reason(exc: BaseException) -> str:
         if not isinstance(nxt, BaseException) or nxt is inner:
             break
         inner = nxt
-    if isinstance(inner, urllib3.exceptions.NameResolutionError) or "resolution" in str(inner):
-        return "DNS: the name does not resolve"
+    if isinstance(inner, (socket.gaierror, urllib3.exceptions.NameResolutionError)):
+        why = inner.strerror if isinstance(inner, socket.gaierror) else "no address"
+        return f"DNS: {host} does not resolve ({why})"
     text = " ".join(str(inner).split())
     # "HTTPConnection(host=..., port=...): Failed to establish ...: [Errno 111] ..." -> tail
     if "): " in text:

@@ -367,7 +367,7 @@ class FeedSession:
             fatal = tls_failure(exc, where, ca_file=s.ca_file, client_cert=s.client_cert)
             if fatal is not None:
                 raise FatalNetworkError(fatal) from None
-            self.last_error = _describe(exc)
+            self.last_error = _describe(exc, self._host_port().rsplit(":", 1)[0])
             if proxy is not None:
                 if "407" in self.last_error:
                     raise FatalNetworkError(
@@ -491,10 +491,15 @@ class SessionProcess(ChildProcess):
                          name="fastfeed-session", log_level=log_level, log=log)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, host: str = "") -> str:
     """One line for a failed connection attempt: the innermost reason, not a repr chain."""
+    import socket
+
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc):
         return "timed out"
+    gai = exc if isinstance(exc, socket.gaierror) else exc.__cause__
+    if isinstance(gai, socket.gaierror):
+        return f"DNS: {host or 'the host'} does not resolve ({gai.strerror})"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
 
