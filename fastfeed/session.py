@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -231,6 +232,9 @@ class FeedSession:
         elif fatal is not None:
             raise FatalNetworkError(fatal)
 
+    def _renew(self, refused: Token, deadline: float | None) -> Token:
+        return self.auth.renew(refused, deadline, attempts=1)
+
     def _deadline(self) -> float | None:
         """When ``connect_timeout`` runs out (``time.monotonic()``), None without one."""
         t = self.settings.connect_timeout
@@ -285,8 +289,7 @@ class FeedSession:
                                 self.last_error)
                 # Expired, revoked, or refused once just after a login: log in again (both
                 # steps) and retry at once.
-                if await self._login(lambda d, t=token: self.auth.renew(t, d, attempts=1),
-                                     backoff) is None:
+                if await self._login(functools.partial(self._renew, token), backoff) is None:
                     continue
                 renewed_after_refusal = True
                 continue
