@@ -93,8 +93,12 @@ class HTTPClient:
                         "a socks5:// proxy for the login needs PySocks: "
                         "pip install 'urllib3[socks]'") from None
                 user, password = proxy_credentials(proxy)
-                mgr = SOCKSProxyManager(_without_credentials(proxy), username=user,
-                                        password=password, **kw)
+                # The proxy resolves the host name (socks5h), as it does for the WebSocket
+                # (python-socks): behind a proxy, the local resolver may know no outside name.
+                url = _without_credentials(proxy)
+                if url.startswith("socks5:"):
+                    url = "socks5h:" + url[7:]
+                mgr = SOCKSProxyManager(url, username=user, password=password, **kw)
             else:
                 user, password = proxy_credentials(proxy)
                 headers = None

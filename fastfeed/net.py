@@ -7,7 +7,8 @@ variables apply as curl and requests read them: ``HTTPS_PROXY`` for ``https://``
 ``wss://``, ``HTTP_PROXY`` for ``http://`` and ``ws://``, else ``ALL_PROXY``; a host that
 ``NO_PROXY`` names (a name, a ``.domain`` suffix, an address, ``*``) is reached directly.
 Proxy URLs are ``http://``, ``https://`` (TLS to the proxy), ``socks5://`` or ``socks5h://``
-(the proxy resolves the name), with ``user:password@`` when the proxy wants credentials.
+(both: the proxy resolves the host names), with ``user:password@`` when the proxy wants
+credentials.
 """
 
 from __future__ import annotations
