@@ -112,6 +112,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
                          for k, v in stats["latency_us"].items()}
     out["delivered"] = stats["delivered"]
     out["undelivered"] = stats["undelivered"]
+    # failed connection (and login) attempts of the network process: each was also logged
+    out["connect_errors"] = stats.get("session", {}).get("connect_errors", 0)
     if "stop_reason" in stats:
         out["stop_reason"] = stats["stop_reason"]
     return out
