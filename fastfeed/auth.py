@@ -137,9 +137,6 @@ def jwt_expiry(token: str) -> float | None:
 
 # -- HTTP ---------------------------------------------------------------------------------------
 
-_Response = Response
-
-
 @functools.lru_cache(maxsize=8)
 def _client(settings: Settings) -> HTTPClient:
     """One HTTP client per settings: the two login steps (and later renewals) share its

@@ -223,7 +223,8 @@ def _cmd_login(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.require("host", "tenant_id", "client_id", "client_secret", "scope")
     auth = Authenticator(settings)
-    token = auth.renew()
+    t = settings.connect_timeout
+    token = auth.renew(deadline=None if t is None else time.monotonic() + t)
     left = token.remaining() / 86400.0
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at))
     print(f"logged in as {token.user_id or '(unknown user)'}")

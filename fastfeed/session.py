@@ -336,7 +336,7 @@ class FeedSession:
 
         Raises :class:`~fastfeed.net.FatalNetworkError` for what retrying cannot fix (an
         untrusted or mismatched certificate, a refused client certificate or proxy login)."""
-        from picows import WSError, WSHandshakeError, WSMsgType, ws_connect
+        from picows import WSHandshakeError, WSMsgType, ws_connect
 
         s = self.settings
         ssl_ctx = self._ssl_context() if s.ws_url.startswith("wss:") else None
@@ -364,7 +364,7 @@ class FeedSession:
                 return "refused"
             self._counts["connect_errors"] += 1
             return None
-        except (TimeoutError, OSError, WSError, Exception) as exc:
+        except Exception as exc:  # refused, DNS, timeout, TLS, proxy: sorted out below
             self._counts["connect_errors"] += 1
             where = f"{self._host_port()}"
             fatal = tls_failure(exc, where, ca_file=s.ca_file, client_cert=s.client_cert)
