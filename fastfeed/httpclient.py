@@ -19,6 +19,7 @@ import email.utils
 import ssl
 import threading
 import time
+import warnings
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -125,11 +126,14 @@ class HTTPClient:
         where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         via = f" through proxy {redact_url(proxy)}" if proxy else ""
         try:
-            resp = self._manager(proxy).request(
-                "POST", url, body=body,
-                headers={"Content-Type": content_type, "Accept": "application/json"},
-                timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-                redirect=False, preload_content=True)
+            with warnings.catch_warnings():
+                # verify_tls=false: the caller has logged its own warning, once, already
+                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                resp = self._manager(proxy).request(
+                    "POST", url, body=body,
+                    headers={"Content-Type": content_type, "Accept": "application/json"},
+                    timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+                    redirect=False, preload_content=True)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             fatal = tls_failure(exc, where, ca_file=self._ca_file,
                                 client_cert=self._client_cert)

@@ -600,3 +600,18 @@ def test_client_secret_is_not_in_the_children_environment(start_sim, tmp_path, m
             assert not any(e.startswith(b"FASTFEED_CLIENT_SECRET=") for e in environ), pid
             assert SIM_SECRET.encode() not in b"\0".join(environ)
     assert "FASTFEED_CLIENT_SECRET" not in os.environ
+
+
+def test_throttled_login_waits_as_the_server_says(start_sim, rings, tmp_path):
+    """429 with Retry-After: 1, twice: the session's back-off waits at least that long (not
+    its own 10 ms first delay) and then logs in and streams."""
+    sim = start_sim("--rate", "100", "--fault", "throttle=2")
+    s = session_settings(sim, tmp_path)
+    t0 = time.monotonic()
+    with SessionProcess(s, [r.name for r in rings(1)]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 10, what="frames after throttling")
+        c = proc.counters()
+    assert time.monotonic() - t0 >= 2.0
+    assert c["connect_errors"] == 2 and c["connects"] == 1
+    stats = sim.stats()
+    assert stats["throttled"] == 2 and stats["token_requests"] == 3

@@ -261,3 +261,37 @@ def test_sim_tls_usage_errors(certs):
     assert res.returncode == 2 and "need --tls-cert" in res.stderr
     res = sim("--tls-cert", certs.ca_file)  # a certificate without its key
     assert res.returncode == 2 and res.stderr.startswith("fastfeed: error: --tls-cert")
+
+
+def test_verification_off_is_never_silent(tls_sim, tmp_path, caplog):
+    """verify_tls=false (a lab setting) still connects, and says so in a warning."""
+    import asyncio
+    import logging
+    import uuid
+
+    from fastfeed._ring import Ring
+    from fastfeed.session import FeedSession
+
+    sim = tls_sim("--rate", "0", "--count", "1000")
+    s = load_settings(sim.settings_args(token_cache=str(tmp_path / "t.json"), ca_file=None,
+                                        verify_tls=False), env={})
+    ring = Ring.create(f"tls{uuid.uuid4().hex[:8]}", 1 << 20, full_policy="drop")
+    try:
+        async def main() -> int:
+            session = FeedSession(s, [ring])
+            task = asyncio.ensure_future(session.run())
+            deadline = time.monotonic() + 30
+            while session.counters()["frames"] < 1000 and not task.done():
+                assert time.monotonic() < deadline, "no frames"
+                await asyncio.sleep(0.01)
+            session.stop()
+            await task
+            return session.counters()["frames"]
+
+        with caplog.at_level(logging.WARNING):
+            assert asyncio.run(main()) == 1000
+    finally:
+        ring.close()
+        ring.unlink()
+    off = [r.getMessage() for r in caplog.records if "verification is OFF" in r.getMessage()]
+    assert len(off) >= 2  # the login's client and the WebSocket session each say it
