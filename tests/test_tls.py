@@ -35,7 +35,11 @@ class Certs:
         self.dir = d
         self.ca = trustme.CA()
         self.ca_file = self._write("ca.pem", self.ca.cert_pem)
-        self.server = self._leaf("server.pem", self.ca.issue_cert("127.0.0.1", "localhost"))
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.server = self._leaf("server.pem", server)
+        # the same, as a certificate file and a key file (--tls-cert and --tls-key)
+        self.server_crt = self._write("server.crt", server.cert_chain_pems[0])
+        self.server_key = self._write("server.key", server.private_key_pem)
         # valid certificates, but for another name than the one connected to
         self.wrong_name = self._leaf("wrong-name.pem", self.ca.issue_cert("feed.example.com"))
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
@@ -67,8 +71,9 @@ def tls_sim(certs: Certs):
     sims: list[SimulatorProcess] = []
 
     def start(*args: str, cert: str | None = None) -> SimulatorProcess:
-        sim = SimulatorProcess("--tls-cert", cert or certs.server, *args,
-                               ca_file=certs.ca_file)
+        tls = ("--tls-cert", cert) if cert else ("--tls-cert", certs.server_crt,
+                                                  "--tls-key", certs.server_key)
+        sim = SimulatorProcess(*tls, *args, ca_file=certs.ca_file)
         sims.append(sim)
         return sim
 
