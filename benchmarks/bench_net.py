@@ -11,7 +11,11 @@ and receives ``--frames`` data frames:
 - **picows, counting**: a plain picows client whose Python ``on_ws_frame`` only counts;
 - **websockets**: the ``websockets`` library's asyncio client, ``async for`` over messages.
 
-All three run on uvloop with the same picows read buffer where that applies. Rates are frames
+The TLS case: a second simulator serves ``wss://`` (``fastfeed sim --tls-cert``, with a CA made
+for the run by trustme), and the fastfeed session and the counting picows client run against it
+too, in the same rounds: the table shows what TLS costs each (``--no-tls`` skips it).
+
+All run on uvloop with the same picows read buffer where that applies. Rates are frames
 from the first data frame to the last, measured by a watcher that polls the count every
 millisecond. Each client runs ``--rounds`` times, interleaved; the table shows the best and the
 median.
@@ -89,7 +93,9 @@ def _client_fastfeed(settings: Any, ring_names: list[str], n: int, out: Any) -> 
         r.close()
 
 
-def _client_picows(ws_url: str, token: str, n: int, out: Any) -> None:
+def _client_picows(ws_url: str, token: str, n: int, ca_file: str | None, out: Any) -> None:
+    import ssl
+
     import uvloop
     from picows import WSListener, WSMsgType, ws_connect
 
@@ -101,8 +107,9 @@ def _client_picows(ws_url: str, token: str, n: int, out: Any) -> None:
             self.n += 1
 
     async def main() -> tuple[int, float]:
+        ctx = ssl.create_default_context(cafile=ca_file) if ws_url.startswith("wss:") else None
         transport, listener = await ws_connect(
-            Counter, ws_url, extra_headers={"X-ZUMO-AUTH": token},
+            Counter, ws_url, extra_headers={"X-ZUMO-AUTH": token}, ssl_context=ctx,
             read_buffer_init_size=READ_BUFFER)
         transport.send(WSMsgType.TEXT, b'{"email":"bench@example.com"}')
         try:
@@ -113,7 +120,7 @@ def _client_picows(ws_url: str, token: str, n: int, out: Any) -> None:
     out.put(uvloop.run(main()))
 
 
-def _client_websockets(ws_url: str, token: str, n: int, out: Any) -> None:
+def _client_websockets(ws_url: str, token: str, n: int, ca_file: str | None, out: Any) -> None:
     import uvloop
     from websockets.asyncio.client import connect
 
@@ -164,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rings", type=int, default=2)
     ap.add_argument("--symbols", type=int, default=100)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--no-tls", action="store_true", help="skip the wss:// rows")
     args = ap.parse_args()
 
     from fastfeed._listener import route_of
@@ -173,20 +181,52 @@ def main() -> None:
     from fastfeed.sim import Market
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "fastfeed", "sim", "--rate", "0", "--port", "0", "--mix", "1,0,0",
-         "--symbols", str(args.symbols), "--json"],
-        stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    assert sim.stdout is not None
-    url = sim.stdout.readline().split("listening on ", 1)[1].strip()
     tmp = tempfile.mkdtemp()
-    settings = load_settings({
-        "host": url, "authority": url, "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
-        "client_secret": "fastfeed-sim-secret", "scope": "api://fastfeed-sim/.default",
-        "email": "bench@example.com", "token_cache": os.path.join(tmp, "token.json")}, env={})
-    token = login(settings)
+    tls_args: list[str] = []
+    ca_file = None
+    if not args.no_tls:
+        try:
+            import trustme
+        except ImportError:
+            print("trustme is not installed: no wss:// rows (pip install trustme)",
+                  file=sys.stderr)
+        else:
+            ca = trustme.CA()
+            ca_file = os.path.join(tmp, "ca.pem")
+            ca.cert_pem.write_to_path(ca_file)
+            cert = os.path.join(tmp, "server.pem")
+            ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(cert)
+            tls_args = ["--tls-cert", cert]
+
+    def start_sim(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastfeed", "sim", "--rate", "0", "--port", "0", "--mix",
+             "1,0,0", "--symbols", str(args.symbols), "--json", *extra],
+            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        assert proc.stdout is not None
+        return proc, proc.stdout.readline().split("listening on ", 1)[1].strip()
+
+    def settings_for(url: str, name: str) -> Any:
+        s = load_settings({
+            "host": url, "authority": url, "tenant_id": "fastfeed-sim",
+            "client_id": "fastfeed-sim", "client_secret": "fastfeed-sim-secret",
+            "scope": "api://fastfeed-sim/.default", "email": "bench@example.com",
+            "token_cache": os.path.join(tmp, name), "ca_file": ca_file if url.startswith(
+                "https:") else None}, env={})
+        TokenCache(s.token_cache).store(login(s))
+        return s
+
     from fastfeed.auth import TokenCache
-    TokenCache(settings.token_cache).store(token)
+    sim, url = start_sim([])
+    sims = [sim]
+    settings = settings_for(url, "token.json")
+    token = TokenCache(settings.token_cache).load()
+    assert token is not None
+    tls_settings = None
+    if tls_args:
+        tls_sim, tls_url = start_sim(tls_args)
+        sims.append(tls_sim)
+        tls_settings = settings_for(tls_url, "token-tls.json")
 
     # Size each ring for the share of symbols it carries, with room to spare.
     codes = Market(args.symbols, seed=0, mix=(1, 0, 0)).codes
@@ -202,34 +242,46 @@ def main() -> None:
     sizes = [len(p) for p in frames.payloads]
     mean_size = statistics.mean(sizes)
 
-    clients = {
-        "fastfeed session -> rings": (_client_fastfeed, args.frames),
-        "picows, Python on_ws_frame counting": (_client_picows, args.frames),
-        "websockets (asyncio client)": (_client_websockets, args.ws_frames),
+    # name -> (client, frames, settings)
+    clients: dict[str, tuple[Any, int, Any]] = {
+        "fastfeed session -> rings": (_client_fastfeed, args.frames, settings),
+        "picows, Python on_ws_frame counting": (_client_picows, args.frames, settings),
+        "websockets (asyncio client)": (_client_websockets, args.ws_frames, settings),
     }
+    if tls_settings is not None:
+        clients["fastfeed session -> rings, wss://"] = (_client_fastfeed, args.frames,
+                                                        tls_settings)
+        clients["picows, Python on_ws_frame counting, wss://"] = (_client_picows, args.frames,
+                                                                  tls_settings)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in clients}
     try:
         for _ in range(args.rounds):
-            for name, (fn, n) in clients.items():
+            for name, (fn, n, st) in clients.items():
                 if fn is _client_fastfeed:
                     # Fresh, empty rings for every run.
                     tag = uuid.uuid4().hex[:6]
                     rings = [Ring.create(f"bench{tag}{i}", cap, full_policy="drop")
                              for i, cap in enumerate(caps)]
                     try:
-                        res = _run(fn, settings, [r.name for r in rings], n)
+                        res = _run(fn, st, [r.name for r in rings], n)
                     finally:
                         for r in rings:
                             r.close()
                             r.unlink()
                 else:
-                    res = _run(fn, settings.ws_url, token.value, n)
+                    tok = TokenCache(st.token_cache).load()
+                    assert tok is not None
+                    res = _run(fn, st.ws_url, tok.value, n,
+                               str(st.ca_file) if st.ca_file else None)
                 res["rate"] = res["frames"] / res["seconds"]
                 results[name].append(res)
                 print(f"  {name}: {res['rate'] / 1e6:.3f} M frames/s", file=sys.stderr)
     finally:
-        sim.terminate()
-        sim_out, _ = sim.communicate(timeout=30)
+        outs = []
+        for p in sims:
+            p.terminate()
+            outs.append(p.communicate(timeout=30)[0])
+        sim_out = outs[0]
 
     base = max(r["rate"] for r in results["picows, Python on_ws_frame counting"])
     rows = []
@@ -239,8 +291,16 @@ def main() -> None:
         rows.append({"client": name, "best": best, "median": statistics.median(rates),
                      "frames": runs[0]["frames"], "drops": sum(r["drops"] for r in runs),
                      "vs_picows": best / base})
+    tls_cost = {}
+    for plain, tls in (("fastfeed session -> rings", "fastfeed session -> rings, wss://"),
+                       ("picows, Python on_ws_frame counting",
+                        "picows, Python on_ws_frame counting, wss://")):
+        if tls in results:
+            best = {r["client"]: r["best"] for r in rows}
+            tls_cost[plain] = best[tls] / best[plain]
     if args.json:
-        print(json.dumps({"rows": rows, "mean_frame_bytes": mean_size}, indent=2))
+        print(json.dumps({"rows": rows, "mean_frame_bytes": mean_size, "tls_over_plain": tls_cost},
+                         indent=2))
         return
     cpu = "unknown CPU"
     try:
@@ -270,9 +330,11 @@ def main() -> None:
               f"{r['median'] / 1e6:.2f} M | {r['best'] * mean_size / 1e6:.0f} | {r['drops']} | "
               f"{vs} |")
     ff = rows[0]["best"]
-    ws = rows[2]["best"]
+    ws = rows[2]["best"]  # the first three rows are the plain ws:// clients
     print(f"\nfastfeed session: {ff / base:.0%} of the counting picows client, "
           f"{ff / ws:.1f}x the websockets client.")
+    for name, ratio in tls_cost.items():
+        print(f"TLS (wss:// vs ws://, same run): {name} keeps {ratio:.0%} of its plain rate.")
     stats = json.loads([ln for ln in sim_out.splitlines() if ln.startswith("{")][-1])
     print(f"Simulator: {stats['frames_sent']:,} frames sent in all, "
           f"{stats['connections']} connections.")

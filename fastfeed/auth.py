@@ -1,8 +1,7 @@
 """Login to the feed (PROTOCOL.md section 1) and the owner-only token cache.
 
-Two HTTP requests, on the cold path, with the standard library's ``urllib.request``: they run
-once a month per user, so a third-party client would buy nothing but a dependency, and
-``urllib`` verifies TLS against the system store by default.
+Two HTTP requests, on the cold path, with urllib3 (:mod:`fastfeed.httpclient`: why there):
+the same TLS context (``ca_file``, client certificate) and the same proxies as the WebSocket.
 
 1. Azure AD client credentials: ``POST {authority}/{tenant}/oauth2/v2.0/token``.
 2. The feed host's exchange: ``POST https://{host}/.auth/login/aad`` gives the long-lived
@@ -16,23 +15,22 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import email.utils
+import functools
 import hashlib
 import json
 import logging
 import os
-import random
-import ssl
+import stat
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .backoff import Backoff
 from .config import ConfigError, Settings
+from .httpclient import HTTPClient, Response, TransientHTTPError
 
 __all__ = [
     "AuthError",
@@ -53,7 +51,6 @@ log = logging.getLogger("fastfeed.auth")
 FALLBACK_LIFETIME_S = 30 * 24 * 3600.0
 # Never sleep longer than this on a server's Retry-After: past it, failing loudly is kinder.
 MAX_RETRY_AFTER_S = 120.0
-_USER_AGENT = "fastfeed"
 
 
 class AuthError(Exception):
@@ -71,12 +68,15 @@ class AuthError(Exception):
         status: int | None = None,
         code: str | None = None,
         description: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.step = step
         self.status = status
         self.code = code
         self.description = description
+        #: Seconds the server asked to wait before the next try (429/503 Retry-After).
+        self.retry_after = retry_after
 
 
 class CredentialsError(AuthError):
@@ -137,81 +137,59 @@ def jwt_expiry(token: str) -> float | None:
 
 # -- HTTP ---------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _Response:
-    status: int
-    body: bytes
-    retry_after: float | None
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _post(url: str, body: bytes, content_type: str, settings: Settings) -> _Response:
-    req = urllib.request.Request(
-        url, data=body, method="POST",
-        headers={"Content-Type": content_type, "Accept": "application/json",
-                 "User-Agent": _USER_AGENT},
-    )
-    ctx = None
-    if url.startswith("https:"):
-        ctx = ssl.create_default_context()
-        if not settings.verify_tls:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(req, timeout=settings.http_timeout, context=ctx) as resp:
-            return _Response(resp.status, resp.read(), None)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            data = exc.read()
-        return _Response(exc.code, data, _parse_retry_after(exc.headers.get("Retry-After")))
+@functools.lru_cache(maxsize=8)
+def _client(settings: Settings) -> HTTPClient:
+    """One HTTP client per settings: the two login steps (and later renewals) share its
+    connections, TLS context and proxies."""
+    if not settings.verify_tls:
+        log.warning("TLS verification is OFF (verify_tls=false): anyone on the path can "
+                    "read the login and the token")
+    return HTTPClient(settings.ssl_context(), proxy=settings.proxy, ca_file=settings.ca_file,
+                      client_cert=settings.client_cert)
 
 
 def _post_with_retries(
     step: str, url: str, body: bytes, content_type: str, settings: Settings,
-    sleep: Callable[[float], None],
-) -> _Response:
-    """POST, retrying network errors, 429 and 5xx with capped exponential back-off + jitter.
-
-    A server's ``Retry-After`` wins over the computed delay (up to ``MAX_RETRY_AFTER_S``).
-    Any other 4xx returns at once: bad credentials never loop.
+    sleep: Callable[[float], None], deadline: float | None = None,
+    attempts: int | None = None,
+) -> Response:
+    """POST, retrying no answer (refused, DNS, timeouts), 429 and 5xx with the shared
+    back-off (:mod:`fastfeed.backoff`), up to ``settings.http_attempts`` attempts and not
+    past ``deadline`` (``time.monotonic()``). Each retry is logged once with its reason and
+    the delay. A server's ``Retry-After`` wins over the computed delay (up to
+    ``MAX_RETRY_AFTER_S``). Any other 4xx returns at once: bad credentials never loop; a
+    certificate that cannot be trusted raises :class:`~fastfeed.net.FatalNetworkError`.
     """
     what = "Azure AD token request" if step == "token" else "feed token exchange"
-    delay = 0.5
-    for attempt in range(1, settings.http_attempts + 1):
-        last = attempt == settings.http_attempts
+    backoff = Backoff(0.5, 30.0)
+    client = _client(settings)
+    attempts = attempts or settings.http_attempts
+    for attempt in range(1, attempts + 1):
+        timeout = settings.http_timeout
+        if deadline is not None:
+            timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+        last = attempt == attempts
         try:
-            resp = _post(url, body, content_type, settings)
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if last:
+            resp = client.post(url, body, content_type, connect_timeout=min(timeout, 10.0),
+                               read_timeout=timeout)
+        except TransientHTTPError as exc:
+            reason = str(exc)
+            if last or (deadline is not None and time.monotonic() >= deadline):
                 raise AuthError(step, f"{what} to {_origin(url)} failed: {reason}") from None
-            wait = random.uniform(0.5, 1.0) * delay
-            log.warning("%s: %s; retry %d in %.1fs", what, reason, attempt, wait)
+            wait = backoff.next()
         else:
             if resp.status != 429 and resp.status < 500:
                 return resp
             if last:
                 return resp
-            wait = resp.retry_after if resp.retry_after is not None else (
-                random.uniform(0.5, 1.0) * delay)
+            reason = f"HTTP {resp.status}"
+            wait = resp.retry_after if resp.retry_after is not None else backoff.next()
             wait = min(wait, MAX_RETRY_AFTER_S)
-            log.warning("%s: HTTP %d; retry %d in %.1fs", what, resp.status, attempt, wait)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            raise AuthError(step, f"{what} to {_origin(url)} failed: {reason}")
+        log.warning("%s to %s: %s; attempt %d of %d, next in %.1fs", what, _origin(url),
+                    reason, attempt, attempts, wait)
         sleep(wait)
-        delay = min(delay * 2, 30.0)
     raise AssertionError("unreachable")
 
 
@@ -232,7 +210,8 @@ def _short(body: bytes, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> str:
+def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
+                    deadline: float | None = None, attempts: int | None = None) -> str:
     """Step 1: the Azure AD client-credentials access token (a JWT), or :class:`AuthError`."""
     settings.require("tenant_id", "client_id", "client_secret", "scope")
     assert settings.client_secret is not None
@@ -243,7 +222,8 @@ def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time
         "grant_type": "client_credentials",
     }).encode()
     resp = _post_with_retries("token", settings.token_url, form,
-                              "application/x-www-form-urlencoded", settings, sleep)
+                              "application/x-www-form-urlencoded", settings, sleep, deadline,
+                              attempts)
     data = _json(resp.body)
     if resp.status == 200:
         token = data.get("access_token") if isinstance(data, dict) else None
@@ -269,17 +249,34 @@ def fetch_aad_token(settings: Settings, *, sleep: Callable[[float], None] = time
     if error and desc and not desc.startswith(str(error)):
         detail = f"{error}: {desc}"
     cls = AuthError if resp.status == 429 or resp.status >= 500 else CredentialsError
-    raise cls("token", f"Azure AD token request failed: HTTP {resp.status}: {detail}",
-              status=resp.status, code=code, description=desc)
+    hint = _AADSTS_HINTS.get(code or "", _DEFAULT_HINT) if cls is CredentialsError else ""
+    raise cls("token", f"Azure AD token request failed: HTTP {resp.status}: {detail}{hint}",
+              status=resp.status, code=code, description=desc, retry_after=resp.retry_after)
+
+
+# What to change for the Azure AD refusals met in practice (the code is in every answer).
+_DEFAULT_HINT = " -- check --tenant, --client-id, --client-secret and --scope"
+_AADSTS_HINTS = {
+    "AADSTS7000215": " -- check the client secret (FASTFEED_CLIENT_SECRET or the config "
+                     "file): the secret's value, not its id",
+    "AADSTS7000222": " -- the client secret has expired: create a new one for the app",
+    "AADSTS700016": " -- check --client-id (and --tenant: the app must be in that directory)",
+    "AADSTS90002": " -- check --tenant",
+    "AADSTS900023": " -- check --tenant",
+    "AADSTS1002012": " -- check --scope: it must end in /.default",
+    "AADSTS70011": " -- check --scope: it must end in /.default",
+    "AADSTS90014": " -- give --scope",
+}
 
 
 def exchange_token(
     settings: Settings, access_token: str, *, sleep: Callable[[float], None] = time.sleep,
+    deadline: float | None = None, attempts: int | None = None,
 ) -> Token:
     """Step 2: trade the Azure AD token for the feed's ``authenticationToken``."""
     body = json.dumps({"access_token": access_token}).encode()
     resp = _post_with_retries("exchange", settings.exchange_url, body, "application/json",
-                              settings, sleep)
+                              settings, sleep, deadline, attempts)
     data = _json(resp.body)
     if resp.status != 200:
         desc = None
@@ -288,9 +285,16 @@ def exchange_token(
                        or "").strip() or None
         detail = desc or _short(resp.body) or "(empty body)"
         cls = AuthError if resp.status == 429 or resp.status >= 500 else CredentialsError
+        hint = ""
+        if resp.status == 403:
+            hint = (" -- the feed host refuses this app: ask the provider to entitle its "
+                    "client id to the feed")
+        elif resp.status == 401:
+            hint = " -- check --scope: the Azure AD token must be for the feed host's app"
         raise cls("exchange",
                   f"feed token exchange at {_origin(settings.exchange_url)} failed: "
-                  f"HTTP {resp.status}: {detail}", status=resp.status, description=desc)
+                  f"HTTP {resp.status}: {detail}{hint}", status=resp.status, description=desc,
+                  retry_after=resp.retry_after)
     value = data.get("authenticationToken") if isinstance(data, dict) else None
     if not isinstance(value, str) or not value:
         raise AuthError("exchange", "feed token exchange: HTTP 200 without an authenticationToken",
@@ -304,9 +308,15 @@ def exchange_token(
                  obtained_at=now, host=settings.base_url, client_id=settings.client_id or "")
 
 
-def login(settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> Token:
-    """Both steps: a fresh feed token (not cached; see :class:`Authenticator`)."""
-    return exchange_token(settings, fetch_aad_token(settings, sleep=sleep), sleep=sleep)
+def login(settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
+          deadline: float | None = None, attempts: int | None = None) -> Token:
+    """Both steps: a fresh feed token (not cached; see :class:`Authenticator`).
+
+    ``deadline`` (``time.monotonic()``): give up retrying past it (``connect_timeout``).
+    ``attempts``: per request, instead of ``settings.http_attempts`` (the session passes 1:
+    its own back-off retries the whole login, so that each attempt is logged once)."""
+    access = fetch_aad_token(settings, sleep=sleep, deadline=deadline, attempts=attempts)
+    return exchange_token(settings, access, sleep=sleep, deadline=deadline, attempts=attempts)
 
 
 # -- cache --------------------------------------------------------------------------------------
@@ -325,8 +335,12 @@ class TokenCache:
         return f"TokenCache({str(self.path)!r})"
 
     def load(self) -> Token | None:
-        """The cached token, or ``None`` when there is none or the file is unreadable."""
+        """The cached token, or ``None`` when there is none or the file is unreadable.
+
+        A cache that group or others may read (copied by hand, say) is made owner-only
+        (0600) first, with a warning that says so: the token in it may have been read."""
         try:
+            self._owner_only()
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return Token(value=str(data["token"]), user_id=str(data.get("user_id", "")),
                          expires_at=float(data["expires_at"]),
@@ -337,6 +351,15 @@ class TokenCache:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable token cache %s (%s)", self.path, type(exc).__name__)
             return None
+
+    def _owner_only(self) -> None:
+        st = os.stat(self.path)  # FileNotFoundError: no cache
+        if st.st_mode & 0o077:
+            os.chmod(self.path, 0o600)
+            log.warning("token cache %s was readable by %s (mode %04o): made it 0600; the "
+                        "token in it may have been read (run 'fastfeed login' for a new one)",
+                        self.path, "others" if st.st_mode & 0o007 else "its group",
+                        stat.S_IMODE(st.st_mode))
 
     def store(self, token: Token) -> None:
         """Write ``token`` atomically with mode 0600 (directory created 0700)."""
@@ -390,8 +413,9 @@ class Authenticator:
             return False
         return token.remaining() > self.settings.renew_before
 
-    def get_token(self) -> Token:
-        """A token with more than ``renew_before`` seconds left, logging in if needed."""
+    def get_token(self, deadline: float | None = None, attempts: int | None = None) -> Token:
+        """A token with more than ``renew_before`` seconds left, logging in if needed
+        (retrying transient failures up to ``deadline``, a ``time.monotonic()``)."""
         if self._usable(self._token):
             assert self._token is not None
             return self._token
@@ -401,16 +425,17 @@ class Authenticator:
             log.debug("using cached feed token %s", cached.fingerprint if cached else "")
             assert cached is not None
             return cached
-        return self.renew()
+        return self.renew(deadline=deadline, attempts=attempts)
 
-    def renew(self, refused: Token | None = None) -> Token:
+    def renew(self, refused: Token | None = None, deadline: float | None = None,
+              attempts: int | None = None) -> Token:
         """Log in again (both steps), cache and return the new token.
 
         ``refused`` is the token the feed host just refused; it is never handed out again.
         """
         if refused is not None:
             log.info("feed host refused token %s; logging in again", refused.fingerprint)
-        token = login(self.settings, sleep=self._sleep)
+        token = login(self.settings, sleep=self._sleep, deadline=deadline, attempts=attempts)
         self.renewals += 1
         self._token = token
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,13 @@ def _add_sim(sub: Any) -> None:
                         "redis+stream://...?stream=..., nats://...?subject=..., "
                         "amqp://...?exchange=..., kafka://...?topic=...; --count/--rate/"
                         "--duration bound it")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve https:// and wss:// with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE",
+                   help="the private key of --tls-cert (PEM; default: in the same file)")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="with --tls-cert: require client certificates issued by this CA "
+                        "(mutual TLS)")
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="with --publish: spread symbols over N channels/subjects "
                         "(name.0 .. name.N-1) for sharded consumers")
@@ -121,6 +129,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
          "--write-interval-us must be between 0 and 1000000"),
         (stamp and bool(args.publish),
          "--stamp-send applies to the WebSocket simulator, not --publish"),
+        ((args.tls_key or args.tls_client_ca) and not args.tls_cert,
+         "--tls-key and --tls-client-ca need --tls-cert"),
     )
     for bad, message in usage_errors:
         if bad:
@@ -142,7 +152,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                        client_id=args.client_id, client_secret=args.client_secret,
                        token_lifetime=args.token_lifetime, mix=args.mix,
                        start_time=args.start_time, faults=faults,
-                       stamp_send=args.stamp_send, write_interval_us=args.write_interval_us)
+                       stamp_send=args.stamp_send, write_interval_us=args.write_interval_us,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_client_ca=args.tls_client_ca)
     try:
         import uvloop
         runner: Callable[..., Any] = uvloop.run
@@ -151,7 +163,13 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(run(config, duration=args.duration, json_stats=args.json))
+    except ssl.SSLError as exc:
+        raise CommandError(f"--tls-cert {args.tls_cert} / --tls-key / --tls-client-ca: cannot "
+                           f"use them: {exc.reason or exc}", EXIT_USAGE) from None
     except OSError as exc:
+        if args.tls_cert and exc.filename:
+            raise CommandError(f"cannot read {exc.filename}: {exc.strerror or exc}",
+                               EXIT_USAGE) from None
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
             from None
     return 0
@@ -173,7 +191,8 @@ def _cmd_login(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.require("host", "tenant_id", "client_id", "client_secret", "scope")
     auth = Authenticator(settings)
-    token = auth.renew()
+    t = settings.connect_timeout
+    token = auth.renew(deadline=None if t is None else time.monotonic() + t)
     left = token.remaining() / 86400.0
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at))
     print(f"logged in as {token.user_id or '(unknown user)'}")
@@ -216,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format=FORMAT)
     from .auth import AuthError
     from .config import ConfigError
+    from .net import FatalNetworkError
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
@@ -224,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastfeed: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except AuthError as exc:
+    except (AuthError, FatalNetworkError) as exc:
         # The message already names the step, the status and the server's reason, in one
         # line; the description from Azure AD carries CRLFs, which are folded here.
         print(f"fastfeed: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .config import Settings
 
 __all__ = ["EXIT_DROPPED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "CommandError",
-           "add_settings_arguments", "settings_from_args"]
+           "add_network_arguments", "add_settings_arguments", "settings_from_args"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -49,6 +49,30 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", metavar="SCOPE", help="e.g. api://<app-id>/.default")
     g.add_argument("--token-cache", metavar="PATH",
                    help="token cache file (default ~/.cache/fastfeed/token.json)")
+    add_network_arguments(p)
+
+
+def add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS, proxy and connect-timeout options (for the login and the WebSocket alike).
+
+    Each defaults to None so that FASTFEED_* variables and the config file fill in; the
+    values are checked when the settings are built (one-line error before anything starts).
+    """
+    g = p.add_argument_group("network: TLS and proxies (also FASTFEED_CA_FILE, "
+                             "FASTFEED_PROXY, HTTPS_PROXY, NO_PROXY...)")
+    g.add_argument("--ca-file", metavar="FILE",
+                   help="CA certificates (PEM) to trust for the feed host and the login "
+                        "(default: SSL_CERT_FILE / SSL_CERT_DIR, else the system store)")
+    g.add_argument("--client-cert", metavar="FILE",
+                   help="client certificate (PEM) for mutual TLS")
+    g.add_argument("--client-key", metavar="FILE",
+                   help="its private key (PEM; default: in --client-cert)")
+    g.add_argument("--proxy", metavar="URL",
+                   help="proxy for the login and the WebSocket: http://, https://, socks5:// "
+                        "(user:password@ allowed; default: HTTPS_PROXY/ALL_PROXY/NO_PROXY)")
+    g.add_argument("--connect-timeout", type=float, metavar="S",
+                   help="give up when no connection has succeeded for S seconds "
+                        "(default: keep retrying, every attempt logged)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -116,6 +116,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
                     for k, v in stats[key].items()}
     out["delivered"] = stats["delivered"]
     out["undelivered"] = stats["undelivered"]
+    # failed connection (and login) attempts of the network process: each was also logged
+    out["connect_errors"] = stats.get("session", {}).get("connect_errors", 0)
     if "stop_reason" in stats:
         out["stop_reason"] = stats["stop_reason"]
     return out
@@ -309,6 +311,11 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
     err = stats.get("error")
     if err:
         raise CommandError(err)
+    if stats.get("stop_reason") == "duration" and stats.get("session", {}).get("connects") == 0:
+        # --duration ran out on a feed that never connected: not a successful run.
+        raise CommandError(f"never connected to the feed in {args.duration:g} s "
+                           f"({stats['session'].get('connect_errors', 0)} failed attempts, "
+                           f"logged above; --connect-timeout S ends such a run sooner)")
     lost = stats["dropped"] + stats["dropped_rows"]
     if lost:
         print(f"fastfeed: {stats['dropped']} frames and {stats['dropped_rows']} rows were dropped "

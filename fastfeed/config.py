@@ -112,6 +112,19 @@ class Settings:
     #: Give up on the two HTTP steps after this many attempts on 429/5xx/network errors.
     http_attempts: int = 5
     http_timeout: float = 20.0
+    #: CA certificates (PEM) to trust for the feed host and the login; None: OpenSSL's
+    #: defaults (``SSL_CERT_FILE``, ``SSL_CERT_DIR``, else the system store).
+    ca_file: Path | None = None
+    #: A client certificate (PEM, with its key unless ``client_key`` is given) for mutual TLS.
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    #: Proxy for the login and the WebSocket: http://, https://, socks5://, socks5h://, with
+    #: user:password@ if it wants them; None: HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/NO_PROXY.
+    #: Not in the repr: it may hold a password.
+    proxy: str | None = dataclasses.field(default=None, repr=False)
+    #: Give up (one-line error) when no connection succeeded for this many seconds; None:
+    #: retry for as long as it takes, every attempt logged.
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.client_secret, str):
@@ -124,6 +137,60 @@ class Settings:
             raise ConfigError("pong_misses must be at least 1")
         if self.http_attempts < 1:
             raise ConfigError("http_attempts must be at least 1")
+        for name in ("ca_file", "client_cert", "client_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value).expanduser())
+        if self.connect_timeout is not None and not self.connect_timeout > 0:
+            raise ConfigError("connect_timeout must be > 0 seconds")
+        self._check_urls()
+        self._check_tls_files()
+
+    def _check_urls(self) -> None:
+        """A malformed host, authority or proxy fails here, before anything starts."""
+        from .net import PROXY_SCHEMES, check_url
+
+        try:
+            if self.host:
+                host = self.host.rstrip("/")
+                check_url(host if "://" in host else "https://" + host,
+                          "host (--host, FASTFEED_HOST)", ("http", "https"))
+            check_url(self.authority, "authority (--authority, FASTFEED_AUTHORITY)",
+                      ("http", "https"))
+            if self.proxy:
+                check_url(self.proxy, "proxy (--proxy, FASTFEED_PROXY)", PROXY_SCHEMES)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _check_tls_files(self) -> None:
+        """A CA file or client certificate that cannot be used fails here, naming the file."""
+        import ssl
+
+        from .tls import client_context
+
+        if self.client_key is not None and self.client_cert is None:
+            raise ConfigError("client_key needs client_cert (--client-cert FILE)")
+        for name in ("ca_file", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} {path}: no such file (--{name.replace('_', '-')}, "
+                                  f"FASTFEED_{name.upper()})")
+        if self.ca_file is None and self.client_cert is None:
+            return
+        try:
+            client_context(self.ca_file, self.client_cert, self.client_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            files = ", ".join(f"{n} {getattr(self, n)}" for n in
+                              ("ca_file", "client_cert", "client_key") if getattr(self, n))
+            raise ConfigError(f"cannot use {files}: {getattr(exc, 'reason', None) or exc} "
+                              f"(PEM certificates and an unencrypted PEM key expected)") from None
+
+    def ssl_context(self) -> Any:
+        """The client TLS context for the login and the WebSocket (see :mod:`fastfeed.tls`)."""
+        from .tls import client_context
+
+        return client_context(self.ca_file, self.client_cert, self.client_key,
+                              verify=self.verify_tls)
 
     # -- derived URLs -------------------------------------------------------------------------
 
@@ -171,7 +238,13 @@ _ENV_ALIASES = {"tenant_id": "TENANT_ID"}
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _FLOATS = {"renew_before", "heartbeat_interval", "backoff_first", "backoff_cap",
-           "backoff_reset_after", "http_timeout"}
+           "backoff_reset_after", "http_timeout", "connect_timeout"}
+_PATHS = {"token_cache", "ca_file", "client_cert", "client_key"}
+# Variables read once and then taken out of this process's environment, so that the child
+# processes fastfeed spawns (which inherit the environment) never hold them: the settings
+# reach them pickled through the spawn pipe instead. Kept here for later load_settings().
+_SECRET_VARS = ("FASTFEED_CLIENT_SECRET",)
+_taken: dict[str, str] = {}
 _INTS = {"pong_misses", "http_attempts"}
 _BOOLS = {"verify_tls"}
 # Accepted spellings on the command line / in files for a few fields.
@@ -193,7 +266,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if name == "token_cache":
+        if name in _PATHS:
             return Path(str(value)).expanduser()
         if name == "client_secret":
             return Secret(str(value))
@@ -221,7 +294,8 @@ def load_settings(
     values are ignored, so an ``argparse`` namespace's ``vars()`` can be passed as it is, and
     unknown keys are ignored too. ``env`` defaults to ``os.environ``.
     """
-    env = os.environ if env is None else env
+    if env is None:
+        env = _environ_without_secrets()
     values: dict[str, Any] = {}
 
     path: Path | None
@@ -261,3 +335,14 @@ def load_settings(
             values[name] = _coerce(name, value, f"argument {key}")
 
     return Settings(**values)
+
+
+def _environ_without_secrets() -> Mapping[str, str]:
+    """``os.environ`` plus the secrets already taken out of it, which are taken out now."""
+    for var in _SECRET_VARS:
+        value = os.environ.pop(var, None)
+        if value:
+            _taken[var] = value
+    if not _taken:
+        return os.environ
+    return {**_taken, **os.environ}

@@ -111,7 +111,9 @@ class Feed:
     capture: a directory to write a raw capture of every frame to (for replay).
     settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
-        ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
+        ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest;
+        for the network, ``ca_file``, ``client_cert``, ``client_key``, ``proxy`` and
+        ``connect_timeout`` (see docs/network.md).
     workers: decoder processes (and rings); symbols are spread over them by hash, so each
         symbol's order is kept. ``0``: no decoder process; this process decodes the ring
         itself in :meth:`poll` (inline mode: one process hop fewer, the lowest latency).

@@ -20,21 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import random
 import re
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import control
-from .auth import Authenticator, AuthError, CredentialsError, Token
+from .auth import MAX_RETRY_AFTER_S, Authenticator, AuthError, CredentialsError, Token
+from .backoff import Backoff
 from .child import ChildProcess, serve
 from .config import ConfigError, Settings
+from .net import FatalNetworkError, proxy_for, redact_url
+from .tls import tls_failure
 
-__all__ = ["COUNTERS", "Backoff", "FeedAuthError", "FeedSession", "SessionProcess", "run_session"]
+__all__ = ["COUNTERS", "FeedAuthError", "FeedSession", "SessionProcess", "run_session"]
 
 log = logging.getLogger("fastfeed.session")
 
@@ -74,36 +76,7 @@ _PICOWS_LOGGER = _RedactingAdapter(logging.getLogger("picows.fastfeed"), {})
 
 
 class FeedAuthError(AuthError):
-    """The feed host refused a token that had just been issued: retrying cannot help."""
-
-
-class Backoff:
-    """Capped exponential back-off with full jitter: ``first``, then doubling up to ``cap``.
-
-    The first retry is fast (a dropped connection is usually a one-off); :meth:`reset` after a
-    connection that stayed healthy for ``reset_after`` seconds starts again from ``first``.
-    """
-
-    def __init__(self, first: float, cap: float, reset_after: float,
-                 rng: random.Random | None = None) -> None:
-        if first < 0 or cap < first:
-            raise ValueError("back-off needs 0 <= first <= cap")
-        self.first, self.cap, self.reset_after = first, cap, reset_after
-        self._attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self, healthy_for: float = 0.0) -> float:
-        """The delay before the next attempt; ``healthy_for``: how long the last connection lived."""
-        if healthy_for >= self.reset_after:
-            self._attempt = 0
-        delay = min(self.cap, self.first * (2 ** self._attempt)) if self.first else 0.0
-        self._attempt = min(self._attempt + 1, 62)
-        # Full jitter keeps many clients that lost the feed at once from reconnecting in step.
-        return self._rng.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        """Start again from the first delay."""
-        self._attempt = 0
+    """The feed host refused a token that had just been issued, twice: retrying cannot help."""
 
 
 class FeedSession:
@@ -136,6 +109,10 @@ class FeedSession:
         self._renewals_at_start = self.auth.renewals
         self._stop = asyncio.Event()
         self.last_error: str | None = None
+        self._ssl: Any = None
+        self._down_since = time.monotonic()  # since when no connection is up
+        self._attempts = 0  # failed attempts since then
+        self._tls_eofs = 0  # TLS connections closed unanswered right after the handshake
 
     def __repr__(self) -> str:
         return f"FeedSession(url={self.settings.ws_url!r}, rings={self.listener.n_rings})"
@@ -209,27 +186,93 @@ class FeedSession:
             except AuthError as exc:
                 log.warning("background token renewal failed, will retry: %s", exc)
 
-    async def _login(self, step: Callable[[], Any], backoff: Backoff) -> Any:
-        """Run a blocking login step in the executor. Bad credentials end the session; any
-        other failure is logged and waited out (None: the caller retries)."""
+    async def _login(self, step: Callable[[float | None], Any], backoff: Backoff) -> Any:
+        """Run a blocking login step in the executor. Refused credentials and certificates
+        end the session; any other failure is logged with the next delay and waited out
+        (None: the caller retries)."""
+        s = self.settings
+        deadline = self._deadline()
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, step)
+            return await asyncio.get_running_loop().run_in_executor(None, step, deadline)
         except CredentialsError:
             raise
         except AuthError as exc:
-            self.last_error = str(exc)
-            log.warning("login failed, will retry: %s", exc)
-            await self._sleep(backoff.next())
+            self._counts["connect_errors"] += 1
+            self.last_error = " ".join(str(exc).split())
+            if exc.status is None and any(m in self.last_error for m in _CLOSED_UNANSWERED):
+                # closed without an answer: over TLS, maybe a refused client certificate
+                url = s.token_url if exc.step == "token" else s.exchange_url
+                if url.startswith("https:") and proxy_for(url, s.proxy) is None:
+                    await self._diagnose_tls(_host_port(url))
+            delay = backoff.next()
+            if exc.retry_after is not None:  # a throttling server said how long
+                delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
+            await self._wait_retry(f"login failed: {self.last_error}", delay)
             return None
+
+    async def _diagnose_tls(self, where: str) -> None:
+        """After a TLS connection to ``where`` closed before any answer: ask the server once
+        more, directly, why (TLS 1.3 servers send a refused client certificate's alert after
+        the handshake, which the clients above do not surface); raise
+        :class:`~fastfeed.net.FatalNetworkError` when it is something retrying cannot fix."""
+        s = self.settings
+        fatal = await asyncio.get_running_loop().run_in_executor(
+            None, _probe_tls, where, self._ssl_context(), s)
+        if fatal == "eof":
+            # No alert, no answer: some TLS stacks close this way on a refused client
+            # certificate (asyncio's, the simulator's, among them). Three in a row is not
+            # a passing hiccup.
+            self._tls_eofs += 1
+            if self._tls_eofs >= 3:
+                given = (f"the one given, {s.client_cert}, is not accepted"
+                         if s.client_cert else "none was given")
+                raise FatalNetworkError(
+                    f"{where} closed the TLS connection right after the handshake, "
+                    f"{self._tls_eofs} times, without an answer: it wants a client "
+                    f"certificate and {given} -- give one its CA accepts with "
+                    f"--client-cert FILE --client-key FILE")
+        elif fatal is not None:
+            raise FatalNetworkError(fatal)
+
+    def _renew(self, refused: Token, deadline: float | None) -> Token:
+        return self.auth.renew(refused, deadline, attempts=1)
+
+    def _deadline(self) -> float | None:
+        """When ``connect_timeout`` runs out (``time.monotonic()``), None without one."""
+        t = self.settings.connect_timeout
+        return None if t is None else self._down_since + t
+
+    async def _wait_retry(self, what: str, delay: float) -> None:
+        """Log one failed attempt (reason, count, next delay) and wait; past the
+        ``connect_timeout`` deadline, raise :class:`~fastfeed.net.FatalNetworkError`."""
+        s = self.settings
+        self._attempts += 1
+        deadline = self._deadline()
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            await self._sleep(max(0.0, deadline - time.monotonic()))
+            if self._stop.is_set():
+                return
+            raise FatalNetworkError(
+                f"no connection to {s.base_url} for {s.connect_timeout:g} s "
+                f"(--connect-timeout) after {self._attempts} attempt(s); last error: "
+                f"{self.last_error}")
+        log.warning("%s; attempt %d, next in %.2fs", what, self._attempts, delay)
+        await self._sleep(delay)
 
     async def _run(self) -> None:
         s = self.settings
+        if not s.verify_tls and s.ws_url.startswith("wss:"):
+            log.warning("TLS verification is OFF (verify_tls=false): anyone on the path can "
+                        "read the feed and the token")
         backoff = Backoff(s.backoff_first, s.backoff_cap, s.backoff_reset_after)
         renewed_after_refusal = False
+        fresh_refused = 0
+        self._down_since = time.monotonic()
         while not self._stop.is_set():
             renewals = self.auth.renewals
             # The login is blocking HTTP (cold path): keep it off the event loop.
-            token = await self._login(self.auth.get_token, backoff)
+            # One HTTP attempt per login here: this loop's back-off retries (and logs) it.
+            token = await self._login(lambda d: self.auth.get_token(d, attempts=1), backoff)
             if token is None:
                 continue
             fresh = renewed_after_refusal or self.auth.renewals > renewals
@@ -238,46 +281,80 @@ class FeedSession:
             if status == "refused":
                 self._counts["refused_upgrades"] += 1
                 if fresh:
-                    raise FeedAuthError(
-                        "exchange", f"feed host {s.base_url} refused a freshly issued token "
-                        f"({self.last_error}); check the account's feed entitlement",
-                        status=401)
-                # Expired or revoked: log in again (both steps) once, then retry at once.
-                if await self._login(lambda t=token: self.auth.renew(t), backoff) is None:
+                    fresh_refused += 1
+                    if fresh_refused > 1:
+                        raise FeedAuthError(
+                            "exchange", f"feed host {s.base_url} refused two freshly issued "
+                            f"tokens ({self.last_error}) -- check that the app's client id is "
+                            f"entitled to the feed", status=401)
+                    log.warning("feed host refused a fresh token (%s); logging in once more",
+                                self.last_error)
+                # Expired, revoked, or refused once just after a login: log in again (both
+                # steps) and retry at once.
+                if await self._login(functools.partial(self._renew, token), backoff) is None:
                     continue
                 renewed_after_refusal = True
                 continue
             if self._stop.is_set():
                 break
-            healthy_for = status if isinstance(status, float) else 0.0
             if isinstance(status, float):
+                # It was up: the connect deadline and the attempt count start again.
+                fresh_refused = 0
                 self._counts["reconnects"] += 1
-            delay = backoff.next(healthy_for)
-            log.info("reconnecting in %.2fs", delay)
-            await self._sleep(delay)
+                self._down_since = time.monotonic()
+                self._attempts = 0
+                delay = backoff.next(status)
+                log.info("reconnecting in %.2fs", delay)
+                await self._sleep(delay)
+            else:
+                await self._wait_retry(f"cannot connect to {s.ws_url}: {self.last_error}",
+                                       backoff.next())
 
     async def _sleep(self, delay: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), delay)
 
+    def _proxy(self) -> tuple[str | None, Any]:
+        """The proxy for the WebSocket (explicit, else *_PROXY/NO_PROXY) and the TLS context
+        for an https:// proxy."""
+        s = self.settings
+        proxy = proxy_for(s.ws_url, s.proxy)
+        if proxy is None:
+            return None, None
+        if proxy.startswith("socks5h:"):
+            proxy = "socks5:" + proxy[8:]  # python-socks sends the name itself (remote DNS)
+        return proxy, (self._ssl_context() if proxy.startswith("https:") else None)
+
+    def _host_port(self) -> str:
+        return _host_port(self.settings.ws_url)
+
+    def _ssl_context(self) -> Any:
+        if self._ssl is None:
+            self._ssl = self.settings.ssl_context()
+        return self._ssl
+
     async def _connect_once(self, token: Token) -> str | float | None:
-        """One connection: "refused" on 401/403, None if it never opened, else its lifetime."""
-        from picows import WSError, WSHandshakeError, WSMsgType, ws_connect
+        """One connection: "refused" on 401/403, None if it never opened, else its lifetime.
+
+        Raises :class:`~fastfeed.net.FatalNetworkError` for what retrying cannot fix (an
+        untrusted or mismatched certificate, a refused client certificate or proxy login)."""
+        from picows import WSHandshakeError, WSMsgType, ws_connect
 
         s = self.settings
-        ssl_ctx = None
-        if s.ws_url.startswith("wss:"):
-            ssl_ctx = ssl.create_default_context()
-            if not s.verify_tls:
-                ssl_ctx.check_hostname = False
-                ssl_ctx.verify_mode = ssl.CERT_NONE
+        ssl_ctx = self._ssl_context() if s.ws_url.startswith("wss:") else None
+        proxy, proxy_ssl = self._proxy()
+        timeout = max(5.0, s.heartbeat_interval)
+        deadline = self._deadline()
+        if deadline is not None:
+            timeout = max(0.1, min(timeout, deadline - time.monotonic()))
         try:
-            transport, _ = await ws_connect(
+            # The bound covers the TCP connect and the proxy too, not only the upgrade.
+            transport, _ = await asyncio.wait_for(ws_connect(
                 lambda: self.listener, s.ws_url, ssl_context=ssl_ctx,
                 extra_headers={"X-ZUMO-AUTH": token.value}, enable_auto_pong=True,
                 max_frame_size=_MAX_FRAME, read_buffer_init_size=_READ_BUFFER,
-                websocket_handshake_timeout=max(5.0, s.heartbeat_interval),
-                logger_name=_PICOWS_LOGGER)
+                websocket_handshake_timeout=timeout, proxy=proxy,
+                proxy_ssl_context=proxy_ssl, logger_name=_PICOWS_LOGGER), timeout + 1.0)
         except WSHandshakeError as exc:
             resp = exc.response
             code = resp.status if resp is not None else None
@@ -288,17 +365,37 @@ class FeedSession:
                             body)
                 return "refused"
             self._counts["connect_errors"] += 1
-            log.warning("WebSocket upgrade failed: HTTP %s %s", code, body)
             return None
-        except (TimeoutError, OSError, WSError) as exc:
+        except Exception as exc:  # refused, DNS, timeout, TLS, proxy: sorted out below
             self._counts["connect_errors"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("cannot connect to %s: %s", s.ws_url, self.last_error)
+            where = f"{self._host_port()}"
+            fatal = tls_failure(exc, where, ca_file=s.ca_file, client_cert=s.client_cert)
+            if fatal is not None:
+                raise FatalNetworkError(fatal) from None
+            self.last_error = _describe(exc, self._host_port().rsplit(":", 1)[0])
+            if proxy is not None:
+                if "407" in self.last_error:
+                    raise FatalNetworkError(
+                        f"proxy {redact_url(proxy)} refused the connection with 407 (proxy "
+                        f"authentication required): put user:password@ in --proxy") from None
+                self.last_error += f" (through proxy {redact_url(proxy)})"
+            return None
+
+        if transport.response is None:
+            # Closed before the upgrade's answer: picows returns without an error. Over TLS
+            # that is how a server refusing our client certificate looks (TLS 1.3 sends the
+            # alert after the handshake): ask the server once more, directly, to learn why.
+            self._counts["connect_errors"] += 1
+            self.last_error = "connection closed during the WebSocket handshake"
+            if ssl_ctx is not None and proxy is None:
+                await self._diagnose_tls(self._host_port())
             return None
 
         self._counts["connects"] += 1
+        self._tls_eofs = 0
         opened = time.monotonic()
-        log.info("connected to %s (token %s)", s.ws_url, token.fingerprint)
+        log.info("connected to %s%s (token %s)", s.ws_url,
+                 f" through proxy {redact_url(proxy)}" if proxy else "", token.fingerprint)
         # The provider expects the support contact first, then the optional subscription.
         transport.send(WSMsgType.TEXT, json.dumps({"email": s.email}).encode())
         if s.subscription:
@@ -376,7 +473,7 @@ def _process_main(settings: Settings, ring_names: list[str], counters: Any, stop
                         format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
     try:
         run_session(settings, ring_names, counters=counters, stop_event=stop_event)
-    except (AuthError, ConfigError) as exc:
+    except (AuthError, ConfigError, FatalNetworkError) as exc:
         conn.send(("error", " ".join(str(exc).split())))
         raise SystemExit(1) from None
     except BaseException as exc:
@@ -397,3 +494,52 @@ class SessionProcess(ChildProcess):
         settings.require("host", "email")
         super().__init__(_process_main, (settings, list(ring_names)), COUNTERS,
                          name="fastfeed-session", log_level=log_level, log=log)
+
+
+def _describe(exc: BaseException, host: str = "") -> str:
+    """One line for a failed connection attempt: the innermost reason, not a repr chain."""
+    import socket
+
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc):
+        return "timed out"
+    gai = exc if isinstance(exc, socket.gaierror) else exc.__cause__
+    if isinstance(gai, socket.gaierror):
+        return f"DNS: {host or 'the host'} does not resolve ({gai.strerror})"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+# How a login request over TLS ends when the server hangs up without an answer.
+_CLOSED_UNANSWERED = ("RemoteDisconnected", "Connection aborted", "EOF occurred in violation",
+                      "UNEXPECTED_EOF", "Connection reset")
+
+
+def _host_port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    secure = parts.scheme in ("https", "wss")
+    return f"{parts.hostname}:{parts.port or (443 if secure else 80)}"
+
+
+def _probe_tls(where: str, ctx: Any, settings: Settings, timeout: float = 3.0) -> str | None:
+    """Connect to ``where`` (``host:port``) with ``ctx`` and read: the TLS alert a server
+    sends after the handshake (a client certificate it refuses) surfaces here as an error
+    :func:`~fastfeed.tls.tls_failure` can name. ``"eof"`` when the server closed without a
+    word; None when it answered or nothing permanent shows."""
+    import socket
+    import ssl
+
+    host, _, port = where.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host.strip("[]")) as tls:
+            tls.sendall(b"GET /ws HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+            if not tls.recv(1):
+                return "eof"
+    except (OSError, ssl.SSLError) as exc:
+        fatal = tls_failure(exc, where, ca_file=settings.ca_file, client_cert=settings.client_cert)
+        if fatal is None and isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+            return "eof"  # cut in the handshake itself: the same refusal, seen earlier
+        return fatal
+    return None

@@ -176,6 +176,55 @@ def nats_server(tmp_path: Path) -> Iterator[BrokerProcess]:
     b.stop()
 
 
+class TLSFiles:
+    """A CA the test made (trustme) and PEM files for a broker and a client it issued."""
+
+    def __init__(self, d: Path) -> None:
+        trustme = pytest.importorskip("trustme")
+        d.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        self.ca = str(d / "ca.pem")
+        ca.cert_pem.write_to_path(self.ca)
+        server = ca.issue_cert("127.0.0.1", "localhost")
+        self.server_cert, self.server_key = str(d / "server.crt"), str(d / "server.key")
+        server.cert_chain_pems[0].write_to_path(self.server_cert)
+        server.private_key_pem.write_to_path(self.server_key)
+        self.client = str(d / "client.pem")
+        ca.issue_cert("client.fastfeed.test").private_key_and_cert_chain_pem.write_to_path(
+            self.client)
+
+
+def start_redis_tls(tmp_path: Path, tls: TLSFiles, *, client_certs: bool = False
+                    ) -> BrokerProcess:
+    """A ``redis-server`` serving only TLS on a free port (``rediss://``), certificates from
+    ``tls``; ``client_certs``: it requires a client certificate from the same CA."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        missing("redis-server", "redis-server")
+    port = free_port()
+    work = tmp_path / "redis-tls"
+    work.mkdir()
+    return BrokerProcess([exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                          "--dir", str(work), "--save", "", "--appendonly", "no",
+                          "--tls-cert-file", tls.server_cert, "--tls-key-file", tls.server_key,
+                          "--tls-ca-cert-file", tls.ca,
+                          "--tls-auth-clients", "yes" if client_certs else "no",
+                          "--daemonize", "no"], port, work)
+
+
+def start_nats_tls(tmp_path: Path, tls: TLSFiles) -> BrokerProcess:
+    """A ``nats-server`` that requires TLS (``tls://``), certificates from ``tls``."""
+    exe = shutil.which("nats-server") or ("/usr/sbin/nats-server"
+                                          if os.path.exists("/usr/sbin/nats-server") else None)
+    if exe is None:
+        missing("nats-server", "nats-server")
+    port = free_port()
+    work = tmp_path / "nats-tls"
+    work.mkdir()
+    return BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), "--tls",
+                          "--tlscert", tls.server_cert, "--tlskey", tls.server_key], port, work)
+
+
 @pytest.fixture
 def rabbitmq() -> str:
     """The AMQP URL of the RabbitMQ server on 127.0.0.1:5672 (skipped/failed if none)."""

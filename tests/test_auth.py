@@ -130,6 +130,21 @@ def test_login_caches_token_0600_with_jwt_expiry(sim, token_cache):
     assert sorted(p.name for p in token_cache.parent.iterdir()) == ["token.json"]
 
 
+@pytest.mark.parametrize("mode, who", [(0o644, "others"), (0o640, "its group")])
+def test_cache_readable_by_others_is_made_0600_with_a_warning(sim, token_cache, caplog, mode,
+                                                              who):
+    s = settings_for(sim, token_cache)
+    token = Authenticator(s).get_token()
+    os.chmod(token_cache, mode)  # copied by hand, say
+    with caplog.at_level(logging.WARNING, logger="fastfeed.auth"):
+        again = Authenticator(s).get_token()
+    assert again == token  # still used: the cache is fixed, not thrown away
+    assert stat.S_IMODE(os.stat(token_cache).st_mode) == 0o600
+    warning = [r.getMessage() for r in caplog.records if "token cache" in r.getMessage()]
+    assert len(warning) == 1 and f"readable by {who}" in warning[0] and "0600" in warning[0]
+    assert f"{mode:04o}" in warning[0] and token.value not in warning[0]
+
+
 def test_cache_is_reused_across_instances(sim, token_cache):
     s = settings_for(sim, token_cache)
     first = Authenticator(s).get_token()

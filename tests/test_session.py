@@ -18,8 +18,9 @@ from websockets.asyncio.server import serve
 from fastfeed._listener import FeedListener, route_of
 from fastfeed._ring import Ring
 from fastfeed.auth import Token, TokenCache, login
+from fastfeed.backoff import Backoff
 from fastfeed.config import load_settings
-from fastfeed.session import COUNTERS, Backoff, FeedSession, SessionProcess
+from fastfeed.session import COUNTERS, FeedSession, SessionProcess
 from fastfeed.sim import Market
 from fastfeed.sim.server import POOL_FRAMES
 
@@ -307,10 +308,11 @@ def test_refused_fresh_token_stops_without_looping(start_sim, rings, tmp_path, c
     rs = rings(1)
     proc = SessionProcess(s, [r.name for r in rs], log_level=1).start()  # all levels
     assert proc.join(timeout=60) == 1
-    assert "refused a freshly issued token" in (proc.error or "")
+    assert "refused two freshly issued tokens" in (proc.error or "")
     stats = sim.stats()
-    # One refusal of the cached token, one renewal, one refusal of the fresh one: no loop.
-    assert stats["upgrades_refused"] == 2 and stats["exchanges"] == 2
+    # One refusal of the cached token, one renewal, one refusal of the fresh one, one more
+    # login (a new token may take a moment to be honoured), its refusal: then no loop.
+    assert stats["upgrades_refused"] == 3 and stats["exchanges"] == 3
     fresh = TokenCache(s.token_cache).load()
     assert fresh is not None and fresh != cached
     out, err = capfd.readouterr()
@@ -473,3 +475,143 @@ def test_session_against_an_independent_websockets_server(rings, tmp_path):
         assert "ping" in server.events and "bad-token" not in server.events
     finally:
         server.close()
+
+
+# -- failing fast on what retrying cannot fix; retrying the rest visibly ----------------------
+
+def test_token_refused_right_after_a_fresh_login_is_retried_once(start_sim, rings, tmp_path):
+    sim = start_sim("--rate", "100", "--fault", "refuse-tokens=1")
+    s = session_settings(sim, tmp_path)  # no cached token: the first one is fresh
+    with SessionProcess(s, [r.name for r in rings(1)]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 10, what="frames after the retry")
+        c = proc.counters()
+    assert c["refused_upgrades"] == 1 and c["auth_renewals"] == 2 and c["connects"] == 1
+    assert sim.stats()["exchanges"] == 2
+
+
+def fastfeed_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 90.0):
+    """``fastfeed *args`` in a subprocess: (returncode, stdout, stderr, seconds)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FASTFEED_") and k.lower() not in
+           ("https_proxy", "http_proxy", "all_proxy", "no_proxy")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "fastfeed", *args], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    return res.returncode, res.stdout, res.stderr, time.monotonic() - t0
+
+
+def sim_args(url: str, tmp_path, secret: str = SIM_SECRET) -> list[str]:
+    from .conftest import SIM_CLIENT_ID, SIM_SCOPE, SIM_TENANT
+
+    return ["--host", url, "--authority", url, "--tenant", SIM_TENANT, "--client-id",
+            SIM_CLIENT_ID, "--client-secret", secret, "--scope", SIM_SCOPE, "--email",
+            "ops@example.com", "--token-cache", str(tmp_path / "token.json")]
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("fastfeed: error: "), stderr[-2000:]
+    assert "Traceback" not in stderr
+    return lines[-1]
+
+
+def test_refused_credentials_end_the_stream_at_once(start_sim, tmp_path):
+    sim = start_sim("--rate", "100")
+    rc, _, err, took = fastfeed_cli("stream", *sim_args(sim.url, tmp_path, "wrong"),
+                                    "--count", "10")
+    line = one_error_line(err)
+    assert rc == 1 and took < 15, (took, err)
+    assert "AADSTS7000215" in line and "check the client secret" in line
+    assert sim.stats()["token_requests"] == 1  # no retry of refused credentials
+
+
+def test_forbidden_login_ends_the_stream_at_once(start_sim, tmp_path):
+    sim = start_sim("--rate", "100", "--fault", "forbid")
+    rc, _, err, took = fastfeed_cli("stream", *sim_args(sim.url, tmp_path), "--count", "10")
+    line = one_error_line(err)
+    assert rc == 1 and took < 15, (took, err)
+    assert "HTTP 403" in line and "entitle" in line
+    assert sim.stats()["exchange_errors"] == 1
+
+
+@pytest.mark.parametrize("host, message", [
+    ("http://127.0.0.1:abc", "port must be a number from 1 to 65535"),
+    ("http://127.0.0.1:70000", "port must be a number from 1 to 65535"),
+    ("ftp://127.0.0.1:21", "scheme must be one of"),
+    ("http://:8080", "no host name"),
+])
+def test_malformed_host_is_refused_before_anything_starts(tmp_path, host, message):
+    rc, _, err, took = fastfeed_cli("stream", *sim_args(host, tmp_path), "--count", "10")
+    line = one_error_line(err)
+    assert rc == 2 and message in line and "--host" in line, line
+    assert err.count("\n") == 1
+
+
+def test_refused_connection_with_connect_timeout_ends_in_about_that(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    rc, _, err, took = fastfeed_cli("stream", *sim_args(url, tmp_path), "--count", "10",
+                                    "--connect-timeout", "3")
+    line = one_error_line(err)
+    assert rc == 1 and 2.5 < took < 10, (took, err)
+    assert "no connection to" in line and "for 3 s" in line and "refused" in line.lower()
+    # each attempt logged once with its count and next delay, before the end
+    attempts = [ln for ln in err.splitlines() if "; attempt " in ln and "next in" in ln]
+    assert len(attempts) >= 3
+
+
+def test_dns_failure_is_retried_visibly_and_duration_without_connect_fails(tmp_path):
+    url = "http://no-such-host.invalid:8080"
+    rc, out, err, took = fastfeed_cli("stream", *sim_args(url, tmp_path), "--duration", "3",
+                                      "--json")
+    line = one_error_line(err)
+    assert rc == 1 and "never connected" in line
+    assert "DNS" in err  # the reason of each attempt, as it happened
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "duration" and summary["connect_errors"] >= 2
+
+
+def test_client_secret_is_not_in_the_children_environment(start_sim, tmp_path, monkeypatch):
+    import multiprocessing
+
+    from fastfeed import Feed
+
+    sim = start_sim("--rate", "100")
+    args = sim.settings_args(token_cache=str(tmp_path / "token.json"))
+    monkeypatch.setenv("FASTFEED_CLIENT_SECRET", args.pop("client_secret"))
+    monkeypatch.setattr("fastfeed.config._taken", {})  # what load_settings takes: undone after
+    with Feed(**args, workers=2) as feed:
+        wait_until(lambda: feed.stats()["session"].get("connects", 0) >= 1, what="connect")
+        pids = [p.pid for p in multiprocessing.active_children()]
+        assert feed._session.pid in pids and len(pids) >= 3  # the session and two workers
+        for pid in pids:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            assert not any(e.startswith(b"FASTFEED_CLIENT_SECRET=") for e in environ), pid
+            assert SIM_SECRET.encode() not in b"\0".join(environ)
+    assert "FASTFEED_CLIENT_SECRET" not in os.environ
+
+
+def test_throttled_login_waits_as_the_server_says(start_sim, rings, tmp_path):
+    """429 with Retry-After: 1, twice: the session's back-off waits at least that long (not
+    its own 10 ms first delay) and then logs in and streams."""
+    sim = start_sim("--rate", "100", "--fault", "throttle=2")
+    s = session_settings(sim, tmp_path)
+    t0 = time.monotonic()
+    with SessionProcess(s, [r.name for r in rings(1)]) as proc:
+        wait_until(lambda: proc.counters()["frames"] >= 10, what="frames after throttling")
+        c = proc.counters()
+    assert time.monotonic() - t0 >= 2.0
+    assert c["connect_errors"] == 2 and c["connects"] == 1
+    stats = sim.stats()
+    assert stats["throttled"] == 2 and stats["token_requests"] == 3

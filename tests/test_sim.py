@@ -232,6 +232,7 @@ def test_parse_faults():
         parse_faults(["bogus"])
     with pytest.raises(ValueError, match="bad value for fault 'malformed'"):
         parse_faults(["malformed=2"])
+    assert parse_faults(["forbid"]).forbid and not parse_faults([]).forbid
 
 
 def test_cli_sim_errors_are_one_line():
@@ -287,6 +288,54 @@ def test_simulator_in_process(tmp_path):
     got, stats = asyncio.run(main())
     assert len(got) == 100 and stats["frames_sent"] == 100 and stats["connections"] == 1
     assert {json.loads(g)["c"] for g in got} <= set(Market(5).codes)
+
+
+def test_simulator_in_process_over_tls_with_an_independent_client(tmp_path):
+    """TLS (tls_cert): the login with fastfeed's client and the WebSocket with the websockets
+    library, both verifying the simulator's certificate against a CA made here; a client
+    trusting another CA is refused at the handshake."""
+    import asyncio
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    from websockets.asyncio.client import connect as aconnect
+
+    from fastfeed.sim import SimConfig, Simulator
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem"))
+    good = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    other = ssl.create_default_context()  # the system store: does not know this CA
+
+    async def main():
+        sim = Simulator(SimConfig(rate=0, count=100, symbols=5,
+                                  tls_cert=str(tmp_path / "server.pem")))
+        await sim.start()
+        try:
+            assert sim.url.startswith("https://")
+            s = load_settings({"host": sim.url, "authority": sim.url,
+                               "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
+                               "client_secret": "fastfeed-sim-secret", "scope": "a/.default",
+                               "token_cache": str(tmp_path / "t.json"),
+                               "ca_file": str(tmp_path / "ca.pem")}, env={})
+            token = await asyncio.get_running_loop().run_in_executor(None, login, s)
+            ws_url = sim.url.replace("https", "wss") + "/ws"
+            with pytest.raises(ssl.SSLCertVerificationError):
+                async with aconnect(ws_url, ssl=other,
+                                    additional_headers={"X-ZUMO-AUTH": token.value}):
+                    pass
+            async with aconnect(ws_url, ssl=good,
+                                additional_headers={"X-ZUMO-AUTH": token.value}) as ws:
+                await ws.send('{"email":"x@example.com"}')
+                got = [await ws.recv() for _ in range(100)]
+        finally:
+            await sim.close()
+        return got, sim.stats()
+
+    got, stats = asyncio.run(main())
+    assert len(got) == 100 and stats["frames_sent"] == 100 and stats["connections"] == 1
 
 
 # -- --stamp-send ---------------------------------------------------------------------------

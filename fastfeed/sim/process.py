@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -53,7 +54,8 @@ class SimulatorProcess:
     in a background thread (kept in :attr:`stderr`) so a chatty simulator never blocks.
     """
 
-    def __init__(self, *args: str, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+    def __init__(self, *args: str, host: str = "127.0.0.1", timeout: float = 30.0,
+                 ca_file: str | os.PathLike[str] | None = None) -> None:
         env = dict(os.environ)
         # Make the child import this same fastfeed, even from a source checkout.
         env["PYTHONPATH"] = str(_PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -67,8 +69,11 @@ class SimulatorProcess:
         self._err: list[str] = []
         self._err_thread = threading.Thread(target=self._drain, daemon=True)
         self._err_thread.start()
+        #: The CA that issued the simulator's certificate (--tls-cert), for stats() and
+        #: settings_args(): trusted for this simulator only.
+        self.ca_file = os.fspath(ca_file) if ca_file is not None else None
         first = self._readline(timeout)
-        if not first.startswith("listening on http://"):
+        if not first.startswith(("listening on http://", "listening on https://")):
             self.proc.kill()
             self.proc.wait()
             self._err_thread.join(5)
@@ -101,12 +106,18 @@ class SimulatorProcess:
 
     @property
     def ws_url(self) -> str:
-        """``ws://HOST:PORT/ws``."""
+        """``ws://HOST:PORT/ws`` (``wss://`` with TLS)."""
         return "ws" + self.url[4:] + "/ws"
 
     def stats(self) -> dict[str, Any]:
         """Live counters (``GET /stats``)."""
-        with urllib.request.urlopen(self.url + "/stats", timeout=10) as resp:
+        ctx = None
+        if self.url.startswith("https:"):
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            if "--tls-client-ca" in self.args:
+                # a simulator that wants client certificates has no anonymous /stats
+                raise RuntimeError("stats() over mutual TLS: read final_stats after stop()")
+        with urllib.request.urlopen(self.url + "/stats", timeout=10, context=ctx) as resp:
             return json.loads(resp.read())
 
     def settings_args(self, **extra: Any) -> dict[str, Any]:
@@ -116,6 +127,8 @@ class SimulatorProcess:
             "host": self.url, "authority": self.url, "tenant_id": SIM_TENANT,
             "client_id": SIM_CLIENT_ID, "client_secret": SIM_SECRET, "scope": SIM_SCOPE,
             "email": "support@example.com"}
+        if self.ca_file is not None:
+            args["ca_file"] = self.ca_file
         args.update(extra)
         return args
 

@@ -247,10 +247,12 @@ class _RedisPublisher(_Publisher):
     async def open(self) -> None:
         import hiredis
 
+        from ..sources.base import tls_context
         from ..sources.resp import resp_command
+
         u = self.url
-        ssl = u.scheme.startswith("rediss") or None
-        self.rd, self.wr = await asyncio.open_connection(u.host, u.port or 6379, ssl=ssl)
+        self.rd, self.wr = await asyncio.open_connection(u.host, u.port or 6379,
+                                                         ssl=tls_context(u))
         self.reader = hiredis.Reader()
         first = []
         if u.password is not None:

@@ -6,6 +6,10 @@ the little HTTP/1.1 it needs itself (one request per connection, ``Connection: c
 the RFC 6455 upgrade and framing by hand. Framing by hand also lets it pre-encode whole runs of
 frames and inject faults at the byte level (fragmentation, interleaved pings).
 
+TLS (``fastfeed sim --tls-cert FILE --tls-key FILE``): the same three endpoints over
+``https://`` and ``wss://``; ``--tls-client-ca FILE`` makes it require a client certificate
+from that CA (mutual TLS). Without them it speaks plain HTTP, as before.
+
 Speed at ``rate=0``: a pool of pre-encoded frames (:class:`~fastfeed.sim.market.Block`) is
 cycled; each send is one ``transport.write`` of a memoryview slice holding thousands of frames,
 so Python does a few microseconds of work per several thousand frames.
@@ -81,6 +85,8 @@ class Faults:
     ping_every: int = 0
     #: Send a status object (a control message) after every this many data frames.
     status_every: int = 0
+    #: Answer every token exchange with 403 (an app the feed host does not entitle).
+    forbid: bool = False
 
 
 _FAULT_HELP = {
@@ -95,6 +101,7 @@ _FAULT_HELP = {
     "fragment=N": "split every data message into frames of N payload bytes",
     "ping-every=N": "send an RFC 6455 ping after every N data frames",
     "status-every=N": "send a status object (control message) after every N data frames",
+    "forbid": "answer every token exchange (/.auth/login/aad) with 403",
 }
 
 
@@ -107,6 +114,8 @@ def parse_faults(specs: Iterable[str]) -> Faults:
         try:
             if key == "no_pong":
                 faults.no_pong = True
+            elif key == "forbid":
+                faults.forbid = True
             elif key == "stall":
                 faults.stall = int(value) if value else 0
             elif key == "refuse_tokens":
@@ -161,6 +170,11 @@ class SimConfig:
     #: smaller bursts, nearer a feed that writes each message as it is made, and costs the
     #: simulator more CPU (one wake-up per write).
     write_interval_us: int = 0
+    #: Serve TLS (https:// and wss://) with this certificate chain and key (PEM files).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: With TLS: require a client certificate issued by this CA (mutual TLS).
+    tls_client_ca: str | None = None
 
 
 def _precise_timers() -> None:
@@ -220,9 +234,10 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT`` of the running simulator."""
+        """``http://HOST:PORT`` (``https://`` with TLS) of the running simulator."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def pool(self) -> Block:
         """The pre-encoded frames cycled at rate 0 (built on first use)."""
@@ -244,8 +259,16 @@ class Simulator:
             # tick times cannot be stamped fails the start, not the first connection.
             self.pool()
         loop = asyncio.get_running_loop()
+        ctx = None
+        if self.config.tls_cert:
+            from ..tls import server_context
+
+            ctx = server_context(self.config.tls_cert, self.config.tls_key,
+                                 self.config.tls_client_ca)
+        elif self.config.tls_client_ca:
+            raise ValueError("tls_client_ca needs tls_cert (client certificates are a TLS thing)")
         self._server = await loop.create_server(lambda: _Conn(self), self.config.host,
-                                                self.config.port)
+                                                self.config.port, ssl=ctx)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
 
@@ -346,6 +369,9 @@ class Simulator:
         if claims is None:
             c["exchange_errors"] += 1
             return 401, {"code": 401, "error": f"access token rejected: {reason}"}
+        if self.config.faults.forbid:
+            c["exchange_errors"] += 1
+            return 403, {"code": 403, "error": "this application is not allowed to use the feed"}
         uid = "sid:" + hashlib.sha256(str(claims.get("appid")).encode()).hexdigest()[:32]
         lifetime = self.config.faults.short_tokens
         if lifetime is None:
@@ -435,7 +461,8 @@ class _Conn(asyncio.Protocol):
 
     def _respond(self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
         assert self.transport is not None
-        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                   404: "Not Found",
                    405: "Method Not Allowed", 429: "Too Many Requests",
                    431: "Request Header Fields Too Large"}
         payload = json.dumps(body).encode() if body is not None else b""
@@ -815,7 +842,7 @@ async def run(
 ) -> dict[str, Any]:
     """Run a simulator until ``duration`` passes or SIGINT/SIGTERM arrives; return its stats.
 
-    Prints ``listening on http://HOST:PORT`` first (flushed: scripts wait for it) and, with
+    Prints ``listening on http://HOST:PORT`` (``https://`` with TLS) first (flushed: scripts wait for it) and, with
     ``json_stats``, one JSON object of counters when it stops.
     """
     sim = Simulator(config)

@@ -98,6 +98,9 @@ def parse_source(url: str | SourceURL) -> SourceURL:
         raise SourceURLError("back-off needs 0 <= backoff_first <= backoff_cap")
     if u.int("dedup_window", 1 << 18) < 1:
         raise SourceURLError("dedup_window= must be at least 1")
+    from .base import check_tls_params
+
+    check_tls_params(u)
     cls.validate(u)
     return u
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -29,9 +31,10 @@ from typing import Any, ClassVar
 
 from .. import control as fastfeed_control  # write_many counts in a local named control
 from .._listener import route_of
-from ..session import Backoff
+from ..backoff import Backoff
+from ..tls import client_context, tls_failure
 from . import COUNTERS
-from .url import SourceURL
+from .url import SourceURL, SourceURLError
 
 __all__ = ["COUNTERS", "FatalSourceError", "RingWriter", "SeenIds", "Source", "symbol_of"]
 
@@ -442,9 +445,10 @@ class Source:
     #: Whether the broker redelivers what is not acknowledged.
     at_least_once: ClassVar[bool] = False
 
-    #: Parameters every source takes: back-off (seconds) and the duplicate window (messages).
+    #: Parameters every source takes: back-off (seconds), the duplicate window (messages),
+    #: and for the TLS schemes the CA file and client certificate (PEM paths).
     COMMON_PARAMS: ClassVar[tuple[str, ...]] = ("backoff_first", "backoff_cap", "dedup_window",
-                                                "name")
+                                                "name", "ca_file", "client_cert", "client_key")
 
     def __init__(self, url: SourceURL, rings: Sequence[Any]) -> None:
         self.url = url
@@ -524,6 +528,12 @@ class Source:
                     await self._settle_backlog()
             if isinstance(exc, FatalSourceError):
                 raise exc
+            if exc is not None and u.scheme in TLS_SCHEMES:
+                fatal = tls_failure(exc, f"{u.host}:{u.port}", ca_file=u.str("ca_file"),
+                                    client_cert=u.str("client_cert"))
+                if fatal is not None:  # an untrusted certificate stays untrusted
+                    raise FatalSourceError(fatal.replace("--ca-file FILE (FASTFEED_CA_FILE, "
+                                                         "ca_file=)", "?ca_file=FILE in the URL"))
             if self.stopping:
                 break
             healthy_for = 0.0
@@ -570,6 +580,40 @@ class Source:
         """Sleep, waking early when the source is stopped."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+
+#: URL schemes that speak TLS (``ca_file=``, ``client_cert=``, ``client_key=`` apply).
+TLS_SCHEMES = ("rediss", "rediss+stream", "tls", "amqps")
+
+
+def tls_context(u: SourceURL) -> ssl.SSLContext | None:
+    """The verified TLS context for a TLS scheme (None otherwise): the URL's ``ca_file=``
+    else the defaults (``SSL_CERT_FILE``/``SSL_CERT_DIR``, the system store), with
+    ``client_cert=``/``client_key=`` for mutual TLS (see :mod:`fastfeed.tls`)."""
+    if u.scheme not in TLS_SCHEMES:
+        return None
+    return client_context(u.str("ca_file"), u.str("client_cert"), u.str("client_key"))
+
+
+def check_tls_params(u: SourceURL) -> None:
+    """The TLS parameters name files that exist, and only on a TLS scheme."""
+    given = [k for k in ("ca_file", "client_cert", "client_key") if u.str(k)]
+    if given and u.scheme not in TLS_SCHEMES:
+        raise SourceURLError(f"{', '.join(k + '=' for k in given)}: for TLS schemes only "
+                             f"({', '.join(s + '://' for s in TLS_SCHEMES)})")
+    for k in given:
+        path = u.str(k)
+        assert path is not None
+        if not os.path.isfile(path):
+            raise SourceURLError(f"{k}={path}: no such file")
+    if u.str("client_key") and not u.str("client_cert"):
+        raise SourceURLError("client_key= needs client_cert=")
+    if given:
+        try:
+            tls_context(u)
+        except (ssl.SSLError, OSError) as exc:
+            raise SourceURLError(f"cannot use {', '.join(f'{k}={u.str(k)}' for k in given)}: "
+                                 f"{getattr(exc, 'reason', None) or exc}") from None
 
 
 def _describe(exc: BaseException) -> str:

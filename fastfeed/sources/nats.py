@@ -38,12 +38,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 import time
 from typing import Any
 
 from .._decoder import now_us
-from .base import FatalSourceError, Source
+from .base import FatalSourceError, Source, tls_context
 from .url import SourceURL, SourceURLError
 
 __all__ = ["NatsSource", "connect_nats", "ensure_stream"]
@@ -73,7 +72,8 @@ async def connect_nats(u: SourceURL, *, allow_reconnect: bool = False, **options
     elif u.username is not None:
         kwargs["token"] = u.username
     if u.scheme == "tls":
-        kwargs["tls"] = ssl.create_default_context()
+        kwargs["tls"] = tls_context(u)
+        kwargs["tls_hostname"] = u.host
     try:
         # nats-py's first connect retries a refused server forever unless its attempts are
         # capped (0 means no cap): cap them, so the failure reaches the source's own counted

@@ -35,13 +35,12 @@ import contextlib
 import logging
 import os
 import socket
-import ssl
 import time
 import uuid
 from typing import Any
 
 from .._decoder import now_us
-from .base import FatalSourceError, Source
+from .base import FatalSourceError, Source, tls_context
 from .url import SourceURL, SourceURLError
 
 __all__ = ["RabbitMQSource", "connect_amqp", "declare"]
@@ -72,7 +71,7 @@ async def connect_amqp(u: SourceURL) -> Any:
             host=u.host, port=u.port or (5671 if u.scheme == "amqps" else 5672),
             login=u.username or "guest", password=u.password or "guest",
             virtualhost=vhost or "/", ssl=u.scheme == "amqps",
-            ssl_context=ssl.create_default_context() if u.scheme == "amqps" else None,
+            ssl_context=tls_context(u),
             timeout=10, client_properties={"connection_name": u.str("name", "fastfeed")})
     except ProbableAuthenticationError as exc:
         raise FatalSourceError(f"RabbitMQ refused the credentials: {u.scrub(str(exc))}") \

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import Any
 
 from .._decoder import now_us
-from .base import FatalSourceError, Source
+from .base import FatalSourceError, Source, tls_context
 from .resp import resp_command
 from .url import SourceURLError
 
@@ -144,7 +143,7 @@ class RedisPubSubSource(Source):
                                    "pip install 'fastfeed[redis]'") from None
         u = self.url
         loop = asyncio.get_running_loop()
-        ctx = ssl.create_default_context() if u.scheme == "rediss" else None
+        ctx = tls_context(u)
         _, proto = await asyncio.wait_for(loop.create_connection(
             lambda: _Subscriber(self, hiredis.Reader()), u.host, u.port or 6379, ssl=ctx), 10.0)
         self._proto = proto

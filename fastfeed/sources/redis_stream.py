@@ -38,7 +38,7 @@ from collections import deque
 from typing import Any
 
 from .._decoder import now_us
-from .base import FatalSourceError, Source
+from .base import FatalSourceError, Source, tls_context
 from .resp import RespConnection, RespError, resp_command
 from .url import SourceURLError
 
@@ -93,8 +93,7 @@ class RedisStreamSource(Source):
                                    "pip install 'fastfeed[redis]'") from None
         self._unconfirmed = {}
         u = self.url
-        conn = self._conn = await RespConnection.open(
-            u.host, u.port or 6379, tls=u.scheme.startswith("rediss"))
+        conn = self._conn = await RespConnection.open(u.host, u.port or 6379, tls=tls_context(u))
         try:
             if u.password is not None:
                 await conn.call("AUTH", *([u.username] if u.username else []), u.password)

@@ -40,12 +40,12 @@ class RespConnection(asyncio.Protocol):
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def open(cls, host: str, port: int, *, tls: bool = False,
+    async def open(cls, host: str, port: int, *, tls: ssl.SSLContext | None = None,
                    timeout: float = 10.0) -> RespConnection:
+        """Connect (over TLS with the context ``tls``, see ``base.tls_context``)."""
         loop = asyncio.get_running_loop()
-        ctx = ssl.create_default_context() if tls else None
         _, proto = await asyncio.wait_for(
-            loop.create_connection(cls, host, port, ssl=ctx), timeout)
+            loop.create_connection(cls, host, port, ssl=tls), timeout)
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,0 +1,122 @@
+"""The pub/sub sources over TLS, against real brokers the tests start with certificates from a
+CA they make: ``redis-server`` on a TLS port (``rediss://``, ``rediss+stream://``, and with
+client certificates required) and ``nats-server --tls`` (``tls://``). The CA is given in the
+URL (``ca_file=``); without it, the certificate is untrusted and the source stops at once with
+one line, not a reconnect loop. (RabbitMQ over TLS, ``amqps://``, takes the same parameters:
+see docs/network.md; its TLS listener needs a broker config file, not started here.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastfeed import Feed
+from fastfeed.feed import FeedError
+from fastfeed.sim.publish import publish
+from fastfeed.sources import SourceURLError, parse_source
+from tests.brokers import (
+    TLSFiles,
+    assert_rows_match,
+    feed_connected,
+    need_module,
+    start_nats_tls,
+    start_redis_tls,
+    wait_for,
+)
+
+pytest.importorskip("trustme")
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TLSFiles:
+    return TLSFiles(tmp_path / "certs")
+
+
+def run(feed: Feed, frames: int) -> dict:
+    return feed.run(frames=frames, duration=60)
+
+
+def test_rediss_pubsub_and_stream(tmp_path: Path, tls: TLSFiles) -> None:
+    need_module("hiredis", "redis")
+    broker = start_redis_tls(tmp_path, tls)
+    try:
+        port = broker.port
+        url = f"rediss://127.0.0.1:{port}/0?channel=feed&ca_file={tls.ca}"
+        with Feed(source=url, workers=1) as feed:
+            wait_for(lambda: feed_connected(feed), what="subscription over TLS")
+            sent = publish(url, count=20000, malformed=0.01)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+        surl = (f"rediss+stream://127.0.0.1:{port}/0?stream=feed&group=g&start=0"
+                f"&ca_file={tls.ca}")
+        with Feed(source=surl, workers=1) as feed:
+            sent = publish(surl, count=20000)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+        assert stats["session"]["acked"] == sent["frames_sent"]
+    finally:
+        broker.stop()
+
+
+def test_rediss_untrusted_certificate_is_fatal_and_one_line(tmp_path: Path,
+                                                            tls: TLSFiles) -> None:
+    need_module("hiredis", "redis")
+    broker = start_redis_tls(tmp_path, tls)
+    try:
+        with Feed(source=f"rediss://127.0.0.1:{broker.port}/0?channel=feed", workers=1) as feed:
+            with pytest.raises(FeedError) as info:
+                feed.run(duration=30)
+        msg = str(info.value)
+        assert "\n" not in msg and "not trusted" in msg and "ca_file=" in msg
+        assert f"127.0.0.1:{broker.port}" in msg
+        assert feed.stats()["session"]["connect_errors"] <= 1  # no reconnect loop
+    finally:
+        broker.stop()
+
+
+def test_rediss_mutual_tls(tmp_path: Path, tls: TLSFiles) -> None:
+    need_module("hiredis", "redis")
+    broker = start_redis_tls(tmp_path, tls, client_certs=True)
+    try:
+        port = broker.port
+        url = (f"rediss://127.0.0.1:{port}/0?channel=feed&ca_file={tls.ca}"
+               f"&client_cert={tls.client}")
+        with Feed(source=url, workers=1) as feed:
+            wait_for(lambda: feed_connected(feed), what="subscription over mutual TLS")
+            sent = publish(url, count=10000)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+    finally:
+        broker.stop()
+
+
+def test_nats_tls(tmp_path: Path, tls: TLSFiles) -> None:
+    need_module("nats", "nats")
+    broker = start_nats_tls(tmp_path, tls)
+    try:
+        port = broker.port
+        with Feed(source=f"tls://127.0.0.1:{port}?subject=feed.>&ca_file={tls.ca}",
+                  workers=1) as feed:
+            wait_for(lambda: feed_connected(feed), what="NATS subscription over TLS")
+            sent = publish(f"tls://127.0.0.1:{port}?subject=feed.{{shard}}&ca_file={tls.ca}",
+                           count=20000, shards=2)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+        # untrusted: one line, no loop
+        with Feed(source=f"tls://127.0.0.1:{port}?subject=feed.>", workers=1) as feed:
+            with pytest.raises(FeedError, match="not trusted"):
+                feed.run(duration=30)
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://h/0?channel=a&ca_file=/etc/hostname", "for TLS schemes only"),
+    ("rediss://h/0?channel=a&ca_file=/no/such.pem", "no such file"),
+    ("amqps://h/?queue=q&client_key=/etc/hostname", "client_key= needs client_cert="),
+    ("tls://h?subject=a&ca_file=/etc/hostname", "cannot use ca_file="),
+])
+def test_tls_url_parameters_are_checked(url: str, message: str) -> None:
+    with pytest.raises(SourceURLError, match=message):
+        parse_source(url)
