@@ -47,6 +47,7 @@ class Display:
         self.last: dict[str, Any] | None = None
         self.last_t = time.monotonic()
         self.latest: dict[int, tuple[float, float, float]] = {}
+        self.latency_label = "latency"
         self._live: Any = None
         if not quiet and sys.stdout.isatty():
             try:
@@ -56,6 +57,11 @@ class Display:
                 self._live.start()
             except ImportError:
                 self._live = None
+
+    @property
+    def plain(self) -> bool:
+        """True when the statistics are plain lines (no terminal, or no ``rich``)."""
+        return not self.quiet and self._live is None
 
     def note_quotes(self, quotes: Any) -> None:
         if self.show_quotes and len(quotes):
@@ -74,11 +80,16 @@ class Display:
         self.last, self.last_t = s, now
         lat = s["latency_us"]
         if self._live is None:
+            quotes = ""
+            if self.latest and symbols is not None:
+                quotes = " | latest " + ", ".join(
+                    f"{symbols[sym]} bid {bid:.2f} ask {ask:.2f} last {last:.2f}"
+                    for sym, (bid, ask, last) in list(self.latest.items())[-3:])
             print(f"{self.title}: {rates['frames']:,.0f} frames/s (ticks {rates['ticks']:,.0f}/s "
                   f"quotes {rates['quotes']:,.0f}/s bars {rates['bars']:,.0f}/s) total {s['frames']:,} "
-                  f"errors {s['errors']} dropped {s['dropped']} gaps {s['gaps']} "
-                  f"reconnects {s['reconnects']} latency p50 {_us(lat['p50'])} p99 {_us(lat['p99'])}",
-                  flush=True)
+                  f"frames; errors {s['errors']} dropped {s['dropped']} gaps {s['gaps']} "
+                  f"reconnects {s['reconnects']}; {self.latency_label} p50 {_us(lat['p50'])} µs "
+                  f"p99 {_us(lat['p99'])} µs{quotes}", flush=True)
             return
         from rich.table import Table
 
@@ -91,7 +102,7 @@ class Display:
         for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts",
                   "poisoned"):
             t.add_row(k, "", f"{s[k]:,}")
-        t.add_row("latency µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
+        t.add_row(f"{self.latency_label} µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
         if self.latest and symbols is not None:
             for sym, (bid, ask, last) in list(self.latest.items())[-5:]:
                 t.add_row(str(symbols[sym]), f"bid {bid:.2f} ask {ask:.2f}", f"last {last:.2f}")
@@ -443,19 +454,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         sim = SimulatorProcess("--rate", str(args.rate), "--symbols", str(args.symbols))
     except RuntimeError as exc:
-        raise CommandError(str(exc).splitlines()[0]) from None
+        raise CommandError(str(exc)) from None  # whole: its last lines say why
+    talk = not (args.quiet or args.json)
     with sim, tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp:
         # a private token cache: the demo must not touch the user's real one
         settings = load_settings(sim.settings_args(token_cache=os.path.join(tmp, "token.json")),
                                  env={})
         feed = Feed(settings, **_pipeline_kwargs(args))
-        if not (args.quiet or args.json):
-            print(f"fastfeed demo: simulator at {sim.url}, {args.rate:,.0f} frames/s, "
-                  f"{args.workers} worker(s); Ctrl-C to stop", flush=True)
-        stats = _consume(feed, count=args.count, duration=args.duration,
-                         display=Display("fastfeed demo", quiet=args.quiet or args.json,
-                                         show_quotes=True), metrics_port=args.metrics_port)
-        return _finish(args, stats, feed)
+        display = Display("fastfeed demo", quiet=not talk, show_quotes=True)
+        if talk:
+            rate = "as fast as it can" if args.rate == 0 else f"{args.rate:,.0f} frames/s"
+            until = (f"runs for {args.duration:g} s (--duration S to change)"
+                     if args.duration is not None else f"runs until {args.count:,} frames")
+            print(f"fastfeed demo: the built-in simulator at {sim.url} sends {rate} over "
+                  f"{args.symbols} symbols; {args.workers} decoder worker(s); {until}; "
+                  f"Ctrl-C stops it sooner", flush=True)
+            if display.plain:
+                print("(one line a second; on a terminal with rich, pip install "
+                      "'fastfeed[live]', this is a live table)", flush=True)
+        stats = _consume(feed, count=args.count, duration=args.duration, display=display,
+                         metrics_port=args.metrics_port)
+        status = _finish(args, stats, feed)
+        if talk:
+            why = {"duration": f"stopped after {args.duration:g} s (--duration)",
+                   "count": f"stopped after {args.count} frames (--count)",
+                   "SIGINT": "stopped by Ctrl-C", "SIGTERM": "stopped by SIGTERM"}
+            print(why.get(stats.get("stop_reason", ""), "stopped"))
+            print("next: 'fastfeed demo --rate 0 --workers 2' for full speed; 'fastfeed record "
+                  "--out DIR' and 'fastfeed replay DIR' to keep and replay a stream; 'fastfeed "
+                  "stream --help' for your own feed; the README's 'Ways to consume' for the "
+                  "Python API")
+        return status
 
 
 # -- bench ----------------------------------------------------------------------------------------
