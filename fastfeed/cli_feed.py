@@ -125,6 +125,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     out["undelivered"] = stats["undelivered"]
     if "stop_reason" in stats:
         out["stop_reason"] = stats["stop_reason"]
+    if "replay" in stats:
+        out["replay"] = stats["replay"]
     return out
 
 
@@ -313,6 +315,9 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
               f"{stats['bars']:,} bars, {stats['errors']} errors, {stats['dropped']} dropped, "
               f"{stats['gaps']} gaps in {stats['elapsed_s']:.1f} s; latency p50 {_us(lat['p50'])} µs "
               f"p99 {_us(lat['p99'])} µs")
+        if "replay" in stats:
+            r = stats["replay"]
+            print(f"replay: {r['frames_per_s']:,} frames/s; latency: {r['latency']}")
     err = stats.get("error")
     if err:
         raise CommandError(err)
@@ -414,16 +419,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     _check_run_args(args)
     if args.speed < 0:
         raise CommandError("--speed must not be negative", EXIT_USAGE)
-    from .capture import capture_files
+    from .capture import CaptureError, capture_files
     from .feed import Feed
 
     try:
         capture_files(args.capture)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CaptureError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read the capture {args.capture}: "
+                           f"{exc.strerror or exc}") from None
     feed = Feed(replay=args.capture, speed=args.speed, **_pipeline_kwargs(args))
-    stats = _consume(feed, count=None, duration=args.duration,
-                     display=Display("fastfeed replay", quiet=args.quiet or args.json))
+    display = Display("fastfeed replay", quiet=args.quiet or args.json)
+    display.latency_label = "lag behind the recorded pace" if args.speed > 0 else "latency (n/a at speed 0)"
+    stats = _consume(feed, count=None, duration=args.duration, display=display)
     return _finish(args, stats, feed)
 
 

@@ -76,6 +76,81 @@ def _check_options(options: dict[str, Any]) -> None:
             raise TypeError(f"Feed() got an unexpected keyword argument {name!r}{hint}")
 
 
+def _check_picklable(handler: Any) -> None:
+    """Workers are spawned: the handler travels to them pickled. A lambda or a closure
+    cannot: say so now, in one line, rather than with a PicklingError from inside
+    multiprocessing."""
+    import pickle
+
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+    try:
+        pickle.dumps(handler)
+    except Exception as exc:  # PicklingError, AttributeError, TypeError: all the same here
+        name = getattr(handler, "__qualname__", None) or repr(handler)
+        raise TypeError(f"handler {name} cannot be sent to the worker processes (they are "
+                        f"spawned, so it is pickled: {type(exc).__name__}: {exc}); use a "
+                        f"module-level function or a functools.partial of one, not a lambda "
+                        f"or a nested function (or workers=0 to run it in this process)"
+                        ) from None
+
+
+def _check_main_guard() -> None:
+    """Refuse to start a feed from the top level of a script without
+    ``if __name__ == "__main__":``. Its children are spawned: each imports the script again
+    to find the handler, and without the guard each would run the script (and start a feed)
+    again. Checked here, in the parent, before any child exists: nothing of the script runs
+    twice. A spawned child that gets here anyway (the script could not be read) stops at
+    once with the same one line."""
+    import multiprocessing as mp
+    import sys
+
+    msg = ('a script that starts a Feed needs `if __name__ == "__main__":` around the code '
+           'that runs it: its worker processes are spawned and import the script again')
+    if getattr(mp.current_process(), "_inheriting", False):
+        # in a spawned child, importing the parent's script: say it once, run nothing more
+        sys.stderr.write(f"fastfeed: error: {msg}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path or getattr(main, "__spec__", None) is not None:
+        return  # interactive, -c, or -m: spawn does not run it again by path
+    frame = sys._getframe(1)
+    outer = None
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            outer = frame
+        frame = frame.f_back
+    if outer is None:
+        return
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return
+    line = outer.f_lineno
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return
+    raise RuntimeError(f"{msg} ({path}, line {line})")
+
+
+def _is_main_test(test: Any) -> bool:
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(consts) == 1
+
+
 class FeedError(RuntimeError):
     """The feed cannot go on (the network process stopped on a fatal error, or a handler
     raised under ``on_handler_error="raise"``)."""
@@ -89,6 +164,7 @@ class FeedIdleError(FeedError):
 #: (wait up to wait_timeout_us, then drop) and "block" (lossless, but the network process
 #: blocks in the write: no heartbeat while it waits; kept for benchmarks).
 FULL_POLICIES = ("pause", "drop", "wait", "block")
+_STOPPED = "this feed has stopped; a Feed runs once: make a new Feed to run again"
 # Counters of the network process that are levels, not totals: not summed over its lives.
 _GAUGES = frozenset({"backlog"})
 
@@ -174,6 +250,12 @@ class Feed:
             raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
+        if replay is not None:
+            from .capture import capture_files
+
+            capture_files(replay)  # FileNotFoundError / CaptureError: not a capture, here
+        if handler is not None and workers > 0:
+            _check_picklable(handler)
         if options:
             _check_options(options)
         if settings is None and source is None and replay is None:
@@ -237,14 +319,23 @@ class Feed:
 
             self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
         self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
+        self._replay_clock: tuple[int, int] | None = None  # (replay start µs, first recv_ts)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Feed:
         """Create the rings, start the workers, then the network process. Returns self."""
+        if self._stopped:
+            raise RuntimeError(_STOPPED)
         if self._pool is not None:
             raise RuntimeError("feed already started")
+        _check_main_guard()
         import multiprocessing as mp
+
+        if self._pool_options["capture_dir"] is not None:
+            from .capture import set_aside_previous_run
+
+            set_aside_previous_run(self._pool_options["capture_dir"])
 
         self._relay = LogRelay(mp.get_context("spawn"), self.log_level)
         self._sup = Supervisor("fastfeed")
@@ -253,7 +344,17 @@ class Feed:
                                     output=self.output and not self.inline,
                                     supervisor=self._sup, log=self._relay.config(),
                                     **self._pool_options).start()
+            if self.replay is not None:
+                # Ids by first appearance in the capture, before any worker decodes: the
+                # same with any number of workers, replay after replay.
+                from .capture import intern_codes
+
+                intern_codes(self.replay, self._pool.symbols, self._pool.statuses,
+                             self._pool.bar_types)
         except BaseException:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
             self._sup.close()
             self._relay.close()
             raise
@@ -493,16 +594,35 @@ class Feed:
             now = now_us()
         d = self._delivered
         d["batches"] += 1
+        rec = self._latency.record_rows if self.replay is None else self._replay_lag
         if isinstance(b, OutputBatch):
             for kind, arr in b.parts:
                 d[kind] += len(arr)
-                self._latency.record_rows(now, arr)
+                rec(now, arr)
         else:
-            rec = self._latency.record_rows
             for kind, arr in (("ticks", b.ticks), ("quotes", b.quotes), ("bars", b.bars)):
                 if len(arr):
                     d[kind] += len(arr)
                     rec(now, arr)
+
+    def _replay_lag(self, now: int, arr: Any) -> None:
+        """A replay's latency: how late each row is handed over against the recorded pace
+        (when its frame was due: the replay's start plus its offset in the capture, at
+        ``speed``), never the time since the recording was made. At speed 0 nothing is due
+        at any particular time: no latency is recorded (see ``replay_frames_per_s``)."""
+        if self.speed <= 0:
+            return
+        if self._replay_clock is None:
+            c = self._session.counters() if self._session is not None else {}
+            if not c.get("started_us"):
+                return
+            self._replay_clock = (int(c["started_us"]), int(c["first_ts"]))
+        started, first = self._replay_clock
+        if self.speed == 1.0:
+            self._latency.record_rows(now - (started - first), arr)
+        else:
+            lag = now - started - (arr["recv_ts"] - first) / self.speed
+            self._latency.record(lag.astype("int64"))
 
     def poll(self, timeout: float = 0.05) -> Any:
         """The next decoded batch, or None if none arrived within ``timeout`` seconds.
@@ -513,7 +633,7 @@ class Feed:
         carries ``errors`` and ``control``).
         """
         if self._stopped:
-            raise RuntimeError("the feed has stopped: make a new Feed to read again")
+            raise RuntimeError(_STOPPED)
         if self._pool is None:
             self.start()
         assert self._pool is not None
@@ -616,9 +736,13 @@ class Feed:
         valid during the call. ``on_stats`` is called in this process every
         ``stats_interval`` seconds with :meth:`stats`.
         """
+        if self._stopped:
+            raise RuntimeError(_STOPPED)
         if handler is not None:
             if self._pool is not None:
                 raise RuntimeError("give the handler before the feed starts")
+            if not self.inline:
+                _check_picklable(handler)
             self.handler = handler
         if self._pool is None:
             self.start()
@@ -754,4 +878,21 @@ class Feed:
         out["elapsed_s"] = round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0
         out["session"] = session
         out["workers"] = [asdict(w) for w in workers]
+        if self.replay is not None:
+            out["replay"] = self._replay_summary(out)
         return out
+
+    def _replay_summary(self, out: dict[str, Any]) -> dict[str, Any]:
+        """What ``latency_us`` means in a replay, and the replay's own throughput."""
+        c = self._session_counters()
+        span = out["elapsed_s"]
+        return {
+            "speed": self.speed,
+            "frames_per_s": round(out["frames"] / span) if span else 0,
+            "latency": ("none: at speed 0 no frame is due at a particular time"
+                        if self.speed <= 0 else
+                        f"lag behind the recorded pace (x{self.speed:g}), frame due to rows "
+                        f"handed over; not the time since the recording"),
+            "repeats": c.get("repeats", 0),
+            "torn": c.get("torn", 0),
+        }
