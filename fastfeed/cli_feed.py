@@ -363,7 +363,10 @@ def _add_record(sub: Any) -> None:
         "record", help="record the feed: raw capture (for replay) or Parquet",
         description="Stream the feed and write it to --out: 'capture' keeps every raw frame "
                     "with its receive time (capture-w<N>.ffcap, replayable with 'fastfeed "
-                    "replay'); 'parquet' writes the decoded rows, one file set per kind.")
+                    "replay'); 'parquet' writes the decoded rows, one file set per kind. "
+                    "Recording again into the same directory adds to it: the previous "
+                    "capture's files are renamed capture-run<R>-w<N>.ffcap (a replay of the "
+                    "directory gives every run, in order), Parquet files are numbered on.")
     _add_connection_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", choices=("capture", "parquet"), default="capture")
@@ -391,7 +394,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
             sink = ParquetSink(args.out,
                                tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
         except ImportError:
-            raise CommandError("--format parquet needs pyarrow: pip install pyarrow",
+            raise CommandError("--format parquet needs pyarrow: pip install 'fastfeed[parquet]'",
                                EXIT_USAGE) from None
     stats = _consume(feed, count=args.count, duration=args.duration, sink=sink,
                      display=Display("fastfeed record", quiet=args.quiet or args.json),
