@@ -162,10 +162,14 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
     next_show = time.monotonic() + 1.0
     error: str | None = None
     try:
+        from .shm import ShmSpaceError
+
         try:
             feed.start()
         except ValueError as exc:  # a bad pinning, say: the user's to fix
             raise CommandError(str(exc), EXIT_USAGE) from None
+        except ShmSpaceError as exc:  # a too small /dev/shm (a container's, say)
+            raise CommandError(str(exc)) from None
         if metrics_port is not None:
             from .metrics import serve_metrics
 

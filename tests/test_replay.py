@@ -17,7 +17,6 @@ from fastfeed import Decoder
 from fastfeed._capture import route_frame
 from fastfeed._listener import route_of
 from fastfeed.capture import MAGIC, RECORD, CaptureError, frames_array, read_capture
-from fastfeed.config import load_settings
 from fastfeed.feed import Feed
 from fastfeed.sim.process import SimulatorProcess
 
