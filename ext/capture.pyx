@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-__all__ = ["CaptureReader", "DONE", "FULL", "PACED", "BUDGET", "route_frame", "scan"]
+__all__ = ["CaptureReader", "DONE", "FULL", "PACED", "BUDGET", "route_frame", "routes", "scan"]
 
 cdef enum:
     _HDR = 24  # u32 length, u32 worker, i64 recv_ts, u64 seq
@@ -90,6 +90,29 @@ def route_frame(frame) -> int:
     if b.shape[0] == 0:
         return -1
     return _route(<const char *>&b[0], b.shape[0])
+
+
+def routes(data, offsets, lengths):
+    """The route of each frame of ``data`` at ``offsets``/``lengths`` (int32; -1: no
+    symbol), as :class:`CaptureReader` routes them."""
+    cdef const unsigned char[::1] buf = data
+    cdef const int64_t[::1] off = np.ascontiguousarray(offsets, np.int64)
+    cdef const int64_t[::1] ln = np.ascontiguousarray(lengths, np.int64)
+    cdef Py_ssize_t n = off.shape[0], i
+    if ln.shape[0] != n:
+        raise ValueError("offsets and lengths differ in length")
+    out = np.empty(n, np.int32)
+    cdef int32_t[::1] r = out
+    for i in range(n):
+        if off[i] < 0 or ln[i] < 0 or off[i] + ln[i] > buf.shape[0]:
+            raise ValueError("frame %d lies outside the data" % i)
+    if n == 0:
+        return out
+    cdef const char *p = <const char *>&buf[0]
+    with nogil:
+        for i in range(n):
+            r[i] = _route(p + off[i], ln[i])
+    return out
 
 
 cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:

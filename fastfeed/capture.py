@@ -183,16 +183,24 @@ def read_capture(path: str | os.PathLike[str], stats: dict[str, int] | None = No
 
 
 def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
-                 bar_types: Any) -> None:
+                 bar_types: Any) -> dict[str, int]:
     """Intern every symbol, status and bar-type code of a capture into these tables, file
     by file in name order, each file in its own order, before a replay starts: then ids
     do not depend on which worker meets a code first, and two replays of one capture give
     the same ids with any number of workers. The frames are decoded in place from the
-    mapped files (nothing kept), so this takes what decoding them takes."""
-    from fastfeed._capture import scan
+    mapped files (nothing kept), so this takes what decoding them takes.
+
+    Returns what the frames without a symbol hold, as the decoder counts it (they go to no
+    ring in a replay, as in the live run; see :mod:`fastfeed.control`): ``control_msgs``,
+    ``control_errors`` and ``unroutable``."""
+    import numpy as np
+
+    from fastfeed._capture import routes, scan
     from fastfeed._decoder import Decoder
 
     dec = Decoder(symbols=symbols, statuses=statuses, bar_types=bar_types, error_store=0)
+    ctl = Decoder(error_store=0)  # symbol-less frames: counted, their codes kept apart
+    unroutable = 0
     m = _Mapped(capture_files(path))
     try:
         for data in m.maps:
@@ -201,9 +209,23 @@ def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
                 offs, lens, ts, pos, last, _rep, _torn = scan(data, pos, 1 << 15, last)
                 if not len(offs):
                     break
-                dec.decode_region(data, offs, lens, ts)
+                none = routes(data, offs, lens) < 0
+                if none.any():
+                    b = ctl.decode_region(data, offs[none], lens[none], ts[none])
+                    if b.rows:
+                        # rows the router cannot place: count the frames that hold them
+                        for o, n in zip(offs[none].tolist(), lens[none].tolist(), strict=True):
+                            unroutable += Decoder(error_store=0).decode_region(
+                                data, np.array([o]), np.array([n]), np.zeros(1, np.int64)
+                            ).rows > 0
+                    keep = ~none
+                    offs, lens, ts = offs[keep], lens[keep], ts[keep]
+                if len(offs):
+                    dec.decode_region(data, offs, lens, ts)
+        return {"control_msgs": ctl.control_total, "control_errors": ctl.errors_total,
+                "unroutable": int(unroutable)}
     finally:
-        del dec
+        del dec, ctl
         m.close()
 
 

@@ -30,7 +30,7 @@ from .cli import (
 
 SUMMARY_KEYS = ("received", "frames", "ticks", "quotes", "bars", "errors", "control", "dropped",
                 "dropped_rows", "gaps", "pauses", "backpressure_s", "handler_errors",
-                "symbols_full", "reconnects", "auth_renewals", "network_restarts",
+                "symbols_full", "unroutable", "reconnects", "auth_renewals", "network_restarts",
                 "worker_restarts", "poisoned", "elapsed_s", "latency_us")
 
 

@@ -320,6 +320,7 @@ class Feed:
             self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
         self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
         self._replay_clock: tuple[int, int] | None = None  # (replay start µs, first recv_ts)
+        self._replay_control: dict[str, int] = {}  # a replay's symbol-less frames, classified
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -349,8 +350,8 @@ class Feed:
                 # same with any number of workers, replay after replay.
                 from .capture import intern_codes
 
-                intern_codes(self.replay, self._pool.symbols, self._pool.statuses,
-                             self._pool.bar_types)
+                self._replay_control = intern_codes(self.replay, self._pool.symbols,
+                                                    self._pool.statuses, self._pool.bar_types)
         except BaseException:
             if self._pool is not None:
                 self._pool.close()
@@ -855,7 +856,16 @@ class Feed:
         total = {k: sum(getattr(w, k) for w in workers)
                  for k in ("frames", "ticks", "quotes", "bars", "errors", "control")}
         out: dict[str, Any] = dict(total)
-        out["control"] += session.get("control", 0)
+        # Frames without a symbol go to no ring: the network process (or, for a replay, the
+        # index built at start) counts what they hold as the decoder would (see
+        # fastfeed.control): control messages, errors, and data it could not route.
+        ctl = self._replay_control if self.replay is not None else session
+        if "control_msgs" in ctl:
+            out["control"] += ctl["control_msgs"]
+            out["errors"] += ctl.get("control_errors", 0)
+        else:
+            out["control"] += session.get("control", 0)
+        out["unroutable"] = ctl.get("unroutable", 0)
         # The rings count what was written into them themselves: exact across network
         # process restarts (its own counters are published every 50 ms, and a kill -9
         # loses the last ones).

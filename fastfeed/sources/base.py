@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from .._listener import route_of
+from ..control import ControlCounter
 from ..session import Backoff
 from . import COUNTERS
 from .url import SourceURL
@@ -88,7 +89,7 @@ class RingWriter:
 
     __slots__ = ("_cache", "_discarded", "_empty", "_hooks", "_kept", "_lossless", "_n",
                  "_paused_at", "_paused_ns", "_reading_paused", "_rings", "_taken", "_timer",
-                 "_writes", "backlog", "counts", "resumed_at", "seen")
+                 "_writes", "backlog", "counts", "resumed_at", "seen", "_classify")
 
     def __init__(self, rings: Sequence[Any], counts: dict[str, int]) -> None:
         if not rings:
@@ -98,6 +99,7 @@ class RingWriter:
         self._n = len(self._rings)
         self._cache: dict[bytes, int] = {}
         self.counts = counts
+        self._classify = ControlCounter(counts)  # symbol-less frames, as the decoder counts
         # Which rings refuse without dropping ("pause"): only looked at on a refusal.
         self._lossless = [getattr(r, "full_policy", None) == "pause" for r in self._rings]
         #: Frames a ring had no room for, in arrival order: (payload, route, receive time,
@@ -144,6 +146,7 @@ class RingWriter:
         if r < 0:
             # As the WebSocket listener: no symbol means not market data; count, never decode.
             c["control"] += 1
+            self._classify(payload)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("control message: %r", payload[:200])
             return True
@@ -198,6 +201,7 @@ class RingWriter:
                 r = _slow_route(p)
                 if r < 0:
                     control += 1
+                    self._classify(p)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("control message: %r", p[:200])
                     continue
@@ -269,6 +273,7 @@ class RingWriter:
             r = self.route(p)
             if r < 0:
                 self.counts["control"] += 1
+                self._classify(p)
             else:
                 self._keep(p, r, recv_ts)
 
