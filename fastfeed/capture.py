@@ -37,7 +37,8 @@ import numpy as np
 
 from .child import ChildProcess
 
-__all__ = ["MAGIC", "CaptureError", "CaptureWriter", "ReplayProcess", "capture_files",
+__all__ = ["MAGIC", "CaptureError", "CaptureWriter", "LocalReplay", "ReplayProcess",
+           "capture_files",
            "intern_codes", "read_capture", "set_aside_previous_run"]
 
 MAGIC = b"FFCAP001"
@@ -331,6 +332,87 @@ class ReplayProcess(ChildProcess):
         """True once every frame of the capture has been written (or the replay failed)."""
         self._collect()
         return self.finished
+
+
+class LocalReplay:
+    """A replay in the consuming process, for ``Feed(replay=..., workers=0)``: no process,
+    no hop. Each :meth:`pump` moves frames from the mapped capture into the inline ring (in
+    C, as :class:`ReplayProcess` does), just before the consumer decodes them from there:
+    the frames go through the same ring, decoder and counters as any inline feed, and a
+    replay costs little more than decoding. The interface of :class:`ReplayProcess`."""
+
+    def __init__(self, path: str | os.PathLike[str], ring: Any, *, speed: float = 0.0) -> None:
+        from fastfeed._capture import CaptureReader
+        from fastfeed._decoder import now_us
+
+        if speed < 0:
+            raise ValueError("speed must be >= 0")
+        self.path = str(path)
+        self.speed = speed
+        self._mapped: _Mapped | None = _Mapped(capture_files(path))
+        self._reader: Any = CaptureReader(self._mapped.maps)
+        self._addresses = [ring.address]
+        self._first_ts = self._reader.next_ts
+        self._t0 = time.monotonic()
+        self._c = dict.fromkeys(COUNTERS, 0)
+        self._c["first_ts"] = self._first_ts or 0
+        self._c["started_us"] = now_us()
+        self._stop = False
+        self.error: str | None = None
+        self.finished = self._first_ts is None
+        self.pid = os.getpid()
+        self.exitcode: int | None = None
+
+    def pump(self, max_frames: int = 1 << 16) -> float:
+        """Write what is due and fits; returns how long (s) until the next frame is due
+        (0: now, or never again)."""
+        from fastfeed._capture import DONE, PACED
+
+        r = self._reader
+        if self.finished or self._stop or r is None:
+            return 0.0
+        until = (1 << 63) - 1
+        if self.speed > 0 and self._first_ts is not None:
+            until = self._first_ts + int((time.monotonic() - self._t0) * 1e6 * self.speed)
+        # FULL is no pause here: the consumer is this process, and it reads next
+        status = r.pump(self._addresses, max_frames, until, True)
+        if status == DONE:
+            self.finished = True
+        if status == PACED:
+            due = self._t0 + (r.next_ts - self._first_ts) / 1e6 / self.speed
+            return max(0.0, due - time.monotonic())
+        return 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+    def counters(self) -> dict[str, int]:
+        r = self._reader
+        if r is not None:
+            for k in ("frames", "bytes", "ring_drops", "control", "repeats", "torn"):
+                self._c[k] = getattr(r, k)
+        return dict(self._c)
+
+    def is_alive(self) -> bool:
+        return not (self.finished or self._stop)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def join(self, timeout: float | None = None) -> int | None:
+        return self.exitcode
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self._stop = True
+        if self._reader is not None:
+            self._c = self.counters()
+            self._reader = None  # its pointers into the maps go before the maps
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
+        self.exitcode = 0
+        return 0
 
 
 def capture_size(path: str | os.PathLike[str]) -> int:

@@ -360,7 +360,14 @@ class Feed:
             self._relay.close()
             raise
         try:
-            self._sup.add("network process", self._spawn_network, self._network_exited)
+            if self.replay is not None and self.inline:
+                # Inline replay: the frames go from the mapped capture into the ring in this
+                # process, just before it decodes them (no process, no hop; see LocalReplay).
+                from .capture import LocalReplay
+
+                self._session = LocalReplay(self.replay, self._pool.rings[0], speed=self.speed)
+            else:
+                self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:
                 # Last: processes started from this thread would inherit the pinning. The
                 # thread gets its CPUs back at stop().
@@ -648,6 +655,10 @@ class Feed:
         if not self._polls & 255:
             self.check()  # now and then even while data flows: a handler may have failed
         if self.inline:
+            if self.replay is not None and not self._source_ending:
+                wait = self._session.pump()
+                timeout = min(timeout, wait) if wait else (0 if self._session.done else
+                                                           timeout)
             r = self._pool.read_inline(timeout)
             if r is None:
                 self.check()
