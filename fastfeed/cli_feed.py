@@ -520,7 +520,7 @@ def _add_bench(sub: Any) -> None:
         description="Run the scripts in benchmarks/ (from a source checkout) one after the "
                     "other; each prints a table with ratios measured in the same run.")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="which: decode, ring, net, e2e, pubsub (default: all found)")
+                   help="which: decode, ring, net, e2e, pubsub, replay (default: all found)")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -109,3 +109,21 @@ def test_a_child_that_cannot_start_shows_its_whole_error_once(tmp_path, clone):
     assert err.startswith("fastfeed: error: the simulator did not start"), err
     assert err.count("boom: the simulator cannot start") == 1, err
     assert "Traceback (most recent call last)" in err  # its last lines, whole
+
+
+@pytest.mark.skipif(not os.environ.get("FASTFEED_VENV_TEST"),
+                    reason="builds the package in a fresh venv (about 2 min, needs the package "
+                           "index): set FASTFEED_VENV_TEST=1")
+def test_pip_install_then_demo_in_a_fresh_venv_from_the_clone_root(tmp_path):
+    """The README's first command, for real: a clean clone, a new venv, ``pip install .``,
+    then ``fastfeed demo`` run in the clone's root."""
+    clone, venv = tmp_path / "clone", tmp_path / "venv"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "."], cwd=clone, env=env,
+                   check=True, timeout=900)
+    r = subprocess.run([str(venv / "bin" / "fastfeed"), "demo", "--duration", "5", "--json"],
+                       cwd=clone, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] > 1000
