@@ -164,7 +164,7 @@ class FeedIdleError(FeedError):
 #: (wait up to wait_timeout_us, then drop) and "block" (lossless, but the network process
 #: blocks in the write: no heartbeat while it waits; kept for benchmarks).
 FULL_POLICIES = ("pause", "drop", "wait", "block")
-_STOPPED = "this feed has stopped; a Feed runs once: make a new Feed to run again"
+_STOPPED = "the feed has stopped: a Feed runs once; make a new Feed to run again"
 # Counters of the network process that are levels, not totals: not summed over its lives.
 _GAUGES = frozenset({"backlog"})
 
@@ -250,10 +250,6 @@ class Feed:
             raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
-        if replay is not None:
-            from .capture import capture_files
-
-            capture_files(replay)  # FileNotFoundError / CaptureError: not a capture, here
         if handler is not None and workers > 0:
             _check_picklable(handler)
         if options:
@@ -319,6 +315,10 @@ class Feed:
 
             self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
         self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
+        if replay is not None:
+            from .capture import capture_files
+
+            capture_files(replay)  # FileNotFoundError / CaptureError: not a capture, here
         self._replay_clock: tuple[int, int] | None = None  # (replay start µs, first recv_ts)
         self._replay_control: dict[str, int] = {}  # a replay's symbol-less frames, classified
 

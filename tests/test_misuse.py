@@ -60,7 +60,7 @@ def test_a_stopped_feed_says_so(small_capture):
     assert first["frames"] == 500
     for use in (feed.run, feed.start, lambda: next(iter(feed)), lambda: feed.poll(),
                 lambda: feed.__enter__()):
-        with pytest.raises(RuntimeError, match="this feed has stopped; a Feed runs once"):
+        with pytest.raises(RuntimeError, match="the feed has stopped: a Feed runs once"):
             use()
     with Feed(replay=str(small_capture), workers=0) as feed2:
         assert sum(len(b.ticks) for b in feed2) == 500
