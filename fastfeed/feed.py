@@ -116,7 +116,7 @@ def _check_main_guard() -> None:
     path = getattr(main, "__file__", None)
     if main is None or not path or getattr(main, "__spec__", None) is not None:
         return  # interactive, -c, or -m: spawn does not run it again by path
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     outer = None
     while frame is not None:
         if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
@@ -285,6 +285,7 @@ class Feed:
                                   cpus=_cpu_set(worker_cpus, "worker_cpus"),
                                   on_handler_error=on_handler_error,
                                   symbol_capacity=max_symbols)
+        self._capture = capture
         self.network_cpus = _cpu_set(network_cpus, "network_cpus")
         self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
@@ -333,10 +334,10 @@ class Feed:
         _check_main_guard()
         import multiprocessing as mp
 
-        if self._pool_options["capture_dir"] is not None:
+        if self._capture is not None:
             from .capture import set_aside_previous_run
 
-            set_aside_previous_run(self._pool_options["capture_dir"])
+            set_aside_previous_run(self._capture)
 
         self._relay = LogRelay(mp.get_context("spawn"), self.log_level)
         self._sup = Supervisor("fastfeed")
