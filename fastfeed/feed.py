@@ -177,8 +177,13 @@ class Feed:
         WebSocket; None (default) for the WebSocket session that ``settings`` describe.
     replay: a capture (file or directory, see :mod:`fastfeed.capture`) to feed through the
         pipeline instead of a live source, at ``speed`` (0: as fast as possible, 1.0: the
-        recorded pace); the decoded output is the live run's.
-    capture: a directory to write a raw capture of every frame to (for replay).
+        recorded pace); the decoded output is the live run's. Its codes are interned in
+        order of first appearance before any worker starts, so ids and rows are the same
+        with any number of workers; with ``workers=0`` the replay runs in this process (no
+        replay process: about as fast as decoding). A path that is not a capture raises
+        :class:`~fastfeed.capture.CaptureError` (or FileNotFoundError) here.
+    capture: a directory to write a raw capture of every frame to (for replay); a previous
+        run's files there are set aside (renamed), never overwritten or mixed up.
     settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
         ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest.
@@ -186,7 +191,8 @@ class Feed:
         symbol's order is kept. ``0``: no decoder process; this process decodes the ring
         itself in :meth:`poll` (inline mode: one process hop fewer, the lowest latency).
     handler: ``handler(worker_index, batch)`` run in the workers (see :meth:`run`); in
-        inline mode, in this process, inside :meth:`poll`.
+        inline mode, in this process, inside :meth:`poll`. With workers it must pickle (a
+        module-level function or a ``functools.partial`` of one): a lambda is a TypeError.
     output: deliver batches to this process for iteration (turn off when a handler does
         all the work: the workers then skip publishing). Always on inline.
     ring_capacity: bytes per input ring (a power of two).
