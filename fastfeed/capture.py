@@ -14,9 +14,10 @@ the previous run's files to ``capture-run<R>-w<N>.ffcap`` (:func:`set_aside_prev
 each run's sequence numbers start at 0 in files of its own, and a replay of the directory
 gives every run, merged by receive time.
 
-:class:`ReplayProcess` feeds captures back through the same pipeline (rings, workers,
+:class:`LocalReplay` feeds captures back through the same pipeline (rings, workers,
 decoder), with the recorded receive times, at recorded pace or as fast as possible:
-the decoded output is identical to the live run's.
+the decoded output is identical to the live run's.  The frames go from the mapped files
+into the rings in C (``ext/capture.pyx``), driven by the consuming process.
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .child import ChildProcess
-
-__all__ = ["MAGIC", "CaptureError", "CaptureWriter", "LocalReplay", "ReplayProcess",
-           "capture_files",
+__all__ = ["MAGIC", "CaptureError", "CaptureWriter", "LocalReplay", "capture_files",
            "intern_codes", "read_capture", "set_aside_previous_run"]
 
 MAGIC = b"FFCAP001"
@@ -234,114 +232,22 @@ def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
 
 COUNTERS = ("frames", "bytes", "ring_drops", "control", "reconnects", "auth_renewals",
             "torn", "repeats", "pauses", "backpressure_us", "started_us", "first_ts")
-# While a ring is full under the "pause" policy, the replay tries again this often.
-_RETRY_S = 0.0002
-# Frames handled per call into C between looks at the stop event and counter updates.
-_PUMP = 1 << 16
-
-
-def _replay_main(path: str, ring_names: list[str], speed: float, counters: Any, stop: Any,
-                 conn: Any, log_level: int) -> None:
-    from fastfeed._capture import DONE, FULL, PACED, CaptureReader
-    from fastfeed._decoder import now_us
-    from fastfeed._ring import Ring
-
-    rings = [Ring.attach(n) for n in ring_names]
-    mapped = None
-    c = dict.fromkeys(COUNTERS, 0)
-    reader: Any = None
-
-    def publish() -> None:
-        if reader is not None:
-            for k in ("frames", "bytes", "ring_drops", "control", "repeats", "torn"):
-                c[k] = getattr(reader, k)
-        counters[:] = [c[n] for n in COUNTERS]
-
-    try:
-        mapped = _Mapped(capture_files(path))
-        reader = CaptureReader(mapped.maps)
-        addresses = [r.address for r in rings]
-        pause = rings[0].full_policy == "pause"
-        first_ts = reader.next_ts
-        c["first_ts"] = first_ts or 0
-        c["started_us"] = now_us()
-        t0 = time.monotonic()
-        never = (1 << 63) - 1
-        paused_at: float | None = None
-        while not stop.is_set():
-            until = never
-            if speed > 0 and first_ts is not None:
-                until = first_ts + int((time.monotonic() - t0) * 1e6 * speed)
-            status = reader.pump(addresses, _PUMP, until, pause)
-            if status == FULL:
-                # Lossless: a finite source waits for the workers, whatever the consumer does.
-                now = time.monotonic()
-                if paused_at is None:
-                    paused_at = now
-                    c["pauses"] += 1
-                publish()
-                time.sleep(_RETRY_S)
-                continue
-            if paused_at is not None:
-                c["backpressure_us"] += int((time.monotonic() - paused_at) * 1e6)
-                paused_at = None
-            publish()
-            if status == DONE:
-                break
-            if status == PACED:
-                nxt = reader.next_ts
-                due = t0 + (nxt - first_ts) / 1e6 / speed
-                time.sleep(min(max(0.0, due - time.monotonic()), 0.05))
-        if paused_at is not None:
-            c["backpressure_us"] += int((time.monotonic() - paused_at) * 1e6)
-        publish()
-        conn.send(("ok", None))
-    except (OSError, ValueError) as exc:
-        conn.send(("error", f"replay of {path} failed: {exc}"))
-        raise SystemExit(1) from None
-    finally:
-        reader = None  # its pointers into the maps go before the maps
-        if mapped is not None:
-            mapped.close()
-        for r in rings:
-            r.close()
-    # Stay alive (idle) until asked to stop, as a live source would, so that the feed
-    # drains and reports at its own pace.
-    stop.wait()
-
-
-class ReplayProcess(ChildProcess):
-    """Replays a capture into rings from its own process; the interface of SessionProcess.
-
-    The frames go from the mapped capture files into the rings in C
-    (:class:`fastfeed._capture.CaptureReader`), with no Python work per frame.
-    ``speed``: 0 for as fast as possible, 1.0 for the recorded pace, 2.0 for twice as fast.
-    ``done`` tells when every frame has been written.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], ring_names: Sequence[str], *,
-                 speed: float = 0.0, log_level: int = logging.WARNING, log: Any = None) -> None:
-        capture_files(path)  # fail here, in the caller, on a missing capture
-        if speed < 0:
-            raise ValueError("speed must be >= 0")
-        super().__init__(_replay_main, (str(path), list(ring_names), speed), COUNTERS,
-                         name="fastfeed-replay", log_level=log_level, log=log)
-
-    @property
-    def done(self) -> bool:
-        """True once every frame of the capture has been written (or the replay failed)."""
-        self._collect()
-        return self.finished
+# A LocalReplay whose rings are full comes back this soon: a 4 MiB ring holds some 8 ms of
+# decoding, so the decoders never run dry waiting for it.
+_FULL_RETRY_S = 0.0005
 
 
 class LocalReplay:
-    """A replay in the consuming process, for ``Feed(replay=..., workers=0)``: no process,
-    no hop. Each :meth:`pump` moves frames from the mapped capture into the inline ring (in
-    C, as :class:`ReplayProcess` does), just before the consumer decodes them from there:
-    the frames go through the same ring, decoder and counters as any inline feed, and a
-    replay costs little more than decoding. The interface of :class:`ReplayProcess`."""
+    """A replay driven by the consuming process: no replay process, no hop. Each
+    :meth:`pump` moves the frames that are due from the mapped capture into the rings (in
+    C: :class:`fastfeed._capture.CaptureReader`), and the Feed calls it between reading
+    batches: with ``workers=0`` just before it decodes them from its inline ring, with
+    workers while they decode. The frames go through the same rings, decoders and counters
+    as any feed, and a replay costs little more than decoding. For the Feed it stands where
+    a source process would: ``counters()``, ``done``, ``request_stop()``, ``stop()``."""
 
-    def __init__(self, path: str | os.PathLike[str], ring: Any, *, speed: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], rings: Sequence[Any], *,
+                 speed: float = 0.0) -> None:
         from fastfeed._capture import CaptureReader
         from fastfeed._decoder import now_us
 
@@ -351,33 +257,44 @@ class LocalReplay:
         self.speed = speed
         self._mapped: _Mapped | None = _Mapped(capture_files(path))
         self._reader: Any = CaptureReader(self._mapped.maps)
-        self._addresses = [ring.address]
+        self._addresses = [r.address for r in rings]
         self._first_ts = self._reader.next_ts
         self._t0 = time.monotonic()
         self._c = dict.fromkeys(COUNTERS, 0)
         self._c["first_ts"] = self._first_ts or 0
         self._c["started_us"] = now_us()
+        self._paused_at: float | None = None
         self._stop = False
         self.error: str | None = None
         self.finished = self._first_ts is None
         self.pid = os.getpid()
         self.exitcode: int | None = None
 
-    def pump(self, max_frames: int = 1 << 16) -> float:
-        """Write what is due and fits; returns how long (s) until the next frame is due
-        (0: now, or never again)."""
-        from fastfeed._capture import DONE, PACED
+    def pump(self, max_frames: int = 1 << 16) -> float | None:
+        """Write what is due and fits. Returns when to call again: None once every frame is
+        written (or the replay was stopped), else in how many seconds (0: at once; a ring
+        full: shortly, once the decoders made room; paced: when the next frame is due)."""
+        from fastfeed._capture import DONE, FULL, PACED
 
         r = self._reader
         if self.finished or self._stop or r is None:
-            return 0.0
+            return None
         until = (1 << 63) - 1
         if self.speed > 0 and self._first_ts is not None:
             until = self._first_ts + int((time.monotonic() - self._t0) * 1e6 * self.speed)
-        # FULL is no pause here: the consumer is this process, and it reads next
+        # Lossless whatever the rings' policy: a finite source waits for the decoders.
         status = r.pump(self._addresses, max_frames, until, True)
+        if status == FULL:
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
+                self._c["pauses"] += 1
+            return _FULL_RETRY_S
+        if self._paused_at is not None:
+            self._c["backpressure_us"] += int((time.monotonic() - self._paused_at) * 1e6)
+            self._paused_at = None
         if status == DONE:
             self.finished = True
+            return None
         if status == PACED:
             due = self._t0 + (r.next_ts - self._first_ts) / 1e6 / self.speed
             return max(0.0, due - time.monotonic())

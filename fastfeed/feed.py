@@ -367,12 +367,12 @@ class Feed:
             self._relay.close()
             raise
         try:
-            if self.replay is not None and self.inline:
-                # Inline replay: the frames go from the mapped capture into the ring in this
-                # process, just before it decodes them (no process, no hop; see LocalReplay).
+            if self.replay is not None:
+                # The frames go from the mapped capture into the rings from this process,
+                # between batches (no replay process, no hop; see LocalReplay).
                 from .capture import LocalReplay
 
-                self._session = LocalReplay(self.replay, self._pool.rings[0], speed=self.speed)
+                self._session = LocalReplay(self.replay, self._pool.rings, speed=self.speed)
             else:
                 self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:
@@ -397,18 +397,14 @@ class Feed:
         return self
 
     def _spawn_network(self) -> Any:
-        """Start the network process (or the source, or the replay); the supervisor calls it
+        """Start the network process (or the pub/sub source); the supervisor calls it
         again after a crash."""
         assert self._pool is not None and self._relay is not None
         names, log_cfg = self._pool.ring_names, self._relay.config()
-        if self.replay is not None:
-            from .capture import ReplayProcess
-
-            child: Any = ReplayProcess(self.replay, names, speed=self.speed, log=log_cfg)
-        elif self.source is not None:
+        if self.source is not None:
             from .sources import SourceProcess
 
-            child = SourceProcess(self.source, names, log=log_cfg)
+            child: Any = SourceProcess(self.source, names, log=log_cfg)
         else:
             assert self.settings is not None
             child = SessionProcess(self.settings, names, log=log_cfg)
@@ -428,10 +424,6 @@ class Feed:
             return False
         code = child.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        if self.replay is not None:
-            # Starting it again would replay the capture from its start.
-            self._fatal = f"the replay process died ({how})"
-            return False
         for k, v in child.counters().items():
             if k not in _GAUGES:
                 self._net_base[k] = self._net_base.get(k, 0) + v
@@ -661,11 +653,9 @@ class Feed:
         self._polls += 1
         if not self._polls & 255:
             self.check()  # now and then even while data flows: a handler may have failed
+        if self.replay is not None and not self._source_ending:
+            timeout = self._pump_replay(timeout)
         if self.inline:
-            if self.replay is not None and not self._source_ending:
-                wait = self._session.pump()
-                timeout = min(timeout, wait) if wait else (0 if self._session.done else
-                                                           timeout)
             r = self._pool.read_inline(timeout)
             if r is None:
                 self.check()
@@ -691,6 +681,14 @@ class Feed:
         self._current = b
         self._pending = (b, now_us())
         return b
+
+    def _pump_replay(self, timeout: float) -> float:
+        """Move the replay's due frames into the rings; return how long the caller may
+        wait for output before it should pump again."""
+        again = self._session.pump()
+        if again is None:  # all written: wait for the decoders as for any source
+            return 0.0 if self.inline and self._pool.idle() else timeout
+        return min(timeout, again)
 
     def __iter__(self) -> Iterator[Any]:
         """Decoded batches until the feed is stopped (:meth:`request_stop`, a signal in
@@ -719,7 +717,17 @@ class Feed:
         """For a feed without output (``output=False``: handlers do the work): wait up to
         ``timeout`` seconds, as :meth:`poll` would, raising what it would raise. Returns
         True while the feed runs, False once it is stopping."""
-        self._stop_event.wait(timeout)
+        if self.replay is not None:
+            deadline = time.monotonic() + timeout
+            while not self._stop_event.is_set() and not self._session.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._stop_event.wait(self._pump_replay(left) or 0.0)
+            else:
+                self._stop_event.wait(max(0.0, deadline - time.monotonic()))
+        else:
+            self._stop_event.wait(timeout)
         if self._stop_event.is_set():
             self._end_source()
         self.check()
