@@ -179,8 +179,9 @@ class Feed:
         pipeline instead of a live source, at ``speed`` (0: as fast as possible, 1.0: the
         recorded pace); the decoded output is the live run's. Its codes are interned in
         order of first appearance before any worker starts, so ids and rows are the same
-        with any number of workers; with ``workers=0`` the replay runs in this process (no
-        replay process: about as fast as decoding). A path that is not a capture raises
+        with any number of workers. This process moves the frames into the rings between
+        batches (in C; no replay process), so a replay runs about as fast as decoding;
+        ``network_cpus`` does not apply. A path that is not a capture raises
         :class:`~fastfeed.capture.CaptureError` (or FileNotFoundError) here.
     capture: a directory to write a raw capture of every frame to (for replay); a previous
         run's files there are set aside (renamed), never overwritten or mixed up.
@@ -616,7 +617,7 @@ class Feed:
         """A replay's latency: how late each row is handed over against the recorded pace
         (when its frame was due: the replay's start plus its offset in the capture, at
         ``speed``), never the time since the recording was made. At speed 0 nothing is due
-        at any particular time: no latency is recorded (see ``replay_frames_per_s``)."""
+        at any particular time: no latency is recorded (see ``stats()["replay"]``)."""
         if self.speed <= 0:
             return
         if self._replay_clock is None:
