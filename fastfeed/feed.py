@@ -326,6 +326,9 @@ class Feed:
         if replay is not None:
             from .capture import capture_files
 
+            if self.network_cpus is not None:
+                raise ValueError("network_cpus: a replay has no network process (this "
+                                 "process moves the frames; pin it with consumer_cpus)")
             capture_files(replay)  # FileNotFoundError / CaptureError: not a capture, here
         self._replay_clock: tuple[int, int] | None = None  # (replay start µs, first recv_ts)
         self._replay_control: dict[str, int] = {}  # a replay's symbol-less frames, classified
