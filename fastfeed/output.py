@@ -45,7 +45,9 @@ class OutputBatch:
             return arrays[0]
         if not arrays:
             return np.empty(0, self._dtypes[kind])
-        return np.concatenate(arrays)
+        # As raw bytes: NumPy concatenates structured rows field by field and leaves their
+        # padding uninitialized (stale memory in the user's rows, different every run).
+        return np.concatenate([a.view(np.uint8) for a in arrays]).view(self._dtypes[kind])
 
     @property
     def ticks(self) -> np.ndarray:
