@@ -133,3 +133,31 @@ def test_a_mixed_corpus_replayed_gives_the_decoders_rows_errors_and_control(tmp_
         assert canonical(arr, k, tables) == canonical(getattr(want, k), k, want_tables), k
     assert stats["unroutable"] == len(unroutable)
     assert (stats["errors"], stats["control"]) == (len(everything.errors), counter.control_total)
+
+
+def test_the_websocket_path_counts_errors_and_control_as_the_decoder(tmp_path):
+    """Through the simulator's WebSocket: broken frames are errors, each status object one
+    control message (counted on the network side's cold path, as the decoder counts)."""
+    from fastfeed.config import load_settings
+    from fastfeed.sim.process import SimulatorProcess
+
+    n = 20_000
+    with SimulatorProcess("--rate", "0", "--count", str(n), "--fault", "malformed=0.02",
+                          "--fault", "status-every=400", "--fault", "arrays=0.05") as sim:
+        settings = load_settings(sim.settings_args(token_cache=str(tmp_path / "t.json")), env={})
+        with Feed(settings, workers=2) as feed:
+            deadline = time.monotonic() + 90
+            while True:
+                feed.poll(0.05)
+                s = feed.stats()
+                sent = sim.stats()
+                if (sent["frames_sent"] >= n and s["frames"] == n
+                        and s["control"] >= sent["control_sent"]):
+                    break
+                assert time.monotonic() < deadline, (s, sent)
+            stats = feed.stats()
+        sent = sim.stop()
+    assert sent["malformed"] > 0 and sent["control_sent"] == n // 400
+    assert (stats["errors"], stats["control"]) == (sent["malformed"], sent["control_sent"])
+    assert stats["session"]["control_msgs"] == sent["control_sent"]
+    assert stats["unroutable"] == 0
