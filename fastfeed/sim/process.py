@@ -80,10 +80,11 @@ class SimulatorProcess:
             self.proc.stderr.close()
             code = self.proc.returncode
             # The child's own last lines, whole: its traceback says why.
+            # Its last line (the reason) first, then the lines before it (a traceback).
             tail = [ln.rstrip() for ln in (first + "".join(self._err)).splitlines()
-                    if ln.strip()][-_ERROR_LINES:]
-            raise RuntimeError(f"the simulator did not start (exit code {code}); its last "
-                               f"lines:\n" + "\n".join("  " + ln for ln in tail))
+                    if ln.strip()][-_ERROR_LINES:] or ["(no output)"]
+            raise RuntimeError(f"the simulator did not start (exit code {code}): {tail[-1]}"
+                               + "".join(f"\n  {ln}" for ln in tail[:-1]))
         self.url = first.split("listening on ", 1)[1].strip()
         self.port = int(self.url.rsplit(":", 1)[1])
         self.final_stats: dict[str, Any] | None = None
