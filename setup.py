@@ -57,6 +57,7 @@ MODULES = {
     "fastfeed._decoder": ["ext/decoder.pyx"],
     "fastfeed._ring": ["ext/ring.pyx"],
     "fastfeed._listener": ["ext/listener.pyx"],
+    "fastfeed._capture": ["ext/capture.pyx"],
 }
 # FASTFEED_ONLY=fastfeed._ring,... builds a subset (handy while developing one module).
 _only = [m for m in os.environ.get("FASTFEED_ONLY", "").split(",") if m]

@@ -236,7 +236,7 @@ class Batch:
         if self._ticks is None:
             raise self._gone("copy()")
         assert self._quotes is not None and self._bars is not None
-        return Batch(self._ticks.copy(), self._quotes.copy(), self._bars.copy(),
+        return Batch(_owned(self._ticks), _owned(self._quotes), _owned(self._bars),
                      frames=self.frames, errors=list(self.errors), control=list(self.control),
                      worker=self.worker, seq=(self._first, self._end), gaps=self.gaps,
                      tables=self._tables)
@@ -318,3 +318,9 @@ class Decoder(_decoder.Decoder):
         records, read in place)."""
         return Batch.from_decoded(super().decode_region(buffer, offsets, lengths, recv_ts, count),
                                   tables=self)
+
+
+def _owned(a: np.ndarray) -> np.ndarray:
+    """An owned, writable copy that keeps every byte: NumPy copies structured rows field by
+    field and leaves their padding uninitialized (stale memory, different every run)."""
+    return np.ascontiguousarray(a).view(np.uint8).copy().view(a.dtype)

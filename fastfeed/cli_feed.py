@@ -31,7 +31,7 @@ from .cli_common import (
 
 SUMMARY_KEYS = ("received", "frames", "ticks", "quotes", "bars", "errors", "control", "dropped",
                 "dropped_rows", "gaps", "pauses", "backpressure_s", "handler_errors",
-                "symbols_full", "reconnects", "auth_renewals", "network_restarts",
+                "symbols_full", "unroutable", "reconnects", "auth_renewals", "network_restarts",
                 "worker_restarts", "poisoned", "elapsed_s", "latency_us")
 
 
@@ -48,6 +48,7 @@ class Display:
         self.last: dict[str, Any] | None = None
         self.last_t = time.monotonic()
         self.latest: dict[int, tuple[float, float, float]] = {}
+        self.latency_label = "latency"
         self._live: Any = None
         if not quiet and sys.stdout.isatty():
             try:
@@ -57,6 +58,11 @@ class Display:
                 self._live.start()
             except ImportError:
                 self._live = None
+
+    @property
+    def plain(self) -> bool:
+        """True when the statistics are plain lines (no terminal, or no ``rich``)."""
+        return not self.quiet and self._live is None
 
     def note_quotes(self, quotes: Any) -> None:
         if self.show_quotes and len(quotes):
@@ -75,11 +81,16 @@ class Display:
         self.last, self.last_t = s, now
         lat = s["latency_us"]
         if self._live is None:
+            quotes = ""
+            if self.latest and symbols is not None:
+                quotes = " | latest " + ", ".join(
+                    f"{symbols[sym]} bid {bid:.2f} ask {ask:.2f} last {last:.2f}"
+                    for sym, (bid, ask, last) in list(self.latest.items())[-3:])
             print(f"{self.title}: {rates['frames']:,.0f} frames/s (ticks {rates['ticks']:,.0f}/s "
                   f"quotes {rates['quotes']:,.0f}/s bars {rates['bars']:,.0f}/s) total {s['frames']:,} "
-                  f"errors {s['errors']} dropped {s['dropped']} gaps {s['gaps']} "
-                  f"reconnects {s['reconnects']} latency p50 {_us(lat['p50'])} p99 {_us(lat['p99'])}",
-                  flush=True)
+                  f"frames; errors {s['errors']} dropped {s['dropped']} gaps {s['gaps']} "
+                  f"reconnects {s['reconnects']}; {self.latency_label} p50 {_us(lat['p50'])} µs "
+                  f"p99 {_us(lat['p99'])} µs{quotes}", flush=True)
             return
         from rich.table import Table
 
@@ -92,7 +103,7 @@ class Display:
         for k in ("errors", "control", "dropped", "gaps", "reconnects", "worker_restarts",
                   "poisoned"):
             t.add_row(k, "", f"{s[k]:,}")
-        t.add_row("latency µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
+        t.add_row(f"{self.latency_label} µs", "p50 / p99 / p99.9", f"{_us(lat['p50'])} / {_us(lat['p99'])} / {_us(lat['p999'])}")
         if self.latest and symbols is not None:
             for sym, (bid, ask, last) in list(self.latest.items())[-5:]:
                 t.add_row(str(symbols[sym]), f"bid {bid:.2f} ask {ask:.2f}", f"last {last:.2f}")
@@ -120,6 +131,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     out["connect_errors"] = stats.get("session", {}).get("connect_errors", 0)
     if "stop_reason" in stats:
         out["stop_reason"] = stats["stop_reason"]
+    if "replay" in stats:
+        out["replay"] = stats["replay"]
     return out
 
 
@@ -155,10 +168,14 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
     next_show = time.monotonic() + 1.0
     error: str | None = None
     try:
+        from .shm import ShmSpaceError
+
         try:
             feed.start()
         except ValueError as exc:  # a bad pinning, say: the user's to fix
             raise CommandError(str(exc), EXIT_USAGE) from None
+        except ShmSpaceError as exc:  # a too small /dev/shm (a container's, say)
+            raise CommandError(str(exc)) from None
         if metrics_port is not None:
             from .metrics import serve_metrics
 
@@ -308,6 +325,9 @@ def _finish(args: argparse.Namespace, stats: dict[str, Any], feed: Any) -> int:
               f"{stats['bars']:,} bars, {stats['errors']} errors, {stats['dropped']} dropped, "
               f"{stats['gaps']} gaps in {stats['elapsed_s']:.1f} s; latency p50 {_us(lat['p50'])} µs "
               f"p99 {_us(lat['p99'])} µs{tail}")
+        if "replay" in stats:
+            r = stats["replay"]
+            print(f"replay: {r['frames_per_s']:,} frames/s; latency: {r['latency']}")
     err = stats.get("error")
     if err:
         raise CommandError(err)
@@ -358,7 +378,10 @@ def _add_record(sub: Any) -> None:
         "record", help="record the feed: raw capture (for replay) or Parquet",
         description="Stream the feed and write it to --out: 'capture' keeps every raw frame "
                     "with its receive time (capture-w<N>.ffcap, replayable with 'fastfeed "
-                    "replay'); 'parquet' writes the decoded rows, one file set per kind.")
+                    "replay'); 'parquet' writes the decoded rows, one file set per kind. "
+                    "Recording again into the same directory adds to it: the previous "
+                    "capture's files are renamed capture-run<R>-w<N>.ffcap (a replay of the "
+                    "directory gives every run, in order), Parquet files are numbered on.")
     _add_connection_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", choices=("capture", "parquet"), default="capture")
@@ -386,7 +409,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
             sink = ParquetSink(args.out,
                                tables=lambda: (feed.symbols, feed.statuses, feed.bar_types))
         except ImportError:
-            raise CommandError("--format parquet needs pyarrow: pip install pyarrow",
+            raise CommandError("--format parquet needs pyarrow: pip install 'fastfeed[parquet]'",
                                EXIT_USAGE) from None
     stats = _consume(feed, count=args.count, duration=args.duration, sink=sink,
                      display=Display("fastfeed record", quiet=args.quiet or args.json),
@@ -414,16 +437,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     _check_run_args(args)
     if args.speed < 0:
         raise CommandError("--speed must not be negative", EXIT_USAGE)
-    from .capture import capture_files
+    from .capture import CaptureError, capture_files
     from .feed import Feed
 
     try:
         capture_files(args.capture)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CaptureError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read the capture {args.capture}: "
+                           f"{exc.strerror or exc}") from None
     feed = Feed(replay=args.capture, speed=args.speed, **_pipeline_kwargs(args))
-    stats = _consume(feed, count=None, duration=args.duration,
-                     display=Display("fastfeed replay", quiet=args.quiet or args.json))
+    display = Display("fastfeed replay", quiet=args.quiet or args.json)
+    display.latency_label = "lag behind the recorded pace" if args.speed > 0 else "latency (n/a at speed 0)"
+    stats = _consume(feed, count=None, duration=args.duration, display=display)
     return _finish(args, stats, feed)
 
 
@@ -454,19 +481,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         sim = SimulatorProcess("--rate", str(args.rate), "--symbols", str(args.symbols))
     except RuntimeError as exc:
-        raise CommandError(str(exc).splitlines()[0]) from None
+        raise CommandError(str(exc)) from None  # whole: its last lines say why
+    talk = not (args.quiet or args.json)
     with sim, tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp:
         # a private token cache: the demo must not touch the user's real one
         settings = load_settings(sim.settings_args(token_cache=os.path.join(tmp, "token.json")),
                                  env={})
         feed = Feed(settings, **_pipeline_kwargs(args))
-        if not (args.quiet or args.json):
-            print(f"fastfeed demo: simulator at {sim.url}, {args.rate:,.0f} frames/s, "
-                  f"{args.workers} worker(s); Ctrl-C to stop", flush=True)
-        stats = _consume(feed, count=args.count, duration=args.duration,
-                         display=Display("fastfeed demo", quiet=args.quiet or args.json,
-                                         show_quotes=True), metrics_port=args.metrics_port)
-        return _finish(args, stats, feed)
+        display = Display("fastfeed demo", quiet=not talk, show_quotes=True)
+        if talk:
+            rate = "as fast as it can" if args.rate == 0 else f"{args.rate:,.0f} frames/s"
+            until = (f"runs for {args.duration:g} s (--duration S to change)"
+                     if args.duration is not None else f"runs until {args.count:,} frames")
+            print(f"fastfeed demo: the built-in simulator at {sim.url} sends {rate} over "
+                  f"{args.symbols} symbols; {args.workers} decoder worker(s); {until}; "
+                  f"Ctrl-C stops it sooner", flush=True)
+            if display.plain:
+                print("(one line a second; on a terminal with rich, pip install "
+                      "'fastfeed[live]', this is a live table)", flush=True)
+        stats = _consume(feed, count=args.count, duration=args.duration, display=display,
+                         metrics_port=args.metrics_port)
+        status = _finish(args, stats, feed)
+        if talk:
+            why = {"duration": f"stopped after {args.duration:g} s (--duration)",
+                   "count": f"stopped after {args.count} frames (--count)",
+                   "SIGINT": "stopped by Ctrl-C", "SIGTERM": "stopped by SIGTERM"}
+            print(why.get(stats.get("stop_reason", ""), "stopped"))
+            print("next: 'fastfeed demo --rate 0 --workers 2' for full speed; 'fastfeed record "
+                  "--out DIR' and 'fastfeed replay DIR' to keep and replay a stream; 'fastfeed "
+                  "stream --help' for your own feed; the README's 'Ways to consume' for the "
+                  "Python API")
+        return status
 
 
 # -- bench ----------------------------------------------------------------------------------------
@@ -486,7 +531,7 @@ def _add_bench(sub: Any) -> None:
         description="Run the scripts in benchmarks/ (from a source checkout) one after the "
                     "other; each prints a table with ratios measured in the same run.")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="which: decode, ring, net, e2e, pubsub (default: all found)")
+                   help="which: decode, ring, net, e2e, pubsub, replay (default: all found)")
     p.set_defaults(func=_cmd_bench)
 
 

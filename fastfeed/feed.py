@@ -82,6 +82,81 @@ def _check_options(options: dict[str, Any]) -> None:
             raise TypeError(f"Feed() got an unexpected keyword argument {name!r}{hint}")
 
 
+def _check_picklable(handler: Any) -> None:
+    """Workers are spawned: the handler travels to them pickled. A lambda or a closure
+    cannot: say so now, in one line, rather than with a PicklingError from inside
+    multiprocessing."""
+    import pickle
+
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+    try:
+        pickle.dumps(handler)
+    except Exception as exc:  # PicklingError, AttributeError, TypeError: all the same here
+        name = getattr(handler, "__qualname__", None) or repr(handler)
+        raise TypeError(f"handler {name} cannot be sent to the worker processes (they are "
+                        f"spawned, so it is pickled: {type(exc).__name__}: {exc}); use a "
+                        f"module-level function or a functools.partial of one, not a lambda "
+                        f"or a nested function (or workers=0 to run it in this process)"
+                        ) from None
+
+
+def _check_main_guard() -> None:
+    """Refuse to start a feed from the top level of a script without
+    ``if __name__ == "__main__":``. Its children are spawned: each imports the script again
+    to find the handler, and without the guard each would run the script (and start a feed)
+    again. Checked here, in the parent, before any child exists: nothing of the script runs
+    twice. A spawned child that gets here anyway (the script could not be read) stops at
+    once with the same one line."""
+    import multiprocessing as mp
+    import sys
+
+    msg = ('a script that starts a Feed needs `if __name__ == "__main__":` around the code '
+           'that runs it: its worker processes are spawned and import the script again')
+    if getattr(mp.current_process(), "_inheriting", False):
+        # in a spawned child, importing the parent's script: say it once, run nothing more
+        sys.stderr.write(f"fastfeed: error: {msg}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path or getattr(main, "__spec__", None) is not None:
+        return  # interactive, -c, or -m: spawn does not run it again by path
+    frame: Any = sys._getframe(1)
+    outer = None
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            outer = frame
+        frame = frame.f_back
+    if outer is None:
+        return
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return
+    line = outer.f_lineno
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return
+    raise RuntimeError(f"{msg} ({path}, line {line})")
+
+
+def _is_main_test(test: Any) -> bool:
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(consts) == 1
+
+
 class FeedError(RuntimeError):
     """The feed cannot go on (the network process stopped on a fatal error, or a handler
     raised under ``on_handler_error="raise"``)."""
@@ -95,6 +170,7 @@ class FeedIdleError(FeedError):
 #: (wait up to wait_timeout_us, then drop) and "block" (lossless, but the network process
 #: blocks in the write: no heartbeat while it waits; kept for benchmarks).
 FULL_POLICIES = ("pause", "drop", "wait", "block")
+_STOPPED = "the feed has stopped: a Feed runs once; make a new Feed to run again"
 # Counters of the network process that are levels, not totals: not summed over its lives.
 _GAUGES = frozenset({"backlog"})
 
@@ -107,8 +183,14 @@ class Feed:
         WebSocket; None (default) for the WebSocket session that ``settings`` describe.
     replay: a capture (file or directory, see :mod:`fastfeed.capture`) to feed through the
         pipeline instead of a live source, at ``speed`` (0: as fast as possible, 1.0: the
-        recorded pace); the decoded output is the live run's.
-    capture: a directory to write a raw capture of every frame to (for replay).
+        recorded pace); the decoded output is the live run's. Its codes are interned in
+        order of first appearance before any worker starts, so ids and rows are the same
+        with any number of workers. This process moves the frames into the rings between
+        batches (in C; no replay process), so a replay runs about as fast as decoding;
+        ``network_cpus`` does not apply. A path that is not a capture raises
+        :class:`~fastfeed.capture.CaptureError` (or FileNotFoundError) here.
+    capture: a directory to write a raw capture of every frame to (for replay); a previous
+        run's files there are set aside (renamed), never overwritten or mixed up.
     settings: a :class:`fastfeed.config.Settings`; or give its fields as keyword options
         (``host``, ``tenant_id``, ``client_id``, ``client_secret``, ``scope``, ``email``,
         ...), with ``config_file`` and ``FASTFEED_*`` environment variables filling the rest;
@@ -118,7 +200,8 @@ class Feed:
         symbol's order is kept. ``0``: no decoder process; this process decodes the ring
         itself in :meth:`poll` (inline mode: one process hop fewer, the lowest latency).
     handler: ``handler(worker_index, batch)`` run in the workers (see :meth:`run`); in
-        inline mode, in this process, inside :meth:`poll`.
+        inline mode, in this process, inside :meth:`poll`. With workers it must pickle (a
+        module-level function or a ``functools.partial`` of one): a lambda is a TypeError.
     output: deliver batches to this process for iteration (turn off when a handler does
         all the work: the workers then skip publishing). Always on inline.
     ring_capacity: bytes per input ring (a power of two).
@@ -182,6 +265,8 @@ class Feed:
             raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
+        if handler is not None and workers > 0:
+            _check_picklable(handler)
         if options:
             _check_options(options)
         if settings is None and source is None and replay is None:
@@ -216,6 +301,7 @@ class Feed:
                                   cpus=_cpu_set(worker_cpus, "worker_cpus"),
                                   on_handler_error=on_handler_error,
                                   symbol_capacity=max_symbols)
+        self._capture = capture
         self.network_cpus = _cpu_set(network_cpus, "network_cpus")
         self.consumer_cpus = _cpu_set(consumer_cpus, "consumer_cpus")
         self._pool: WorkerPool | None = None
@@ -252,14 +338,31 @@ class Feed:
             self._redelivers = bool(source_class(SourceURL.parse(source).scheme).at_least_once)
         self._last_rx = (0, 0.0)  # (frames received, when that count last moved)
         self._newest_rx_us = 0  # the latest receive time among the rows handed over
+        if replay is not None:
+            from .capture import capture_files
+
+            if self.network_cpus is not None:
+                raise ValueError("network_cpus: a replay has no network process (this "
+                                 "process moves the frames; pin it with consumer_cpus)")
+            capture_files(replay)  # FileNotFoundError / CaptureError: not a capture, here
+        self._replay_clock: tuple[int, int] | None = None  # (replay start µs, first recv_ts)
+        self._replay_control: dict[str, int] = {}  # a replay's symbol-less frames, classified
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Feed:
         """Create the rings, start the workers, then the network process. Returns self."""
+        if self._stopped:
+            raise RuntimeError(_STOPPED)
         if self._pool is not None:
             raise RuntimeError("feed already started")
+        _check_main_guard()
         import multiprocessing as mp
+
+        if self._capture is not None:
+            from .capture import set_aside_previous_run
+
+            set_aside_previous_run(self._capture)
 
         self._relay = LogRelay(mp.get_context("spawn"), self.log_level)
         self._sup = Supervisor("fastfeed")
@@ -268,14 +371,31 @@ class Feed:
                                     output=self.output and not self.inline,
                                     supervisor=self._sup, log=self._relay.config(),
                                     **self._pool_options).start()
+            if self.replay is not None:
+                # Ids by first appearance in the capture, before any worker decodes: the
+                # same with any number of workers, replay after replay.
+                from .capture import intern_codes
+
+                self._replay_control = intern_codes(self.replay, self._pool.symbols,
+                                                    self._pool.statuses, self._pool.bar_types)
         except BaseException:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
             self._sup.close()
             self._relay.close()
             raise
         try:
             if self.output:
                 self._control = ControlReader(f"{self._pool.name}.ctl")
-            self._sup.add("network process", self._spawn_network, self._network_exited)
+            if self.replay is not None:
+                # The frames go from the mapped capture into the rings from this process,
+                # between batches (no replay process, no hop; see LocalReplay).
+                from .capture import LocalReplay
+
+                self._session = LocalReplay(self.replay, self._pool.rings, speed=self.speed)
+            else:
+                self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:
                 # Last: processes started from this thread would inherit the pinning. The
                 # thread gets its CPUs back at stop().
@@ -301,18 +421,14 @@ class Feed:
         return self
 
     def _spawn_network(self) -> Any:
-        """Start the network process (or the source, or the replay); the supervisor calls it
+        """Start the network process (or the pub/sub source); the supervisor calls it
         again after a crash."""
         assert self._pool is not None and self._relay is not None
         names, log_cfg = self._pool.ring_names, self._relay.config()
-        if self.replay is not None:
-            from .capture import ReplayProcess
-
-            child: Any = ReplayProcess(self.replay, names, speed=self.speed, log=log_cfg)
-        elif self.source is not None:
+        if self.source is not None:
             from .sources import SourceProcess
 
-            child = SourceProcess(self.source, names, log=log_cfg)
+            child: Any = SourceProcess(self.source, names, log=log_cfg)
         else:
             assert self.settings is not None
             child = SessionProcess(self.settings, names, log=log_cfg)
@@ -334,10 +450,6 @@ class Feed:
             return False
         code = child.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        if self.replay is not None:
-            # Starting it again would replay the capture from its start.
-            self._fatal = f"the replay process died ({how})"
-            return False
         for k, v in child.counters().items():
             if k not in _GAUGES:
                 self._net_base[k] = self._net_base.get(k, 0) + v
@@ -550,7 +662,10 @@ class Feed:
         d["batches"] += 1
         d["frames"] += b.frames
         # Rows handed over once a stop was asked for waited for it: reported apart.
-        rec = (self._latency_drain if self._source_ending else self._latency).record_rows
+        if self.replay is not None:
+            rec = self._replay_lag  # the lag behind the recorded pace
+        else:
+            rec = (self._latency_drain if self._source_ending else self._latency).record_rows
         # A batch of views the consumer released early may show newer rows: counted, but
         # its times are not read.
         stamps = not (views and b.released)
@@ -573,6 +688,25 @@ class Feed:
             self._current = None
             b.release()
 
+    def _replay_lag(self, now: int, arr: Any) -> None:
+        """A replay's latency: how late each row is handed over against the recorded pace
+        (when its frame was due: the replay's start plus its offset in the capture, at
+        ``speed``), never the time since the recording was made. At speed 0 nothing is due
+        at any particular time: no latency is recorded (see ``stats()["replay"]``)."""
+        if self.speed <= 0:
+            return
+        if self._replay_clock is None:
+            c = self._session.counters() if self._session is not None else {}
+            if not c.get("started_us"):
+                return
+            self._replay_clock = (int(c["started_us"]), int(c["first_ts"]))
+        started, first = self._replay_clock
+        if self.speed == 1.0:
+            self._latency.record_rows(now - (started - first), arr)
+        else:
+            lag = now - started - (arr["recv_ts"] - first) / self.speed
+            self._latency.record(lag.astype("int64"))
+
     def poll(self, timeout: float = 0.05) -> Batch | None:
         """The next decoded :class:`fastfeed.Batch`, or None if none arrived within
         ``timeout`` seconds. The batch handed over before is released first: with workers
@@ -580,7 +714,7 @@ class Feed:
         give them out; ``batch.copy()`` what you keep. The same in every mode.
         """
         if self._stopped:
-            raise RuntimeError("the feed has stopped: make a new Feed to read again")
+            raise RuntimeError(_STOPPED)
         if self._pool is None:
             self.start()
         assert self._pool is not None
@@ -595,6 +729,8 @@ class Feed:
         if not self._polls & 255:
             self.check()  # now and then even while data flows: a handler may have failed
         pool = self._pool
+        if self.replay is not None and not self._source_ending:
+            timeout = self._pump_replay(timeout)
         if self.inline:
             b = pool.read_inline(timeout)
         else:
@@ -623,6 +759,14 @@ class Feed:
         self._pending = (b, (b._ticks, b._quotes, b._bars), not b.owned, now_us())
         return b
 
+    def _pump_replay(self, timeout: float) -> float:
+        """Move the replay's due frames into the rings; return how long the caller may
+        wait for output before it should pump again."""
+        again = self._session.pump()
+        if again is None:  # all written: wait for the decoders as for any source
+            return 0.0 if self.inline and self._pool.idle() else timeout
+        return min(timeout, again)
+
     def __iter__(self) -> Iterator[Batch]:
         """Decoded batches until the feed is stopped (:meth:`request_stop`, a signal in
         :meth:`run`) or a finite source (a replay) is exhausted; either way everything
@@ -650,7 +794,17 @@ class Feed:
         """For a feed without output (``output=False``: handlers do the work): wait up to
         ``timeout`` seconds, as :meth:`poll` would, raising what it would raise. Returns
         True while the feed runs, False once it is stopping."""
-        self._stop_event.wait(timeout)
+        if self.replay is not None:
+            deadline = time.monotonic() + timeout
+            while not self._stop_event.is_set() and not self._session.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._stop_event.wait(self._pump_replay(left) or 0.0)
+            else:
+                self._stop_event.wait(max(0.0, deadline - time.monotonic()))
+        else:
+            self._stop_event.wait(timeout)
         if self._stop_event.is_set():
             self._end_source()
         self.check()
@@ -686,9 +840,13 @@ class Feed:
         valid during the call. ``on_stats`` is called in this process every
         ``stats_interval`` seconds with :meth:`stats`.
         """
+        if self._stopped:
+            raise RuntimeError(_STOPPED)
         if handler is not None:
             if self._pool is not None:
                 raise RuntimeError("give the handler before the feed starts")
+            if not self.inline:
+                _check_picklable(handler)
             self.handler = handler
         if self._pool is None:
             self.start()
@@ -825,7 +983,16 @@ class Feed:
         total = {k: sum(getattr(w, k) for w in workers)
                  for k in ("frames", "ticks", "quotes", "bars", "errors", "control")}
         out: dict[str, Any] = dict(total)
-        out["control"] += session.get("control", 0)
+        # Frames without a symbol go to no ring: the network process (or, for a replay, the
+        # index built at start) counts what they hold as the decoder would (see
+        # fastfeed.control): control messages, errors, and data it could not route.
+        ctl = self._replay_control if self.replay is not None else session
+        if "control_msgs" in ctl:
+            out["control"] += ctl["control_msgs"]
+            out["errors"] += ctl.get("control_errors", 0)
+        else:
+            out["control"] += session.get("control", 0)
+        out["unroutable"] = ctl.get("unroutable", 0)
         # The rings count what was written into them themselves: exact across network
         # process restarts (its own counters are published every 50 ms, and a kill -9
         # loses the last ones).
@@ -850,4 +1017,21 @@ class Feed:
         out["elapsed_s"] = round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0
         out["session"] = session
         out["workers"] = [asdict(w) for w in workers]
+        if self.replay is not None:
+            out["replay"] = self._replay_summary(out)
         return out
+
+    def _replay_summary(self, out: dict[str, Any]) -> dict[str, Any]:
+        """What ``latency_us`` means in a replay, and the replay's own throughput."""
+        c = self._session_counters()
+        span = out["elapsed_s"]
+        return {
+            "speed": self.speed,
+            "frames_per_s": round(out["frames"] / span) if span else 0,
+            "latency": ("none: at speed 0 no frame is due at a particular time"
+                        if self.speed <= 0 else
+                        f"lag behind the recorded pace (x{self.speed:g}), frame due to rows "
+                        f"handed over; not the time since the recording"),
+            "repeats": c.get("repeats", 0),
+            "torn": c.get("torn", 0),
+        }

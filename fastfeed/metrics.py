@@ -136,7 +136,7 @@ def serve_metrics(feed: Feed, port: int, addr: str = "127.0.0.1") -> Any:
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
-        raise RuntimeError("metrics need prometheus-client: pip install prometheus-client") from None
+        raise RuntimeError("metrics need prometheus-client: pip install 'fastfeed[metrics]'") from None
     registry = CollectorRegistry()  # one per feed: several feeds may serve in one process
     registry.register(_Collector(feed))
     server, _thread = start_http_server(port, addr=addr, registry=registry)

@@ -64,7 +64,9 @@ def unpack_events(buf: Any, off: int, end: int, errors: list[tuple[int, str]],
 
 
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    a = np.concatenate(parts)
+    # As raw bytes: NumPy concatenates structured rows field by field and leaves their
+    # padding uninitialized (stale memory in the user's rows, different every run).
+    a = np.concatenate([p.view(np.uint8) for p in parts]).view(parts[0].dtype)
     a.flags.writeable = False
     return a
 

@@ -15,6 +15,7 @@ drains the rings before the workers exit.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fastfeed import shm
+from fastfeed._ring import HEADER_SIZE as RING_HEADER
 from fastfeed._ring import Doorbell, Ring
 from fastfeed.batch import Batch
 from fastfeed.logs import ChildLogging
@@ -67,6 +69,7 @@ __all__ = [
     "set_affinity",
 ]
 
+log = logging.getLogger("fastfeed.pool")
 _pool_ids = itertools.count()
 #: What a handler's exception does: "log" (count it, log the first with its traceback, then
 #: by count, go on) or "raise" (stop the feed on the first).
@@ -196,14 +199,25 @@ class WorkerPool:
         from fastfeed._decoder import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE
 
         self._dtypes = {"ticks": TICK_DTYPE, "quotes": QUOTE_DTYPE, "bars": BAR_DTYPE}
+        _, sym_size = symbol_layout(self.symbol_capacity, self.small_capacity)
+        in_size = self.ring_capacity + RING_HEADER
+        out_size = self.output_capacity + RING_HEADER if self.output else 0
+        per = (f"{in_size / (1 << 20):,.1f} MiB input ring"
+               + (f" and a {out_size / (1 << 20):,.1f} MiB output ring" if out_size else ""))
+        # Up front, before anything is created: one line naming the size, not a SIGBUS in
+        # a worker at its first touch of a page and restarts for ever.
+        shm.check_space(self.workers * (in_size + out_size) + sym_size + 65536,
+                        f"{self.workers} worker(s) (each a {per})")
         for i in range(self.workers):
             self.rings.append(Ring.create(f"{self.name}.in{i}", self.ring_capacity,
                                           full_policy=self.full_policy,
                                           wait_timeout_us=self.wait_timeout_us))
+            shm.reserve(self.rings[-1].name, in_size)
             if self.output:
                 self.outputs.append(Ring.create(f"{self.name}.out{i}", self.output_capacity,
                                                 full_policy=self.output_policy,
                                                 wait_timeout_us=self.wait_timeout_us))
+                shm.reserve(self.outputs[-1].name, out_size)
         rows = W0 + self.workers
         self._state_seg = shm.Segment.create(f"{self.name}.state", rows * COLS * 8)
         assert self._state_seg.buf is not None
@@ -245,7 +259,14 @@ class WorkerPool:
             assert self._state is not None
             self._state[W0 + i, F_STATE] = S_EXITED
             self._note_death(i)
-            return self.restart and not self._stopping
+            again = self.restart and not self._stopping
+            if again:
+                code = p.exitcode
+                how = (f"killed by signal {-code}" if code is not None and code < 0
+                       else f"exit code {code}")
+                log.warning("worker %d died (%s); starting it again (restart %d)", i, how,
+                            int(self._state[W0 + i, F_RESTARTS]) + 1)
+            return again
         return on_exit
 
     def _note_death(self, i: int) -> None:
@@ -276,7 +297,8 @@ class WorkerPool:
         self._stopping = True
         if self._own_supervisor:
             self._sup.hold()
-        assert self._state is not None
+        if self._state is None:
+            return True  # start() failed before any worker existed (no room in /dev/shm)
         self._state[0, G_STOP] = 1 if drain else 2
         for r in self.rings:
             r.wake()

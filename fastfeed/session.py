@@ -43,7 +43,9 @@ log = logging.getLogger("fastfeed.session")
 #: Counter names, in the order of the shared array of :class:`SessionProcess`.
 COUNTERS = ("frames", "bytes", "ring_drops", "control", "pongs", "fragmented", "too_big",
             "connects", "reconnects", "auth_renewals", "refused_upgrades", "pings_sent",
-            "heartbeat_timeouts", "connect_errors", "pauses", "backpressure_us", "backlog")
+            "heartbeat_timeouts", "connect_errors", "pauses", "backpressure_us", "backlog",
+            # control messages as the decoder counts them (fastfeed.control)
+            "control_msgs", "control_errors", "unroutable")
 
 # picows' limit for one frame: the provider's messages are small; 16 MiB only guards memory.
 _MAX_FRAME = 16 * 1024 * 1024
@@ -107,6 +109,9 @@ class FeedSession:
         self._counts = dict.fromkeys(("connects", "reconnects", "refused_upgrades", "pings_sent",
                                       "heartbeat_timeouts", "connect_errors"), 0)
         self._renewals_at_start = self.auth.renewals
+        from .control_count import ControlCounter
+
+        self._classify = ControlCounter(self._counts)  # symbol-less frames, as the decoder
         self._stop = asyncio.Event()
         self.last_error: str | None = None
         self._ssl: Any = None
@@ -133,6 +138,7 @@ class FeedSession:
     def _control(self, payload: bytes) -> None:
         # Cold path: status and error objects, texts without a symbol. Shown at debug only and
         # cut short: a control message is never a place for secrets, but it can be long.
+        self._classify(payload)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("control message: %r", payload[:200])
         control.publish(payload)  # to the consumer's batches, when a feed reads them

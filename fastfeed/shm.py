@@ -14,6 +14,7 @@ resource tracker, which unlinks segments it does not own and warns at exit.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -21,6 +22,9 @@ from functools import lru_cache
 
 __all__ = [
     "SHM_DIR",
+    "ShmSpaceError",
+    "check_space",
+    "reserve",
     "PREFIX",
     "Segment",
     "cleanup_stale",
@@ -30,8 +34,12 @@ __all__ = [
     "segment_name",
 ]
 
-SHM_DIR = "/dev/shm"
+# Where segments live: /dev/shm (what shm_open uses), or FASTFEED_SHM_DIR, any tmpfs or
+# hugetlbfs directory every process of the feed can reach (e.g. when a container's
+# /dev/shm is too small and cannot be given more).
+SHM_DIR = os.environ.get("FASTFEED_SHM_DIR") or "/dev/shm"
 PREFIX = "fastfeed."
+_MIB = 1 << 20
 # A tag is one path component that cannot be mistaken for the pid/start fields.
 _TAG_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}$")
 
@@ -111,6 +119,58 @@ def cleanup_stale(directory: str = SHM_DIR) -> list[str]:
             except FileNotFoundError:
                 pass  # another process cleaned it up first
     return removed
+
+
+class ShmSpaceError(OSError):
+    """Not enough room in the shared-memory directory for a feed's segments."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MIB:,.1f} MiB"
+
+
+def _how_to_fix() -> str:
+    return (f"give {SHM_DIR} more (Docker: docker run --shm-size=1g; Kubernetes: an emptyDir "
+            f"with medium: Memory mounted on /dev/shm), point FASTFEED_SHM_DIR at a larger "
+            f"tmpfs, or lower workers= (--workers) or ring_capacity=")
+
+
+def check_space(needed: int, what: str, directory: str | None = None) -> None:
+    """Raise :class:`ShmSpaceError` if ``directory`` (SHM_DIR) has fewer than ``needed``
+    bytes free, with a message naming the size needed, what needs it and how to give it.
+
+    Segments are sparse files: without this check a too-small /dev/shm (Docker's default
+    is 64 MiB) is found only when a page is first touched, as a SIGBUS that kills the
+    process that touched it; the supervisor would restart it into the same wall forever."""
+    directory = directory or SHM_DIR
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise ShmSpaceError(f"shared memory: cannot use {directory} ({exc.strerror or exc}); "
+                            f"set FASTFEED_SHM_DIR to a tmpfs directory") from None
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise ShmSpaceError(f"shared memory: {directory} has {_mib(free)} free of "
+                            f"{_mib(st.f_blocks * st.f_frsize)}, but {what} need "
+                            f"{_mib(needed)}: {_how_to_fix()}")
+
+
+def reserve(name: str, size: int, directory: str | None = None) -> None:
+    """Allocate every page of segment ``name`` now (``posix_fallocate``): the space is then
+    the segment's, and no later write can die of SIGBUS because another process filled the
+    directory in the meantime. Raises :class:`ShmSpaceError` when there is no room."""
+    path = os.path.join(directory or SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG):
+            raise ShmSpaceError(f"shared memory: no room in {directory or SHM_DIR} for "
+                                f"{_mib(size)} more: {_how_to_fix()}") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 class Segment:

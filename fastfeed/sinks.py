@@ -2,9 +2,12 @@
 
 :class:`ParquetSink` writes one file set per kind (``ticks-000001.parquet``, ...) with
 pyarrow, rolled by rows or seconds, on a background thread: ``write(batch)`` only copies
-the arrays and queues them, so the consumer never waits on the disk.  ``close()`` (or
-leaving its ``with`` block) writes what is queued and closes every file; a full queue
-(the disk cannot keep up) drops the batch and counts it, never blocks.
+the arrays and queues them, so the consumer never waits on the disk.  Rows are gathered
+into row groups of ``row_group_rows`` (or what ``flush_seconds`` gathered), not one per
+batch.  A sink in a directory that already holds files numbers its own after them: a
+second recording adds files, never overwrites.  ``close()`` (or leaving its ``with``
+block) writes what is queued and closes every file; a full queue (the disk cannot keep
+up) drops the batch and counts it, never blocks.
 
 The raw capture sink (every frame with its receive time, for replay) lives in
 :mod:`fastfeed.capture`; it is written by the workers.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -32,11 +36,16 @@ class ParquetSink:
         ``lambda: (feed.symbols, feed.statuses, feed.bar_types)``), so codes are stored
         as dictionary-encoded strings; None stores the ids.
     roll_rows / roll_seconds: start a new file of a kind past this many rows or seconds.
+    row_group_rows: rows gathered per row group (each a separate read unit in Parquet);
+        fewer only at a roll, at close, or after ``flush_seconds`` of gathering.
+    flush_seconds: write what has been gathered at least this often, so that a slow
+        stream still reaches the disk (a row group each time).
     max_queue: batches waiting for the writer before new ones are dropped (and counted).
     """
 
     def __init__(self, out: str | os.PathLike[str], *, tables: Any = None,
                  roll_rows: int = 5_000_000, roll_seconds: float = 300.0,
+                 row_group_rows: int = 131_072, flush_seconds: float = 10.0,
                  max_queue: int = 1024, compression: str = "zstd") -> None:
         import pyarrow  # noqa: F401  (fail now, not in the thread, when it is missing)
 
@@ -54,7 +63,16 @@ class ParquetSink:
         self._q: queue.Queue[Any] = queue.Queue(max_queue)
         self._writers: dict[str, Any] = {}
         self._opened: dict[str, tuple[float, int]] = {}
-        self._seq = dict.fromkeys(_KINDS, 0)
+        self.row_group_rows = max(1, row_group_rows)
+        self.flush_seconds = flush_seconds
+        # Number after the files already there: a second run adds, never overwrites.
+        self._seq = {k: max((int(m.group(1)) for f in self.out.glob(f"{k}-*.parquet")
+                             if (m := re.fullmatch(rf"{k}-(\d+)\.parquet", f.name))), default=0)
+                     for k in _KINDS}
+        self._gathered: dict[str, list[Any]] = {k: [] for k in _KINDS}
+        self._gathered_rows = dict.fromkeys(_KINDS, 0)
+        self._gathered_since: dict[str, float] = {}
+        self._tables_now: tuple[Any, ...] = (None, None, None)
         self._thread = threading.Thread(target=self._run, name="fastfeed-parquet", daemon=True)
         self._thread.start()
 
@@ -85,22 +103,49 @@ class ParquetSink:
     def _run(self) -> None:
         from .convert import to_arrow
 
-        while True:
-            item = self._q.get()
-            if item is None:
-                break
-            try:
-                *parts, lists = item
-                # the lists only grow: the first len() entries are this batch's codes
-                tables = tuple(None if c is None else c[:len(c)] for c in lists)
-                for kind, arr in parts:
-                    self._writer(kind, arr, tables, to_arrow)
-            except BaseException as exc:  # noqa: BLE001 - reported by close()
-                self.error = exc
-                break
+        try:
+            while True:
+                try:
+                    item = self._q.get(timeout=min(1.0, self.flush_seconds))
+                except queue.Empty:
+                    item = ()
+                if item is None:
+                    break
+                if item:
+                    *parts, lists = item
+                    # the lists only grow: the first len() entries are this batch's codes
+                    self._tables_now = tuple(None if c is None else c[:len(c)] for c in lists)
+                    for kind, arr in parts:
+                        if not self._gathered[kind]:
+                            self._gathered_since[kind] = time.monotonic()
+                        self._gathered[kind].append(arr)
+                        self._gathered_rows[kind] += len(arr)
+                        if self._gathered_rows[kind] >= self.row_group_rows:
+                            self._flush(kind, to_arrow)
+                now = time.monotonic()
+                for kind in _KINDS:
+                    if self._gathered[kind] and \
+                            now - self._gathered_since[kind] >= self.flush_seconds:
+                        self._flush(kind, to_arrow)
+            for kind in _KINDS:
+                self._flush(kind, to_arrow)
+        except BaseException as exc:  # noqa: BLE001 - reported by close()
+            self.error = exc
         for w in self._writers.values():
             w.close()
         self._writers.clear()
+
+    def _flush(self, kind: str, to_arrow: Any) -> None:
+        """Write the rows gathered for ``kind`` as row groups of up to row_group_rows."""
+        import numpy as np
+
+        parts = self._gathered[kind]
+        if not parts:
+            return
+        self._gathered[kind] = []
+        self._gathered_rows[kind] = 0
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._writer(kind, arr, self._tables_now, to_arrow)
 
     def _writer(self, kind: str, arr: Any, tables: Any, to_arrow: Any) -> None:
         import pyarrow.parquet as pq
@@ -125,7 +170,7 @@ class ParquetSink:
             opened, rows = self._opened[kind]
             room = max(1, self.roll_rows - rows)
             part, table = table.slice(0, room), table.slice(room)
-            w.write_table(part)
+            w.write_table(part, row_group_size=self.row_group_rows)
             self._opened[kind] = (opened, rows + part.num_rows)
             self.rows_written[kind] += part.num_rows
 

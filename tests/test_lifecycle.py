@@ -332,7 +332,9 @@ def test_replay_iteration_with_a_slow_consumer_ends_by_itself_with_every_row(
     s = feed.stats()
     assert not hurried, f"the loop did not end by itself within 60 s: {s}"
     assert took < 60
-    assert batches > 10 and behind, (batches, behind)
+    # (a replay is now about as fast as decoding: the batches it leaves ready are large,
+    # and fewer; what matters is that the source was done while batches were still coming)
+    assert batches > 1 and behind, (batches, behind)
     assert rows == want
     assert {k: s[k] for k in ROWS} == want
     assert {k: s["delivered"][k] for k in ROWS} == want

@@ -31,6 +31,8 @@ SIM_CLIENT_ID = "fastfeed-sim"
 SIM_SECRET = "fastfeed-sim-secret"
 SIM_SCOPE = "api://fastfeed-sim/.default"
 
+# How much of a failed simulator's output is shown (its traceback's end).
+_ERROR_LINES = 25
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -57,11 +59,13 @@ class SimulatorProcess:
     def __init__(self, *args: str, host: str = "127.0.0.1", timeout: float = 30.0,
                  ca_file: str | os.PathLike[str] | None = None) -> None:
         env = dict(os.environ)
-        # Make the child import this same fastfeed, even from a source checkout.
+        # Make the child import this same fastfeed, even from a source checkout; and never
+        # the working directory's (-P): run from a clone's root after `pip install .`, the
+        # source tree there (without built extensions) would shadow the installed package.
         env["PYTHONPATH"] = str(_PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastfeed", "sim", "--host", host, "--port", "0", "--json",
+            [sys.executable, "-P", "-m", "fastfeed", "sim", "--host", host, "--port", "0", "--json",
              *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=_die_with_parent)
@@ -79,8 +83,13 @@ class SimulatorProcess:
             self._err_thread.join(5)
             self.proc.stdout.close()
             self.proc.stderr.close()
-            raise RuntimeError(f"simulator did not start: {first.strip()!r} "
-                               f"{''.join(self._err)[-2000:]}")
+            code = self.proc.returncode
+            # The child's own last lines, whole: its traceback says why.
+            # Its last line (the reason) first, then the lines before it (a traceback).
+            tail = [ln.rstrip() for ln in (first + "".join(self._err)).splitlines()
+                    if ln.strip()][-_ERROR_LINES:] or ["(no output)"]
+            raise RuntimeError(f"the simulator did not start (exit code {code}): {tail[-1]}"
+                               + "".join(f"\n  {ln}" for ln in tail[:-1]))
         self.url = first.split("listening on ", 1)[1].strip()
         self.port = int(self.url.rsplit(":", 1)[1])
         self.final_stats: dict[str, Any] | None = None

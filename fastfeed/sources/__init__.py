@@ -74,6 +74,9 @@ COUNTERS = (
     "too_big",          # messages larger than a ring record: dropped (and acked: never deliverable)
     "pauses",           # times reading stopped because a ring was full ("pause" policy: lossless)
     "backpressure_us",  # total microseconds reading stayed paused (a pause in progress included)
+    # the "control" messages as the decoder counts them (fastfeed.control): status/error
+    # objects, frames it rejects, frames with data the router could not place
+    "control_msgs", "control_errors", "unroutable",
 )
 
 

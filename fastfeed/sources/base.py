@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 from .. import control as fastfeed_control  # write_many counts in a local named control
 from .._listener import route_of
 from ..backoff import Backoff
+from ..control_count import ControlCounter
 from ..tls import client_context, tls_failure
 from . import COUNTERS
 from .url import SourceURL, SourceURLError
@@ -92,7 +93,7 @@ class RingWriter:
 
     __slots__ = ("_cache", "_discarded", "_empty", "_hooks", "_kept", "_lossless", "_n",
                  "_paused_at", "_paused_ns", "_reading_paused", "_rings", "_taken", "_timer",
-                 "_writes", "backlog", "counts", "resumed_at", "seen")
+                 "_writes", "backlog", "counts", "resumed_at", "seen", "_classify")
 
     def __init__(self, rings: Sequence[Any], counts: dict[str, int]) -> None:
         if not rings:
@@ -102,6 +103,7 @@ class RingWriter:
         self._n = len(self._rings)
         self._cache: dict[bytes, int] = {}
         self.counts = counts
+        self._classify = ControlCounter(counts)  # symbol-less frames, as the decoder counts
         # Which rings refuse without dropping ("pause"): only looked at on a refusal.
         self._lossless = [getattr(r, "full_policy", None) == "pause" for r in self._rings]
         #: Frames a ring had no room for, in arrival order: (payload, route, receive time,
@@ -148,6 +150,7 @@ class RingWriter:
         if r < 0:
             # As the WebSocket listener: no symbol means not market data; count, never decode.
             c["control"] += 1
+            self._classify(payload)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("control message: %r", payload[:200])
             fastfeed_control.publish(payload)
@@ -203,6 +206,7 @@ class RingWriter:
                 r = _slow_route(p)
                 if r < 0:
                     control += 1
+                    self._classify(p)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("control message: %r", p[:200])
                     fastfeed_control.publish(p)
@@ -275,6 +279,7 @@ class RingWriter:
             r = self.route(p)
             if r < 0:
                 self.counts["control"] += 1
+                self._classify(p)
                 fastfeed_control.publish(p)
             else:
                 self._keep(p, r, recv_ts)
