@@ -279,12 +279,16 @@ cdef class CaptureReader:
         j = self._pick()
         return None if j < 0 else self._hts[j]
 
-    def pump(self, addresses, int64_t max_frames, int64_t until_ts, bint pause):
+    def pump(self, addresses, int64_t max_frames, int64_t until_ts, bint pause,
+             size_t control_address=0):
         """Write frames into the rings at ``addresses`` (``Ring.address`` of each, in ring
         order; a frame goes to ``route % len(addresses)``) until every frame is written
         (DONE), a ring is full under the pause policy (FULL: that frame is kept for the next
         call), the next frame's receive time is past ``until_ts`` (PACED) or ``max_frames``
-        frames were handled (BUDGET)."""
+        frames were handled (BUDGET). A frame without a symbol goes to the ring at
+        ``control_address`` when given (the consumer's control messages; that ring's own
+        policy decides, and counts, what does not fit), else nowhere; ``control`` counts it."""
+        cdef void *ctl = <void *>control_address
         cdef Py_ssize_t nr = len(addresses), r
         if nr == 0:
             raise ValueError("no rings")
@@ -300,6 +304,8 @@ cdef class CaptureReader:
             for r in range(nr):
                 bases[r] = <void *><size_t>addresses[r]
                 ff_ring_set_producer(bases[r], pid)
+            if ctl != NULL:
+                ff_ring_set_producer(ctl, pid)
             with nogil:
                 while True:
                     if done >= max_frames:
@@ -318,6 +324,9 @@ cdef class CaptureReader:
                     if route < 0:
                         # no symbol: the live listener's control path, not a ring's
                         self.control += 1
+                        if ctl != NULL:
+                            ff_ring_write(ctl, payload, <uint32_t>length, _DATA_TYPE,
+                                          self._hts[j], -1)
                         self._advance(j)
                         done += 1
                         continue

@@ -243,11 +243,13 @@ class LocalReplay:
     C: :class:`fastfeed._capture.CaptureReader`), and the Feed calls it between reading
     batches: with ``workers=0`` just before it decodes them from its inline ring, with
     workers while they decode. The frames go through the same rings, decoders and counters
-    as any feed, and a replay costs little more than decoding. For the Feed it stands where
+    as any feed, and a replay costs little more than decoding. Frames without a symbol go
+    to ``control`` (the consumer's control ring), as the live network process sends them.
+    For the Feed it stands where
     a source process would: ``counters()``, ``done``, ``request_stop()``, ``stop()``."""
 
     def __init__(self, path: str | os.PathLike[str], rings: Sequence[Any], *,
-                 speed: float = 0.0) -> None:
+                 speed: float = 0.0, control: Any = None) -> None:
         from fastfeed._capture import CaptureReader
         from fastfeed._decoder import now_us
 
@@ -258,6 +260,8 @@ class LocalReplay:
         self._mapped: _Mapped | None = _Mapped(capture_files(path))
         self._reader: Any = CaptureReader(self._mapped.maps)
         self._addresses = [r.address for r in rings]
+        # frames without a symbol: to the consumer's control ring (fastfeed.control), if any
+        self._control_address = control.address if control is not None else 0
         self._first_ts = self._reader.next_ts
         self._t0 = time.monotonic()
         self._c = dict.fromkeys(COUNTERS, 0)
@@ -283,7 +287,7 @@ class LocalReplay:
         if self.speed > 0 and self._first_ts is not None:
             until = self._first_ts + int((time.monotonic() - self._t0) * 1e6 * self.speed)
         # Lossless whatever the rings' policy: a finite source waits for the decoders.
-        status = r.pump(self._addresses, max_frames, until, True)
+        status = r.pump(self._addresses, max_frames, until, True, self._control_address)
         if status == FULL:
             if self._paused_at is None:
                 self._paused_at = time.monotonic()

@@ -393,7 +393,9 @@ class Feed:
                 # between batches (no replay process, no hop; see LocalReplay).
                 from .capture import LocalReplay
 
-                self._session = LocalReplay(self.replay, self._pool.rings, speed=self.speed)
+                self._session = LocalReplay(
+                    self.replay, self._pool.rings, speed=self.speed,
+                    control=self._control.ring if self._control is not None else None)
             else:
                 self._sup.add("network process", self._spawn_network, self._network_exited)
             if self.consumer_cpus is not None:

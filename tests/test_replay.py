@@ -207,3 +207,33 @@ def test_a_path_that_is_not_a_capture_is_one_clear_error(tmp_path):
     r = run_cli("replay", str(bad))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "not a fastfeed capture" in r.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_replay_hands_its_control_messages_to_the_consumer(tmp_path, workers):
+    # Status objects and texts without a symbol, between market data: the consumer gets
+    # each one on a batch, in capture order, as from a live feed.
+    cap = tmp_path / "ctl.ffcap"
+    control = [b'{"status":"connected","seq":%d}' % i for i in range(5)]
+    with open(cap, "wb") as f:
+        f.write(MAGIC)
+        seq = 0
+        for i in range(500):
+            p = f'{{"c":"X:{i % 7}","t":1.5,"p":1.0,"v":1.0}}'.encode()
+            if i % 100 == 50:
+                c = control[i // 100]
+                f.write(RECORD.pack(len(c), 0, 1_000_000 + seq, seq) + c)
+                seq += 1
+            f.write(RECORD.pack(len(p), 0, 1_000_000 + seq, seq) + p)
+            seq += 1
+    got: list[bytes] = []
+    rows = 0
+    with Feed(replay=str(cap), workers=workers) as feed:
+        deadline = time.monotonic() + 60
+        for b in feed:
+            got.extend(b.control)
+            rows += b.rows
+            assert time.monotonic() < deadline, feed.stats()
+        stats = feed.stats()
+    assert got == control
+    assert rows == 500 and stats["control"] == 5 and stats["control_dropped"] == 0
