@@ -865,8 +865,10 @@ class Feed:
                 if self.output:
                     if self.poll(timeout=0.02) is None and self.finished():
                         break
-                elif not self.wait(0.02) and self.finished():
-                    break
+                else:
+                    self.wait(0.02)
+                    if self.finished():  # a finite source (a replay) ended, or a stop
+                        break
                 if frames is not None and self.frames_accounted() >= frames:
                     break
                 if on_stats is not None and time.monotonic() >= next_stats:

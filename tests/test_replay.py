@@ -237,3 +237,28 @@ def test_a_replay_hands_its_control_messages_to_the_consumer(tmp_path, workers):
         stats = feed.stats()
     assert got == control
     assert rows == 500 and stats["control"] == 5 and stats["control_dropped"] == 0
+
+
+def count_rows(worker: int, batch) -> None:  # a handler: runs in the workers
+    pass
+
+
+@pytest.mark.parametrize("speed", [0.0, 4.0])
+def test_a_replay_with_handlers_only_runs_to_its_end(tmp_path, speed):
+    """output=False: the workers do the work, and run() keeps the replay going (the frames
+    are moved into the rings from this process, paced at ``speed``)."""
+    cap = tmp_path / "h.ffcap"
+    t0 = 1_700_000_000_000_000
+    with open(cap, "wb") as f:
+        f.write(MAGIC)
+        for i in range(4000):
+            p = f'{{"c":"H:{i % 9}","t":1.5,"p":{i},"v":1.0}}'.encode()
+            f.write(RECORD.pack(len(p), 0, t0 + i * 250, i) + p)  # 1 s of recording
+    started = time.monotonic()
+    s = Feed(replay=str(cap), workers=2, output=False, handler=count_rows,
+             speed=speed).run(duration=60)
+    took = time.monotonic() - started
+    assert s["frames"] == 4000 and s["ticks"] == 4000 and s["delivered"]["batches"] == 0
+    if speed:
+        assert took >= 1.0 / speed * 0.9  # paced, not as fast as possible
+        assert s["latency_us"]["p50"] is None or s["latency_us"]["p50"] != s["latency_us"]["p50"]
