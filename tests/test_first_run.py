@@ -111,6 +111,7 @@ def test_a_child_that_cannot_start_shows_its_whole_error_once(tmp_path, clone):
     assert "Traceback (most recent call last)" in err  # its last lines, whole
 
 
+@pytest.mark.timeout(900)  # a package build with its own build environment
 @pytest.mark.skipif(not os.environ.get("FASTFEED_VENV_TEST"),
                     reason="builds the package in a fresh venv (about 2 min, needs the package "
                            "index): set FASTFEED_VENV_TEST=1")

@@ -79,6 +79,8 @@ def test_the_endpoint_passes_promtool_and_matches_the_feed(tmp_path):
                 server.server_close()
         sim.stop()
     promtool = shutil.which("promtool")
+    # CI installs it (Debian's prometheus package); elsewhere the check runs where it can
+    assert promtool is not None or not os.environ.get("CI"), "promtool not installed"
     if promtool is not None:
         r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=30)
