@@ -66,7 +66,7 @@ cdef extern from "decode.h":
         ff_symtab symbols, statuses, bar_types
         char *scratch
         size_t scratch_cap
-        int saw_control
+        size_t ncontrol
         int bar_bad_field
         int table_full
         void *pend
@@ -312,6 +312,7 @@ cdef class Decoder:
     cdef list _errors   # of the decode in progress; None until the first one
     cdef list _control
     cdef Py_ssize_t _full   # frames of the decode in progress that found a table full
+    cdef Py_ssize_t _ncontrol   # control messages of the decode in progress
     cdef readonly SymbolTable symbols
     cdef readonly SymbolTable statuses
     cdef readonly SymbolTable bar_types
@@ -353,7 +354,8 @@ cdef class Decoder:
     cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts,
                          Py_ssize_t index) except -1:
         if ff_decode_frame(&self.d, p, n, recv_ts) == 0:
-            if self.d.saw_control:
+            if self.d.ncontrol:
+                self._ncontrol += self.d.ncontrol
                 if self._control is None:
                     self._control = []
                 self._control.append(PyBytes_FromStringAndSize(<const char *>p, n))
@@ -376,6 +378,7 @@ cdef class Decoder:
         self._errors = None
         self._control = None
         self._full = 0
+        self._ncontrol = 0
 
     cdef Batch _finish(self, Py_ssize_t frames):
         cdef Batch b = Batch.__new__(Batch)
@@ -388,8 +391,8 @@ cdef class Decoder:
         self.frames_total += frames
         if self._errors is not None:
             self.errors_total += len(self._errors)
-        if self._control is not None:
-            self.control_total += len(self._control)
+        self.control_total += self._ncontrol
+        self._ncontrol = 0
         self.symbols_full_total += self._full
         self._full = 0
         self._errors = None

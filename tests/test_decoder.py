@@ -351,7 +351,9 @@ def test_a_failing_message_fails_its_whole_frame_only():
         (b'{"c":"X","bt":"1m","s":[1]}', "`s`, got number"),
         (b'{"c":"X","bt":"1m","s":[{"o":"1"}]}', "`s[].o`, got string"),
         (b'{"c":"X","bt":"1m","s":[{"t":true}]}', "`s[].t`, got boolean"),
-        (b'{"c":"X","p":1,"lu":"x"}', "`lu`, got string"),
+        (b'{"c":"X","bt":"1m","lu":"x"}', "`lu`, got string"),
+        (b'{"c":"X","bt":"1m","be":1e30}', "timestamp `be` out of int64 range"),
+        (b'{"c":"X","bt":"1m","s":[{"c":"1"}]}', "`s[].c`, got string"),
     ],
 )
 def test_wrong_types_are_errors_that_say_what_and_where(frame, why):
@@ -370,11 +372,37 @@ def test_error_names_the_byte():
 
 @pytest.mark.parametrize(
     "frame",
-    [b'{"status":"ok"}', b"{}", b"[]", b'"pong"', b"42", b"null", b'[{"email":"a@b"}]', b'{"c":"X","t":"not data"}'],
+    [b'{"status":"ok"}', b"{}", b'"pong"', b"42", b"null", b'[{"email":"a@b"}]', b'{"c":"X","t":"not data"}'],
 )
 def test_valid_non_market_json_is_control(frame):
-    _, b = one(frame)
+    dec, b = one(frame)
     assert b.control == [frame] and not b.errors and b.rows == 0
+    assert dec.control_total == 1
+
+
+@pytest.mark.parametrize(
+    "frame,n",
+    [
+        (b"[]", 0),
+        (b"[ ]", 0),
+        (b"[1,0]", 2),
+        (b'[{"status":"ok"},{"status":"ok"}]', 2),
+        (b'[{"c":"X","p":1},"pong",{"c":"Y","p":2},{}]', 2),
+        (b'[{"c":"X","p":1}]', 0),
+        (b'[[],[]]', 2),
+        (b'{"status":"ok"}', 1),
+    ],
+)
+def test_control_is_counted_per_message(frame, n):
+    dec, b = one(frame)
+    assert not b.errors
+    assert dec.control_total == n and dec.stats()["control"] == n
+    assert b.control == ([frame] if n else [])  # the frames that hold a control message
+
+
+def test_control_count_of_a_failing_frame_is_zero():
+    dec, b = one(b'[1,2,{"c":"X","p":"bad"}]')
+    assert len(b.errors) == 1 and dec.control_total == 0 and b.control == []
 
 
 @pytest.mark.parametrize("frame", [b"", b"   ", b"pong", b"{", b"}", b"[1,]", b'{"a":1}x', b"NaN", b"01", b'{"a":01}', b"-", b"1.", b".5", b"1e", b"tru", b"nul"])
@@ -383,15 +411,70 @@ def test_invalid_json_is_an_error(frame):
     assert len(b.errors) == 1 and not b.control
 
 
-@pytest.mark.parametrize("depth", [10, 63, 64, 65, 1000, 100_000])
-def test_deep_nesting_is_an_error_not_a_crash(depth):
+def _nest(levels: int, kind: str) -> bytes:
+    return (b"[" * levels + b"1" + b"]" * levels) if kind == "[" else (b'{"x":' * levels + b"1" + b"}" * levels)
+
+
+# Every path the decoder reads a nested value by: (frame with {} where the nested value
+# goes, how many containers already hold that value).
+NEST_PATHS = [
+    (b"{}", 0),                                           # the frame itself (control)
+    (b"[{}]", 1),                                         # an element of an array frame
+    (b'{"c":"X","p":1,"x":{}}', 1),                       # an unknown key of a tick
+    (b'{"c":"X","p":1,"lt":{}}', 1),                      # a quote's key in a tick: unused
+    (b'[{"c":"X","p":1,"x":{}}]', 2),                     # a message in an array frame
+    (b'{"c":"X","s":[{"t":1,"x":{}}]}', 3),               # an unknown key of a bar
+    (b'[{"c":"X","s":[{"t":1,"x":{}}]}]', 4),             # ... of a bar in an array frame
+    (b'{"status":{}}', 1),                                # a control message's value
+    (b'[{"status":{}}]', 2),
+]
+
+
+@pytest.mark.parametrize("path,outer", NEST_PATHS)
+@pytest.mark.parametrize("kind", ["[", "{"])
+def test_nesting_limit_is_exactly_64_levels_on_every_path(path, outer, kind):
+    """64 containers inside one another decode; 65 are an error, whichever path reads them."""
+    dec = Decoder()
+    ok = path.replace(b"{}", _nest(64 - outer, kind)) if outer < 64 else None
+    deep = path.replace(b"{}", _nest(65 - outer, kind))
+    b = dec.decode([ok, deep], recv_ts=0)
+    assert [i for i, _ in b.errors] == [1], b.errors
+    assert "nesting too deep" in b.errors[0][1] and "64" in b.errors[0][1]
+    assert reference.decode([ok, deep])["errors"] == [1]
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_very_deep_nesting_is_an_error_not_a_crash(depth):
     for opener, closer in ((b"[", b"]"), (b'{"a":', b"}"), (b'{"a":[', b"]}")):
         frame = b'{"c":"X","p":1,"x":' + opener * depth + b"1" + closer * depth + b"}"
         _, b = one(frame)
-        if depth < 60:
-            assert not b.errors and len(b.ticks) == 1
-        else:
-            assert len(b.errors) == 1 and "nesting too deep" in b.errors[0][1]
+        assert len(b.errors) == 1 and "nesting too deep" in b.errors[0][1]
+
+
+@pytest.mark.parametrize(
+    "frame,kind",
+    [
+        (b'{"c":"X","s":[],"v":true}', "bars"),                  # the issue's example
+        (b'{"c":"X","s":[],"p":"x","t":[1],"v":{},"a":null,"ss":5,"lt":"now"}', "bars"),
+        (b'{"c":"X","p":1,"lt":"x","lp":[],"a":{},"b":true,"as":"","bs":[1],"ss":7}', "ticks"),
+        (b'{"c":"X","p":1,"be":"x","lu":1e300}', "ticks"),
+        (b'{"c":"X","lt":1,"t":"x","p_":1,"be":[],"lu":true}', "quotes"),
+        (b'{"c":"X","lt":1,"t":1e300}', "quotes"),                # out of range, unused: fine
+        (b'{"c":"X","bt":"1m","s":[{"t":1,"p":"x","lt":[],"bt":5,"s":{}}]}', "bars"),
+        (b'{"c":7,"status":"ok","p_":1}', "control"),           # no data key: nothing judged
+    ],
+)
+def test_keys_the_kind_does_not_use_are_skipped_whatever_their_type(frame, kind):
+    dec, b = one(frame)
+    assert not b.errors, b.errors
+    ref = reference.decode([frame], b.ticks["recv_ts"][0] if len(b.ticks) else 0)
+    assert ref["errors"] == []
+    if kind == "control":
+        assert dec.control_total == 1 and b.rows == 0
+    else:
+        assert dec.control_total == 0
+        assert b.rows == len(getattr(b, kind)) == len(ref[kind])
+        assert len(ref[kind]) == (0 if kind == "bars" and b'"t":1' not in frame else 1)
 
 
 def test_every_truncation_of_valid_frames_is_an_error():
