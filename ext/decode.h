@@ -120,84 +120,63 @@ static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const ui
     return w;
 }
 
-/* The shape nearly every feed number has, `-?D{1,16}(.D{1,7})?` with no exponent,
- * read in at most three 8-byte loads.  Returns 0 when the text is anything else;
- * the general parser then takes it, errors included.  p may be at e (a frame that
- * ends right after a key's colon): every byte it reads is in [lo, e). */
-static inline int ff_fast_decimal(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int *neg,
-                                  uint64_t *mant, uint32_t *nfrac, const uint8_t **out)
+/* A number as its field read it: converted only when the message's kind is known, in the
+ * row's fixed order, so that which field a key names never steers a branch of the number
+ * parser (keys come in any order; the branch predictor learns a fixed sequence only). */
+enum { FF_NUM_FAST, FF_NUM_NULL, FF_NUM_TEXT };
+typedef struct {
+    uint64_t mant;       /* FF_NUM_FAST: the digits, the point left out */
+    const uint8_t *text; /* the number's first byte (FF_NUM_TEXT: parse it again from here) */
+    uint32_t nfrac;      /* FF_NUM_FAST: how many digits follow the point */
+    uint8_t neg, how;
+} ff_numv;
+
+/* The first n (0..7) digits of w as a number (0 for none). */
+static inline uint64_t ff_lead_digits0(uint64_t w, unsigned n)
 {
-    int ng = 0;
+    return ff_digits8((w << (56 - 8 * n)) << 8);
+}
+
+/* The shape nearly every feed number has, `-?D{1,15}(.D{1,7})?` with no exponent and at
+ * most 18 digits, read in three 8-byte loads with no branch on how many digits there are
+ * (a timestamp's ten and a price's three take the same path).  0: anything else, which
+ * the general parser then takes, errors included.  p may be at e (a frame that ends right
+ * after a key's colon): every byte it reads is in [lo, e). */
+static inline __attribute__((always_inline)) int ff_scan_decimal(const uint8_t *p, const uint8_t *e,
+                                                                 const uint8_t *lo, ff_numv *v,
+                                                                 const uint8_t **out)
+{
     if (FF_UNLIKELY(p >= e)) return 0;
-    if (*p == '-') {
-        ng = 1;
-        p++;
-    }
+    v->text = p;
+    unsigned ng = *p == '-';
+    p += ng;
     uint64_t w = ff_load_upto(p, e, lo);
-    unsigned n = ff_ndigits8(w), total;
-    if (n == 0 || (n > 1 && p[0] == '0')) return 0;
-    uint64_t v = ff_lead_digits(w, n);
-    p += n;
-    total = n;
-    if (n == 8) {
-        w = ff_load_upto(p, e, lo);
-        n = ff_ndigits8(w);
-        if (n == 8) return 0;
-        if (n) v = v * ff_ipow10[n] + ff_lead_digits(w, n);
-        p += n;
-        total += n;
+    unsigned n1 = ff_ndigits8(w);
+    if (FF_UNLIKELY(n1 == 0 || (n1 > 1 && (uint8_t)w == '0'))) return 0;
+    uint64_t m = ff_lead_digits(w, n1);
+    p += n1;
+    /* more integer digits: none unless the first load held eight */
+    w = ff_load_upto(p, e, lo);
+    unsigned n2 = ff_ndigits8(w);
+    if (FF_UNLIKELY(n2 == 8)) return 0;
+    m = m * ff_ipow10[n2] + ff_lead_digits0(w, n2);
+    p += n2;
+    unsigned nf = 0;
+    if (FF_LIKELY(p < e && *p == '.')) {
+        w = ff_load_upto(p + 1, e, lo);
+        nf = ff_ndigits8(w);
+        if (FF_UNLIKELY(nf == 0 || nf == 8 || n1 + n2 + nf > 18)) return 0;
+        m = m * ff_ipow10[nf] + ff_lead_digits(w, nf);
+        p += 1 + nf;
     }
-    uint32_t nf = 0;
-    if (p < e && *p == '.') {
-        p++;
-        w = ff_load_upto(p, e, lo);
-        n = ff_ndigits8(w);
-        if (n == 0 || n == 8 || total + n > 18) return 0;
-        v = v * ff_ipow10[n] + ff_lead_digits(w, n);
-        p += n;
-        nf = n;
-    }
-    if (p < e && (*p == 'e' || *p == 'E')) return 0;
-    *neg = ng;
-    *mant = v;
-    *nfrac = nf;
+    if (FF_UNLIKELY(p < e && (*p | 0x20) == 'e')) return 0;
+    v->mant = m;
+    v->nfrac = nf;
+    v->neg = (uint8_t)ng;
+    v->how = FF_NUM_FAST;
     *out = p;
     return 1;
 }
-
-/* A number in its common shape converted straight to a double (kind 0) or to
- * fixed-point int64 with `kind` decimals.  1: done, *after past it; 0: let the
- * general path parse it (other shapes, 17+ digits, overflow, errors). */
-static inline __attribute__((always_inline)) int ff_num_fast(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int kind,
-                              double *dv, int64_t *iv, const uint8_t **after)
-{
-    int neg;
-    uint64_t m;
-    uint32_t nf;
-    int fast = ff_fast_decimal(p, e, lo, &neg, &m, &nf, after);
-    if (!fast) return 0;
-    if (kind == 0) {
-        if (FF_UNLIKELY(m > (1ULL << 53))) return 0;
-        double v = (double)m / ff_pow10[nf]; /* exact operands: one rounding */
-        *dv = neg ? -v : v;
-        return 1;
-    }
-    int k = kind - (int)nf;
-    uint64_t q;
-    if (k >= 0) {
-        unsigned __int128 w = (unsigned __int128)m * ff_ipow10[k];
-        if (w > (unsigned __int128)INT64_MAX) return 0;
-        q = (uint64_t)w;
-    } else {
-        uint64_t div = ff_ipow10[-k];
-        q = m / div;
-        uint64_t rem = m - q * div, half = div / 2;
-        if (rem > half || (rem == half && (q & 1))) q++;
-    }
-    *iv = neg ? -(int64_t)q : (int64_t)q;
-    return 1;
-}
-
 
 /* A run of ASCII digits at p: accumulates the first 19 into *mp and counts them
  * in *np; returns the first byte after the run.  Eight bytes per step: the count
@@ -334,39 +313,6 @@ static inline void *ff_vec_push(ff_vec *v)
 
 /* ---- rows ----------------------------------------------------------------- */
 
-static inline int ff_emit_tick(ff_dec *d, int32_t sym, int64_t t, double price, double volume)
-{
-    ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
-    if (FF_UNLIKELY(!r)) return -1;
-    r->sym = sym;
-    r->_pad = 0;
-    r->ts = t;
-    r->price = price;
-    r->volume = volume;
-    r->recv_ts = d->recv_ts;
-    return 0;
-}
-
-static inline int ff_emit_quote(ff_dec *d, int32_t sym, uint8_t status, int64_t lt, double last,
-                                double volume, double bid, double ask, double bid_size,
-                                double ask_size)
-{
-    ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
-    if (FF_UNLIKELY(!r)) return -1;
-    r->sym = sym;
-    r->status = status;
-    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
-    r->ts = lt;
-    r->last = last;
-    r->volume = volume;
-    r->bid = bid;
-    r->ask = ask;
-    r->bid_size = bid_size;
-    r->ask_size = ask_size;
-    r->recv_ts = d->recv_ts;
-    return 0;
-}
-
 /* Bars [from, len) were appended while their `s` array was read; the fields of the
  * enclosing message are known only at its end. */
 static inline void ff_finish_bars(ff_dec *d, size_t from, int32_t sym, int16_t bar_type,
@@ -436,6 +382,11 @@ static inline void ff_ws(ff_dec *d)
 {
     const uint8_t *p = d->p;
     if (FF_LIKELY(p < d->end && *p > ' ')) return; /* compact JSON: nothing to skip */
+    if (p >= d->end) return;
+    if (d->end - p >= 2 && p[0] == ' ' && p[1] > ' ') { /* ", " and ": ": one space */
+        d->p = p + 1;
+        return;
+    }
     d->p = ff_ws_run(p, d->end);
 }
 
@@ -577,13 +528,20 @@ static inline char *ff_put_utf8(char *o, uint32_t cp)
 
 /* The string's UTF-8 text, unescaped into scratch when it had escapes.
  * Already validated by ff_string, so this cannot fail but for memory. */
-static int ff_text(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
+static int ff_text_escaped(ff_dec *d, const ff_str *s, const char **p, uint32_t *n);
+
+static inline int ff_text(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
 {
     if (FF_LIKELY(!s->escaped)) {
         *p = (const char *)s->s;
         *n = s->n;
         return 0;
     }
+    return ff_text_escaped(d, s, p, n);
+}
+
+static __attribute__((noinline)) int ff_text_escaped(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
+{
     if (ff_scratch_reserve(d, s->n) < 0) return -1; /* unescaping never grows the text */
     const uint8_t *i = s->s, *e = s->s + s->n;
     char *o = d->scratch;
@@ -979,15 +937,10 @@ static inline int ff_member_next(ff_dec *d)
 /* The values of one object's known fields, by field id.  A field holds its value only when
  * its bit is in `seen` and not in `bad`: nothing is written for a field that is absent
  * (the row takes its default once, when it is made). */
-typedef union {
-    double f;
-    int64_t i;
-} ff_val;
-
 typedef struct {
     uint32_t seen, bad;
-    ff_val val[F_NBAR];
-    ff_str str[F_N]; /* c, ss, bt (string fields only); .s == NULL: null */
+    ff_numv num[F_NBAR]; /* number fields */
+    ff_str str[F_N];     /* c, ss, bt (string fields only); .s == NULL: null */
     size_t badpos[F_NBAR];
 } ff_obj;
 
@@ -997,29 +950,25 @@ static inline void ff_mark_bad(ff_obj *o, int f, size_t pos)
     o->bad |= FF_BIT(f);
 }
 
-/* A number field whose text is not the common shape: the general parser, null, or a
- * value of another type (marked bad, decided at the message's end: the last of repeated
- * keys wins, and a key the message's kind does not use is never judged). */
-static __attribute__((noinline)) int ff_field_num_slow(ff_dec *d, ff_obj *o, int f, int scale, int depth)
+/* A number field whose text is not the common shape: the general parser (its text is
+ * converted again at the message's end), null, or a value of another type (marked bad,
+ * decided at the message's end: the last of repeated keys wins, and a key the message's
+ * kind does not use is never judged). */
+static __attribute__((noinline)) int ff_field_num_slow(ff_dec *d, ff_obj *o, int f, int depth)
 {
     uint8_t c = *d->p;
+    ff_numv *v = &o->num[f];
     if (c == '-' || (unsigned)(c - '0') < 10) {
         ff_num n;
         if (ff_number(d, &n) < 0) return -1;
-        if (scale == 0) {
-            o->val[f].f = ff_to_double(&n);
-        } else if (FF_UNLIKELY(ff_to_fixed(&n, scale, &o->val[f].i) < 0)) {
-            /* out of int64 range: bad like a wrong type (the byte at badpos tells the two apart) */
-            ff_mark_bad(o, f, (size_t)(n.start - d->start));
-            return 0;
-        }
+        v->text = n.start;
+        v->how = FF_NUM_TEXT;
         o->bad &= ~FF_BIT(f);
         return 0;
     }
     if (c == 'n') {
         if (ff_skip_literal(d, "null", 4) < 0) return -1;
-        if (scale == 0) o->val[f].f = NAN;
-        else o->val[f].i = FF_NAT;
+        v->how = FF_NUM_NULL;
         o->bad &= ~FF_BIT(f);
         return 0;
     }
@@ -1035,20 +984,38 @@ static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, 
                                                           size_t bars_start)
 {
     int type = ff_field_type[f];
-    if (FF_LIKELY(type >= FT_F64 && type <= FT_FIX3)) {
-        int scale = type == FT_F64 ? 0 : type == FT_FIX6 ? 6 : 3;
+    if (FF_LIKELY(type >= FT_F64)) {
+        if (FF_UNLIKELY(type == FT_SERIES)) return ff_series_array(d, o, bars_start, depth);
         const uint8_t *after;
-        if (FF_LIKELY(ff_num_fast(d->p, d->end, d->start, scale, &o->val[f].f, &o->val[f].i, &after))) {
+        if (FF_LIKELY(ff_scan_decimal(d->p, d->end, d->start, &o->num[f], &after))) {
             d->p = after;
             o->bad &= ~FF_BIT(f);
             return 0;
         }
-        return ff_field_num_slow(d, o, f, scale, depth);
+        return ff_field_num_slow(d, o, f, depth);
     }
-    if (type == FT_SERIES) return ff_series_array(d, o, bars_start, depth);
     /* a string field (c, ss, bt): a string, or null where nullable */
     uint8_t c = *d->p;
     if (FF_LIKELY(c == '"')) {
+        /* symbol codes are plain ASCII: run to the closing quote here, eight bytes a step;
+         * escapes, control bytes and UTF-8 go through ff_string */
+        const uint8_t *p = d->p + 1, *e = d->end;
+        while (e - p >= 8) {
+            uint64_t stops = ff_str_stops(ff_load8(p));
+            if (stops) {
+                p += __builtin_ctzll(stops) >> 3;
+                if (*p == '"') {
+                    o->str[f].s = d->p + 1;
+                    o->str[f].n = (uint32_t)(p - d->p - 1);
+                    o->str[f].escaped = 0;
+                    d->p = p + 1;
+                    o->bad &= ~FF_BIT(f);
+                    return 0;
+                }
+                break;
+            }
+            p += 8;
+        }
         if (ff_string(d, &o->str[f]) < 0) return -1;
         o->bad &= ~FF_BIT(f);
         return 0;
@@ -1060,6 +1027,84 @@ static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, 
     }
     ff_mark_bad(o, f, (size_t)(d->p - d->start));
     return ff_skip(d, depth);
+}
+
+/* ---- numbers, converted once the message's kind is known ---------------------- */
+
+static __attribute__((noinline)) double ff_reparse_double(ff_dec *d, const ff_numv *v)
+{
+    const uint8_t *save = d->p;
+    ff_num n;
+    d->p = v->text;
+    int rc = ff_number(d, &n); /* it parsed before: cannot fail */
+    d->p = save;
+    return rc < 0 ? NAN : ff_to_double(&n);
+}
+
+static __attribute__((noinline)) int ff_reparse_fixed(ff_dec *d, const ff_numv *v, int scale,
+                                                      int64_t *out)
+{
+    const uint8_t *save = d->p;
+    ff_num n;
+    d->p = v->text;
+    int rc = ff_number(d, &n);
+    d->p = save;
+    return rc < 0 ? -1 : ff_to_fixed(&n, scale, out);
+}
+
+/* A number field (present) as a double: bit-exact with Python's float() of its text. */
+static inline double ff_conv_double(ff_dec *d, const ff_numv *v)
+{
+    if (FF_LIKELY(v->how == FF_NUM_FAST && v->mant <= (1ULL << 53))) {
+        double x = (double)v->mant / ff_pow10[v->nfrac]; /* exact operands: one rounding */
+        return v->neg ? -x : x;
+    }
+    if (v->how == FF_NUM_NULL) return NAN;
+    return ff_reparse_double(d, v);
+}
+
+/* A number field (present) as exact int64 units of 10**-scale, half to even, from its
+ * decimal digits (never through a binary float).  -1: outside int64. */
+static inline int ff_conv_fixed(ff_dec *d, const ff_numv *v, int scale, int64_t *out)
+{
+    if (FF_LIKELY(v->how == FF_NUM_FAST)) {
+        int k = scale - (int)v->nfrac;
+        uint64_t q, m = v->mant;
+        if (k >= 0) {
+            unsigned __int128 w = (unsigned __int128)m * ff_ipow10[k];
+            if (FF_UNLIKELY(w > (unsigned __int128)INT64_MAX)) return -1;
+            q = (uint64_t)w;
+        } else {
+            uint64_t div = ff_ipow10[-k];
+            q = m / div;
+            uint64_t rem = m - q * div, half = div / 2;
+            if (rem > half || (rem == half && (q & 1))) q++;
+        }
+        *out = v->neg ? -(int64_t)q : (int64_t)q;
+        return 0;
+    }
+    if (v->how == FF_NUM_NULL) {
+        *out = FF_NAT;
+        return 0;
+    }
+    return ff_reparse_fixed(d, v, scale, out);
+}
+
+/* Field f of o as the row wants it: its default when absent. */
+#define FF_F64(d, o, f) ((o).seen & FF_BIT(f) ? ff_conv_double(d, &(o).num[f]) : NAN)
+
+/* A timestamp field as int64 (NaT when absent); -1 with d->err set when outside int64. */
+static inline int ff_ts_field(ff_dec *d, const ff_obj *o, int f, int scale, int64_t *out,
+                              const char *key)
+{
+    if (!(o->seen & FF_BIT(f))) {
+        *out = FF_NAT;
+        return 0;
+    }
+    if (FF_LIKELY(ff_conv_fixed(d, &o->num[f], scale, out) == 0)) return 0;
+    snprintf(d->err, sizeof d->err, "timestamp `%s` out of int64 range (byte %zu)", key,
+             (size_t)(o->num[f].text - d->start));
+    return -1;
 }
 
 /* The first field of `bad` (the keys the message's kind uses only) as an error. */
@@ -1386,6 +1431,9 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
             if (!rc) break;
         }
     }
+    int64_t t = FF_NAT;
+    if (FF_LIKELY(!o.bad) && (o.seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o.num[F_T], 6, &t) < 0)
+        ff_mark_bad(&o, F_T, (size_t)(o.num[F_T].text - d->start)); /* outside int64 */
     if (FF_UNLIKELY(o.bad)) {
         /* Report the bar's own field, but through the message's `s` bit so that a
          * later `s` key (last wins) can still clear it. */
@@ -1399,13 +1447,12 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
     }
     ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
     if (!row) return ff_fail_msg(d, d->p, "out of memory");
-    uint32_t s = o.seen;
-    row->ts = s & FF_BIT(F_T) ? o.val[F_T].i : FF_NAT;
-    row->open = s & FF_BIT(F_O) ? o.val[F_O].f : NAN;
-    row->high = s & FF_BIT(F_H) ? o.val[F_H].f : NAN;
-    row->low = s & FF_BIT(F_L) ? o.val[F_L].f : NAN;
-    row->close = s & FF_BIT(F_CL) ? o.val[F_CL].f : NAN;
-    row->volume = s & FF_BIT(F_V) ? o.val[F_V].f : NAN;
+    row->ts = t;
+    row->open = FF_F64(d, o, F_O);
+    row->high = FF_F64(d, o, F_H);
+    row->low = FF_F64(d, o, F_L);
+    row->close = FF_F64(d, o, F_CL);
+    row->volume = FF_F64(d, o, F_V);
     return 0;
 }
 
@@ -1509,6 +1556,16 @@ static int ff_message(ff_dec *d, int depth)
     }
     if (FF_UNLIKELY(bad)) return ff_type_error(d, &o, bad);
 
+    /* Timestamps first: the only conversions that can fail (outside int64). */
+    int64_t ts, ts2 = FF_NAT;
+    if (kind == 2) {
+        if (ff_ts_field(d, &o, F_T, 6, &ts, "t") < 0) return -1;
+    } else if (kind == 3) {
+        if (ff_ts_field(d, &o, F_LT, 6, &ts, "lt") < 0) return -1;
+    } else if (ff_ts_field(d, &o, F_BE, 6, &ts, "be") < 0 || ff_ts_field(d, &o, F_LU, 3, &ts2, "lu") < 0) {
+        return -1;
+    }
+
     /* Codes new to their table get placeholders (< 0) here, ids when the frame ends. */
     int32_t sym = ff_lookup_field(d, FF_ROLE_SYM, &o, F_C);
     if (sym == FF_LOOKUP_ERR) return -1;
@@ -1517,9 +1574,9 @@ static int ff_message(ff_dec *d, int depth)
         if (FF_UNLIKELY(!r)) return ff_fail_msg(d, obj_start, "out of memory");
         r->sym = sym;
         r->_pad = 0;
-        r->ts = seen & FF_BIT(F_T) ? o.val[F_T].i : FF_NAT;
-        r->price = o.val[F_P].f; /* p is there: it made the message a tick */
-        r->volume = seen & FF_BIT(F_V) ? o.val[F_V].f : NAN;
+        r->ts = ts;
+        r->price = ff_conv_double(d, &o.num[F_P]); /* p is there: it made the message a tick */
+        r->volume = FF_F64(d, o, F_V);
         r->recv_ts = d->recv_ts;
         if (FF_UNLIKELY(sym < 0) && ff_fix_add(d, sym, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0)
             return ff_fail_msg(d, obj_start, "out of memory");
@@ -1533,13 +1590,13 @@ static int ff_message(ff_dec *d, int depth)
         r->sym = sym;
         r->status = (uint8_t)(st < 0 ? 0 : st);
         r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
-        r->ts = seen & FF_BIT(F_LT) ? o.val[F_LT].i : FF_NAT;
-        r->last = seen & FF_BIT(F_LP) ? o.val[F_LP].f : NAN;
-        r->volume = seen & FF_BIT(F_V) ? o.val[F_V].f : NAN;
-        r->bid = seen & FF_BIT(F_B) ? o.val[F_B].f : NAN;
-        r->ask = seen & FF_BIT(F_A) ? o.val[F_A].f : NAN;
-        r->bid_size = seen & FF_BIT(F_BS) ? o.val[F_BS].f : NAN;
-        r->ask_size = seen & FF_BIT(F_AS) ? o.val[F_AS].f : NAN;
+        r->ts = ts;
+        r->last = FF_F64(d, o, F_LP);
+        r->volume = FF_F64(d, o, F_V);
+        r->bid = FF_F64(d, o, F_B);
+        r->ask = FF_F64(d, o, F_A);
+        r->bid_size = FF_F64(d, o, F_BS);
+        r->ask_size = FF_F64(d, o, F_AS);
         r->recv_ts = d->recv_ts;
         if ((sym < 0 && ff_fix_add(d, sym, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) ||
             (st < 0 && ff_fix_add(d, st, FF_FIX_QUOTE_STATUS, d->quotes.len - 1, 1) < 0))
@@ -1549,9 +1606,7 @@ static int ff_message(ff_dec *d, int depth)
         if ((seen & FF_BIT(F_BT)) && o.str[F_BT].s &&
             (bt = ff_lookup_field(d, FF_ROLE_BAR_TYPE, &o, F_BT)) == FF_LOOKUP_ERR)
             return -1;
-        ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt),
-                       seen & FF_BIT(F_BE) ? o.val[F_BE].i : FF_NAT,
-                       seen & FF_BIT(F_LU) ? o.val[F_LU].i : FF_NAT);
+        ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt), ts, ts2);
         if ((sym < 0 || bt < 0) && ff_fix_bars(d, sym, bt, bars_start) < 0)
             return ff_fail_msg(d, obj_start, "out of memory");
     }
