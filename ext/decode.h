@@ -1147,19 +1147,30 @@ static inline ff_symtab *ff_table(ff_dec *d, int role)
     return role == FF_ROLE_SYM ? &d->symbols : role == FF_ROLE_STATUS ? &d->statuses : &d->bar_types;
 }
 
+/* The Decoder setting that sizes each role's table (the Feed's for symbols too). */
+static const char *const ff_role_setting[FF_NROLES] = {"max_symbols", "max_statuses", "max_bar_types"};
+static const char *const ff_role_field[FF_NROLES] = {"sym (i4)", "status (u1)", "bar_type (i2)"};
+
 /* No room in the role's table for the code at byte pos: it holds as many codes as it
- * can (its capacity, or the role's id range if smaller), or its code bytes are used up. */
+ * can (its capacity, or the role's id range if smaller), or its code bytes are used up.
+ * The error names the limit and the setting that raises it. */
 static int ff_fail_full(ff_dec *d, int role, int arena, size_t pos)
 {
     const ff_symtab_hdr *h = ff_table(d, role)->hdr;
-    const char *hint = role == FF_ROLE_SYM ? ": raise max_symbols=" : "";
     if (arena) {
-        snprintf(d->err, sizeof d->err, "%s table full (its %u bytes for codes are used up)%s (byte %zu)",
-                 ff_role_name[role], h->arena_size, hint, pos);
+        snprintf(d->err, sizeof d->err,
+                 "%s table full (its %u bytes for codes are used up, %u per entry): raise %s= (byte %zu)",
+                 ff_role_name[role], h->arena_size, FF_SYMTAB_BYTES_PER_CODE, ff_role_setting[role], pos);
     } else {
         uint64_t cap = h->capacity, most = (uint64_t)ff_role_limit[role] + 1;
-        snprintf(d->err, sizeof d->err, "%s table full (%llu %s)%s (byte %zu)", ff_role_name[role],
-                 (unsigned long long)(cap < most ? cap : most), ff_role_plural[role], hint, pos);
+        if (cap < most)
+            snprintf(d->err, sizeof d->err, "%s table full (%llu %s): raise %s= (byte %zu)",
+                     ff_role_name[role], (unsigned long long)cap, ff_role_plural[role],
+                     ff_role_setting[role], pos);
+        else
+            snprintf(d->err, sizeof d->err, "%s table full (%llu %s, all that the row's %s numbers) (byte %zu)",
+                     ff_role_name[role], (unsigned long long)most, ff_role_plural[role],
+                     ff_role_field[role], pos);
     }
     d->table_full = 1;
     return -1;

@@ -207,7 +207,7 @@ cdef class SymbolTable:
         if r == -1:
             raise OverflowError(f"SymbolTable is full ({self.capacity} codes)")
         if r == -2:
-            raise ValueError(f"code longer than {FF_SYMTAB_MAX_CODE} bytes")
+            raise ValueError(f"code of {len(b)} bytes: the most is {FF_SYMTAB_MAX_CODE}")
         return r
 
     def to_list(self) -> list:
@@ -293,19 +293,36 @@ cdef cnp.ndarray _as_i64(object arr, Py_ssize_t n, str what):
     return <cnp.ndarray>arr
 
 
+# The limits of a Decoder's own tables (each a keyword argument; README's decoder section).
+DEFAULT_MAX_SYMBOLS = 65536
+DEFAULT_MAX_BAR_TYPES = 4096
+MAX_STATUSES = 256       # ids of `status` (u1), "" (absent) included
+MAX_BAR_TYPES = 32768    # ids of `bar_type` (i2), "" (absent) included
+MAX_CODE_BYTES = FF_SYMTAB_MAX_CODE
+
+
+def _limit(name: str, value, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be an int in 1..{most}, got {value!r}")
+    return value
+
+
 cdef class Decoder:
     """Decodes the feed's JSON frames into NumPy rows.  Reuse one for a whole stream.
 
     ``symbols``, ``statuses``, ``bar_types``: optional :class:`SymbolTable` objects to
     intern into (pass tables over shared memory so that ids agree across processes);
-    by default the decoder makes private ones.  Id 0 of ``statuses`` and
-    ``bar_types`` is ``""``, the value of an absent field.  ``error_store``: how many
-    failed frames (reason and raw bytes) ``last_errors`` keeps for inspection.
+    by default the decoder makes private ones, of ``max_symbols`` symbols (with 48 bytes
+    of code text each), ``max_statuses`` statuses (at most 256: ``status`` is u1) and
+    ``max_bar_types`` bar types (at most 32768: ``bar_type`` is i2).  Id 0 of
+    ``statuses`` and ``bar_types`` is ``""``, the value of an absent field.
+    ``error_store``: how many failed frames (reason and raw bytes) ``last_errors`` keeps
+    for inspection.
 
     A frame that fails adds nothing to the tables: codes new to a table are inserted
     only once the whole frame has decoded.  A frame that needs a new code when its
-    table is full fails too (its error says which table), and counts in
-    ``symbols_full_total`` as well as ``errors_total``.
+    table is full fails too (its error names the table, its limit and the setting to
+    raise), and counts in ``symbols_full_total`` as well as ``errors_total``.
     """
 
     cdef ff_dec d
@@ -324,16 +341,21 @@ cdef class Decoder:
     cdef readonly unsigned long long rows_total
 
     def __cinit__(self, *, SymbolTable symbols=None, SymbolTable statuses=None,
-                  SymbolTable bar_types=None, int error_store=100):
+                  SymbolTable bar_types=None, int error_store=100,
+                  max_symbols=DEFAULT_MAX_SYMBOLS, max_statuses=MAX_STATUSES,
+                  max_bar_types=DEFAULT_MAX_BAR_TYPES):
         memset(&self.d, 0, sizeof(ff_dec))
         self.d.ticks.itemsize = sizeof(ff_tick)
         self.d.quotes.itemsize = sizeof(ff_quote)
         self.d.bars.itemsize = sizeof(ff_bar)
-        self.symbols = symbols if symbols is not None else SymbolTable()
+        _limit("max_symbols", max_symbols, 16_000_000)
+        _limit("max_statuses", max_statuses, MAX_STATUSES)
+        _limit("max_bar_types", max_bar_types, MAX_BAR_TYPES)
+        self.symbols = symbols if symbols is not None else SymbolTable(capacity=max_symbols)
         self.statuses = statuses if statuses is not None else SymbolTable(
-            capacity=256, reserve_empty=True)
+            capacity=max_statuses, reserve_empty=True)
         self.bar_types = bar_types if bar_types is not None else SymbolTable(
-            capacity=4096, reserve_empty=True)
+            capacity=max_bar_types, reserve_empty=True)
         self.d.symbols = self.symbols.t
         self.d.statuses = self.statuses.t
         self.d.bar_types = self.bar_types.t
