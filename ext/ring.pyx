@@ -18,7 +18,6 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from ff_ring cimport *
 
@@ -54,10 +53,14 @@ def cleanup_stale() -> list:
 
 
 cdef class _Mapping:
-    """Owns one mmap of a segment; munmap happens when the last reference (including every
-    memoryview exported from it) is gone, so a closed Ring never leaves a dangling view."""
+    """Holds one mapping of a segment (made by ``fastfeed.shm.map_file``, the one place that
+    opens segments) and its base address; munmap happens when the last reference (including
+    every memoryview exported from it) is gone, so a closed Ring never leaves a dangling view."""
     cdef char *ptr
     cdef Py_ssize_t size
+    cdef object _mm
+    cdef Py_buffer _view
+    cdef bint _has_view
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         if self.ptr == NULL:
@@ -68,33 +71,21 @@ cdef class _Mapping:
         pass
 
     def __dealloc__(self):
-        if self.ptr != NULL:
-            munmap(self.ptr, self.size)
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+            self._has_view = False
             self.ptr = NULL
+            self._mm.close()
 
 
 cdef _Mapping _map_segment(str path, Py_ssize_t size, bint create):
-    cdef int fd
-    cdef void *p
-    flags = os.O_RDWR | ((os.O_CREAT | os.O_EXCL) if create else 0)
-    fd = os.open(path, flags, 0o600)
-    try:
-        if create:
-            os.ftruncate(fd, size)
-        else:
-            size = os.fstat(fd).st_size
-        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if p == MAP_FAILED:
-            raise OSError("mmap of %s failed" % path)
-    except BaseException:
-        os.close(fd)
-        if create:
-            os.unlink(path)
-        raise
-    os.close(fd)
+    mm = _shm.map_file(path, size, create=create)
     cdef _Mapping m = _Mapping.__new__(_Mapping)
-    m.ptr = <char *>p
-    m.size = size
+    m._mm = mm
+    PyObject_GetBuffer(mm, &m._view, PyBUF_WRITABLE)
+    m._has_view = True
+    m.ptr = <char *>m._view.buf
+    m.size = m._view.len
     return m
 
 
