@@ -33,6 +33,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "symtab.h"
 
@@ -378,16 +381,37 @@ static __attribute__((noinline)) const uint8_t *ff_ws_run(const uint8_t *p, cons
     return p;
 }
 
+#if defined(__SSE2__)
+/* Bits set for the bytes of p[0..15] that are not JSON whitespace (SSE2: every x86-64). */
+static inline unsigned ff_nonws16(const uint8_t *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i ws = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')),
+                                           _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))),
+                              _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\r')),
+                                           _mm_cmpeq_epi8(v, _mm_set1_epi8('\t'))));
+    return ~(unsigned)_mm_movemask_epi8(ws) & 0xFFFFu;
+}
+#endif
+
 static inline void ff_ws(ff_dec *d)
 {
-    const uint8_t *p = d->p;
-    if (FF_LIKELY(p < d->end && *p > ' ')) return; /* compact JSON: nothing to skip */
-    if (p >= d->end) return;
-    if (d->end - p >= 2 && p[0] == ' ' && p[1] > ' ') { /* ", " and ": ": one space */
+    const uint8_t *p = d->p, *e = d->end;
+    if (FF_LIKELY(p < e && *p > ' ')) return; /* compact JSON: nothing to skip */
+    if (p >= e) return;
+    if (e - p >= 2 && p[0] == ' ' && p[1] > ' ') { /* ", " and ": ": one space */
         d->p = p + 1;
         return;
     }
-    d->p = ff_ws_run(p, d->end);
+#if defined(__SSE2__)
+    /* a newline and an indent (pretty-printed frames) in one step */
+    if (FF_LIKELY(e - p >= 16)) {
+        unsigned m = ff_nonws16(p);
+        d->p = m ? p + __builtin_ctz(m) : ff_ws_run(p + 16, e);
+        return;
+    }
+#endif
+    d->p = ff_ws_run(p, e);
 }
 
 typedef struct {
@@ -850,19 +874,20 @@ static const uint8_t ff_key1_bar[128] = {['t'] = F_T + 1, ['o'] = F_O + 1, ['h']
                                          ['l'] = F_L + 1, ['c'] = F_CL + 1, ['v'] = F_V + 1};
 
 #define FF_K2(a, b) ((unsigned)(a) | ((unsigned)(b) << 8))
+/* Two-character message keys, indexed by the low five bits of each byte; an entry holds
+ * the key's bytes (checked: other bytes share the index) and its id + 1.  A table, not a
+ * switch: keys come in any order, and a lookup has no branch to mispredict. */
+#define FF_K2_AT(a, b) ((((unsigned)(a) & 31) << 5) | ((unsigned)(b) & 31))
+#define FF_K2_ENTRY(a, b, f) [FF_K2_AT(a, b)] = (FF_K2(a, b) << 8) | ((f) + 1)
+static const uint32_t ff_key2_tab[1024] = {
+    FF_K2_ENTRY('l', 't', F_LT), FF_K2_ENTRY('l', 'p', F_LP), FF_K2_ENTRY('a', 's', F_AS),
+    FF_K2_ENTRY('b', 's', F_BS), FF_K2_ENTRY('s', 's', F_SS), FF_K2_ENTRY('b', 'e', F_BE),
+    FF_K2_ENTRY('l', 'u', F_LU), FF_K2_ENTRY('b', 't', F_BT)};
+
 static inline int ff_key2_msg(unsigned k)
 {
-    switch (k) {
-    case FF_K2('l', 't'): return F_LT;
-    case FF_K2('l', 'p'): return F_LP;
-    case FF_K2('a', 's'): return F_AS;
-    case FF_K2('b', 's'): return F_BS;
-    case FF_K2('s', 's'): return F_SS;
-    case FF_K2('b', 'e'): return F_BE;
-    case FF_K2('l', 'u'): return F_LU;
-    case FF_K2('b', 't'): return F_BT;
-    }
-    return -1;
+    uint32_t e = ff_key2_tab[FF_K2_AT(k & 0xFF, k >> 8)];
+    return (e >> 8) == k ? (int)(e & 0xFF) - 1 : -1;
 }
 
 /* Key text (unescaped) to field id, -1 for keys we skip.  `bar` selects the bar object's keys. */
@@ -875,6 +900,8 @@ static inline int ff_key(const char *k, uint32_t n, int bar)
 }
 
 #define FF_PLAIN(c) ((c) >= 0x20 && (c) < 0x80 && (c) != '"' && (c) != '\\')
+/* The same as a 0/1 value computed with no branch. */
+#define FF_PLAINB(c) (((c) >= 0x20) & ((c) < 0x80) & ((c) != '"') & ((c) != '\\'))
 
 /* Reads "key" and its colon, leaves d->p at the value and returns the key's field id (-1:
  * a key we skip, -2: error).  The feed's keys are one or two plain characters: those are
@@ -885,16 +912,15 @@ static inline int ff_member_key(ff_dec *d, int bar)
     const uint8_t *p = d->p, *e = d->end;
     if (FF_LIKELY(e - p >= 8 && p[0] == '"')) {
         uint64_t w = ff_load8(p);
-        uint8_t c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
-        int f = -3;
-        if (c1 == '"' && FF_PLAIN(c0)) {
-            f = (bar ? ff_key1_bar : ff_key1_msg)[c0] - 1;
-            p += 3;
-        } else if (c2 == '"' && FF_PLAIN(c0) && FF_PLAIN(c1)) {
-            f = bar ? -1 : ff_key2_msg(FF_K2(c0, c1));
-            p += 4;
-        }
-        if (FF_LIKELY(f != -3)) {
+        unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
+        /* "k" or "kk", plain bytes: computed without a branch on which (key order is free) */
+        unsigned one = c1 == '"', two = (c2 == '"') & !one;
+        unsigned ok = FF_PLAINB(c0) & (one | (two & FF_PLAINB(c1)));
+        if (FF_LIKELY(ok)) {
+            int f1 = (bar ? ff_key1_bar : ff_key1_msg)[c0 & 127] - 1;
+            int f2 = bar ? -1 : ff_key2_msg(c0 | (c1 << 8));
+            int f = one ? f1 : f2;
+            p += 4 - one;
             if (FF_UNLIKELY(*p != ':')) {
                 d->p = p;
                 ff_ws(d);
