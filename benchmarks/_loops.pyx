@@ -5,7 +5,7 @@
 - ``latency_producer`` / ``latency_consumer``: the ring's own one-way latency
   (benchmarks/bench_ring.py). They drive a ring through its public ``Ring.address`` and the C
   API in ``ring.h``, as the network process's listener does.
-- ``scan_copy``: a plain ``memchr`` + ``memcpy`` pass over newline-delimited frames, the memory
+- ``scan_copy``: a plain ``memchr`` + ``memcpy`` pass over frames in one region, the memory
   floor that the decoder's bytes/s is compared with (benchmarks/bench_decode.py).
 """
 
@@ -90,35 +90,36 @@ def latency_consumer(ring, Py_ssize_t n, bint busy, double timeout=60.0):
     return out[:got]
 
 
-def scan_copy(data, out) -> int:
-    """Find each line of ``data`` with ``memchr`` and ``memcpy`` it into ``out`` (as large as
-    ``data``): the least any decoder of newline-delimited frames does. Returns the line count."""
+def scan_copy(data, offsets, lengths, out) -> int:
+    """For each frame ``data[offsets[i]:offsets[i] + lengths[i]]``: one ``memchr`` over all of its
+    bytes (for a byte no frame holds) and one ``memcpy`` of them into ``out`` (as large as
+    ``data``): the least a reader that looks at every byte does.  Returns the bytes covered."""
     cdef Py_buffer src, dst
-    cdef const uint8_t *p
-    cdef const uint8_t *e
-    cdef const uint8_t *nl
+    cdef const int64_t[::1] off = offsets
+    cdef const int64_t[::1] ln = lengths
+    cdef Py_ssize_t i, n = off.shape[0], total = 0
+    cdef const uint8_t *base
     cdef uint8_t *o
-    cdef Py_ssize_t lines = 0
+    if ln.shape[0] != n:
+        raise ValueError("offsets and lengths differ in length")
     PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
     try:
         PyObject_GetBuffer(out, &dst, PyBUF_SIMPLE)
         try:
             if dst.len < src.len:
                 raise ValueError("out is smaller than data")
-            p = <const uint8_t *>src.buf
-            e = p + src.len
+            for i in range(n):
+                if off[i] < 0 or ln[i] < 0 or off[i] + ln[i] > src.len:
+                    raise ValueError(f"frame {i} lies outside data")
+            base = <const uint8_t *>src.buf
             o = <uint8_t *>dst.buf
             with nogil:
-                while p < e:
-                    nl = <const uint8_t *>memchr(p, b'\n', e - p)
-                    if nl == NULL:
-                        nl = e
-                    memcpy(o, p, nl - p)
-                    o += nl - p
-                    lines += 1
-                    p = nl + 1
+                for i in range(n):
+                    if memchr(base + off[i], 0, ln[i]) == NULL:
+                        memcpy(o + off[i], base + off[i], ln[i])
+                        total += ln[i]
         finally:
             PyBuffer_Release(&dst)
     finally:
         PyBuffer_Release(&src)
-    return lines
+    return total

@@ -1,20 +1,31 @@
-"""How fast does each way of decoding the feed's JSON into arrays go?
+"""How fast does each way of decoding the feed's JSON into arrays go, on every kind and layout?
 
-A seeded, realistic corpus (70% ticks, 25% quotes, 5% one-bar series over a few
-hundred symbols; ~60, ~100 and ~145 bytes per message), decoded in one run by:
+A seeded corpus per kind over 400 symbols: ticks (~60 B), quotes (~104 B), one-bar series
+(~145 B), and a realistic mix (70% ticks, 25% quotes, 5% series), each in four layouts:
+
+- ``compact``: the provider's documented layout (no whitespace, keys in its order);
+- ``spaced``: ``", "`` and ``": "``;
+- ``reordered``: every object's keys shuffled;
+- ``pretty``: newlines and an indent of 2;
+
+and, for the mix, ``realistic``: a quarter of the frames spaced, a tenth reordered.
+
+Decoded in one run, contenders in turn within each round (so that a burst of load from
+elsewhere hits all of them alike), by:
 
 - fastfeed's ``Decoder.decode`` (JSON to NumPy rows, exact timestamps);
-- ``orjson.loads`` + filling the same structured arrays row by row (what a user
-  would write without fastfeed);
-- ``msgspec`` decoding each message to a Struct (decode only: no arrays);
-- ``orjson.loads`` alone (decode only: dicts);
-- a memory copy of the same bytes, for scale.
+- ``orjson.loads`` + filling the same structured arrays row by row (what a user would write
+  without fastfeed);
+- ``msgspec`` decoding each message to a Struct (decode only: no arrays).
 
-Each is timed over the whole corpus ``--repeat`` times; the table shows the
-median, with "vs." ratios to fastfeed.  Benchmarks on a shared 2-core machine
-are noisy: compare ratios within one run, not numbers across runs.
+The table gives ns per message (medians) and the ratios: how many times fewer ns fastfeed
+takes than each of the others, and how its time on a layout compares with compact.  A second
+table gives bytes per second of ``decode_region`` against a plain ``memchr`` + ``memcpy`` pass
+over the same frames (benchmarks/_loops.pyx, built by ``setup.py build_ext --inplace``): the
+distance to the memory limit.  Benchmarks on a shared 2-core machine are noisy: compare ratios
+within one run, not numbers across runs.
 
-    python benchmarks/bench_decode.py [--messages N] [--repeat R] [--json]
+    python benchmarks/bench_decode.py [--messages N] [--repeat R] [--kinds ticks,mixed] [--json]
 """
 
 from __future__ import annotations
@@ -184,18 +195,23 @@ def time_all(frames: list[bytes], contenders: list, repeat: int) -> dict[str, fl
 
 
 def bytes_pass(frames: list[bytes], repeat: int) -> dict[str, float] | None:
-    """Seconds for the decoder's ``decode_buffer`` and for a plain memchr + memcpy pass over
-    the same newline-delimited bytes (benchmarks/_loops.pyx), medians; None when not built."""
+    """Seconds (medians) for the decoder's ``decode_region`` over frames laid end to end in one
+    buffer (as the workers read a ring) and for a plain memchr + memcpy pass over the same
+    frames (benchmarks/_loops.pyx); None when that module is not built."""
     try:
         import _loops  # benchmarks/ is sys.path[0] when this runs as a script
     except ImportError:
         return None
-    data = b"\n".join(frames) + b"\n"
+    data = b"".join(frames)
+    lengths = np.array([len(f) for f in frames], np.int64)
+    offsets = np.zeros(len(frames), np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    stamps = np.zeros(len(frames), np.int64)
     out = bytearray(len(data))
     dec = Decoder()
-    dec.decode_buffer(data, recv_ts=0)
-    fns = [("decoder", lambda: dec.decode_buffer(data, recv_ts=0)),
-           ("memchr + memcpy", lambda: _loops.scan_copy(data, out))]
+    dec.decode_region(data, offsets, lengths, stamps)
+    fns = [("decoder", lambda: dec.decode_region(data, offsets, lengths, stamps)),
+           ("memchr + memcpy", lambda: _loops.scan_copy(data, offsets, lengths, out))]
     times: dict[str, list[float]] = {name: [] for name, _ in fns}
     for _ in range(repeat):
         for name, fn in fns:
@@ -264,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         cells.append(f'{r["fastfeed"] / base:.2f}x' if base else "-")
         print("| " + " | ".join(cells) + " |")
     if passes:
-        print("\nBytes per second over the mixed corpus as newline-delimited JSON "
-              "(`decode_buffer`), against a plain memchr + memcpy pass over the same bytes:\n")
+        print("\nBytes per second over the mixed corpus laid end to end in one buffer (`decode_region`, "
+              "as the workers read a ring), against a plain memchr + memcpy pass over the same frames:\n")
         print("| layout | decoder GB/s | memchr + memcpy GB/s | share of the memory pass |")
         print("|---|---:|---:|---:|")
         for p in passes:

@@ -367,7 +367,7 @@ static inline uint64_t ff_eq_bytes(uint64_t w, uint8_t c)
 
 /* The first byte at or after p that is not JSON whitespace (space, \n, \r, \t), eight
  * bytes per step: pretty-printed frames put a newline and an indent before every key. */
-static __attribute__((noinline)) const uint8_t *ff_ws_run(const uint8_t *p, const uint8_t *e)
+static const uint8_t *ff_ws_run(const uint8_t *p, const uint8_t *e)
 {
     while (e - p >= 8) {
         uint64_t w = ff_load8(p);
@@ -394,24 +394,29 @@ static inline unsigned ff_nonws16(const uint8_t *p)
 }
 #endif
 
-static inline void ff_ws(ff_dec *d)
+/* Past a run of whitespace that is not one space: a newline and an indent (pretty-printed
+ * frames) in one SSE2 step. */
+static __attribute__((noinline)) const uint8_t *ff_ws_skip(const uint8_t *p, const uint8_t *e)
+{
+#if defined(__SSE2__)
+    if (FF_LIKELY(e - p >= 16)) {
+        unsigned m = ff_nonws16(p);
+        return m ? p + __builtin_ctz(m) : ff_ws_run(p + 16, e);
+    }
+#endif
+    return ff_ws_run(p, e);
+}
+
+static inline __attribute__((always_inline)) void ff_ws(ff_dec *d)
 {
     const uint8_t *p = d->p, *e = d->end;
     if (FF_LIKELY(p < e && *p > ' ')) return; /* compact JSON: nothing to skip */
     if (p >= e) return;
-    if (e - p >= 2 && p[0] == ' ' && p[1] > ' ') { /* ", " and ": ": one space */
+    if (FF_LIKELY(e - p >= 2 && p[0] == ' ' && p[1] > ' ')) { /* ", " and ": ": one space */
         d->p = p + 1;
         return;
     }
-#if defined(__SSE2__)
-    /* a newline and an indent (pretty-printed frames) in one step */
-    if (FF_LIKELY(e - p >= 16)) {
-        unsigned m = ff_nonws16(p);
-        d->p = m ? p + __builtin_ctz(m) : ff_ws_run(p + 16, e);
-        return;
-    }
-#endif
-    d->p = ff_ws_run(p, e);
+    d->p = ff_ws_skip(p, e);
 }
 
 typedef struct {
@@ -867,10 +872,10 @@ static const uint8_t ff_field_type[F_NBAR] = {
 
 /* One-character keys by their byte, for messages and for bar objects: id + 1, 0 for a key
  * we skip. */
-static const uint8_t ff_key1_msg[128] = {['c'] = F_C + 1, ['t'] = F_T + 1, ['p'] = F_P + 1,
+static const uint8_t ff_key1_msg[256] = {['c'] = F_C + 1, ['t'] = F_T + 1, ['p'] = F_P + 1,
                                          ['v'] = F_V + 1, ['a'] = F_A + 1, ['b'] = F_B + 1,
                                          ['s'] = F_S + 1};
-static const uint8_t ff_key1_bar[128] = {['t'] = F_T + 1, ['o'] = F_O + 1, ['h'] = F_H + 1,
+static const uint8_t ff_key1_bar[256] = {['t'] = F_T + 1, ['o'] = F_O + 1, ['h'] = F_H + 1,
                                          ['l'] = F_L + 1, ['c'] = F_CL + 1, ['v'] = F_V + 1};
 
 #define FF_K2(a, b) ((unsigned)(a) | ((unsigned)(b) << 8))
@@ -900,25 +905,23 @@ static inline int ff_key(const char *k, uint32_t n, int bar)
 }
 
 #define FF_PLAIN(c) ((c) >= 0x20 && (c) < 0x80 && (c) != '"' && (c) != '\\')
-/* The same as a 0/1 value computed with no branch. */
-#define FF_PLAINB(c) (((c) >= 0x20) & ((c) < 0x80) & ((c) != '"') & ((c) != '\\'))
 
 /* Reads "key" and its colon, leaves d->p at the value and returns the key's field id (-1:
- * a key we skip, -2: error).  The feed's keys are one or two plain characters: those are
- * told apart from one 8-byte load by where its closing quote is, and dispatched on their
- * bytes; anything else (longer, escaped, non-ASCII) goes through the string parser. */
-static inline int ff_member_key(ff_dec *d, int bar)
+ * a key we skip, -2: error).  The feed's keys are one or two characters: one 8-byte load
+ * and two table lookups tell which (by where the closing quote is, and the bytes before
+ * it); anything else (unknown, longer, escaped, non-ASCII) goes through the string parser. */
+static inline __attribute__((always_inline)) int ff_member_key(ff_dec *d, int bar)
 {
     const uint8_t *p = d->p, *e = d->end;
     if (FF_LIKELY(e - p >= 8 && p[0] == '"')) {
         uint64_t w = ff_load8(p);
         unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
-        /* "k" or "kk", plain bytes: computed without a branch on which (key order is free) */
-        unsigned one = c1 == '"', two = (c2 == '"') & !one;
-        unsigned ok = FF_PLAINB(c0) & (one | (two & FF_PLAINB(c1)));
-        if (FF_LIKELY(ok)) {
-            int f1 = (bar ? ff_key1_bar : ff_key1_msg)[c0 & 127] - 1;
-            int f2 = bar ? -1 : ff_key2_msg(c0 | (c1 << 8));
+        /* "k" or "kk" that is one of ours, told apart with no branch on which (keys come
+         * in any order); any other key takes the string parser below */
+        int f1 = (bar ? ff_key1_bar : ff_key1_msg)[c0] - 1;
+        int f2 = bar ? -1 : ff_key2_msg(c0 | (c1 << 8));
+        unsigned one = (c1 == '"') & (f1 >= 0), two = (c2 == '"') & (f2 >= 0);
+        if (FF_LIKELY(one | two)) {
             int f = one ? f1 : f2;
             p += 4 - one;
             if (FF_UNLIKELY(*p != ':')) {
@@ -946,7 +949,7 @@ static inline int ff_member_key(ff_dec *d, int bar)
 }
 
 /* After a member: 1 = another member follows, 0 = the object closed. */
-static inline int ff_member_next(ff_dec *d)
+static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
 {
     if (FF_UNLIKELY(d->p >= d->end || (*d->p != ',' && *d->p != '}'))) ff_ws(d);
     if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "unclosed object");
