@@ -904,7 +904,6 @@ static inline int ff_key(const char *k, uint32_t n, int bar)
     return -1;
 }
 
-#define FF_PLAIN(c) ((c) >= 0x20 && (c) < 0x80 && (c) != '"' && (c) != '\\')
 
 /* Reads "key" and its colon, leaves d->p at the value and returns the key's field id (-1:
  * a key we skip, -2: error).  The feed's keys are one or two characters: one 8-byte load
