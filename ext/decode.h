@@ -145,28 +145,31 @@ static inline uint64_t ff_lead_digits0(uint64_t w, unsigned n)
  * (a timestamp's ten and a price's three take the same path).  0: anything else, which
  * the general parser then takes, errors included.  p may be at e (a frame that ends right
  * after a key's colon): every byte it reads is in [lo, e). */
-static inline __attribute__((always_inline)) int ff_scan_decimal(const uint8_t *p, const uint8_t *e,
-                                                                 const uint8_t *lo, ff_numv *v,
-                                                                 const uint8_t **out)
+/* roomy: the caller checked that 32 bytes from p lie in the frame, so the three loads (which
+ * reach at most 26 bytes past p) need no check each. */
+#define FF_LOAD(q) (roomy ? ff_load8(q) : ff_load_upto(q, e, lo))
+static inline __attribute__((always_inline)) int ff_scan_decimal_in(const uint8_t *p, const uint8_t *e,
+                                                                    const uint8_t *lo, ff_numv *v,
+                                                                    const uint8_t **out, int roomy)
 {
     if (FF_UNLIKELY(p >= e)) return 0;
     v->text = p;
     unsigned ng = *p == '-';
     p += ng;
-    uint64_t w = ff_load_upto(p, e, lo);
+    uint64_t w = FF_LOAD(p);
     unsigned n1 = ff_ndigits8(w);
     if (FF_UNLIKELY(n1 == 0 || (n1 > 1 && (uint8_t)w == '0'))) return 0;
     uint64_t m = ff_lead_digits(w, n1);
     p += n1;
     /* more integer digits: none unless the first load held eight */
-    w = ff_load_upto(p, e, lo);
+    w = FF_LOAD(p);
     unsigned n2 = ff_ndigits8(w);
     if (FF_UNLIKELY(n2 == 8)) return 0;
     m = m * ff_ipow10[n2] + ff_lead_digits0(w, n2);
     p += n2;
     unsigned nf = 0;
     if (FF_LIKELY(p < e && *p == '.')) {
-        w = ff_load_upto(p + 1, e, lo);
+        w = FF_LOAD(p + 1);
         nf = ff_ndigits8(w);
         if (FF_UNLIKELY(nf == 0 || nf == 8 || n1 + n2 + nf > 18)) return 0;
         m = m * ff_ipow10[nf] + ff_lead_digits(w, nf);
@@ -179,6 +182,16 @@ static inline __attribute__((always_inline)) int ff_scan_decimal(const uint8_t *
     v->how = FF_NUM_FAST;
     *out = p;
     return 1;
+}
+
+#undef FF_LOAD
+
+static inline __attribute__((always_inline)) int ff_scan_decimal(const uint8_t *p, const uint8_t *e,
+                                                                 const uint8_t *lo, ff_numv *v,
+                                                                 const uint8_t **out)
+{
+    if (FF_LIKELY(e - p >= 32)) return ff_scan_decimal_in(p, e, lo, v, out, 1);
+    return ff_scan_decimal_in(p, e, lo, v, out, 0);
 }
 
 /* A run of ASCII digits at p: accumulates the first 19 into *mp and counts them
