@@ -1,20 +1,31 @@
-"""How fast does each way of decoding the feed's JSON into arrays go?
+"""How fast does each way of decoding the feed's JSON into arrays go, on every kind and layout?
 
-A seeded, realistic corpus (70% ticks, 25% quotes, 5% one-bar series over a few
-hundred symbols; ~60, ~100 and ~145 bytes per message), decoded in one run by:
+A seeded corpus per kind over 400 symbols: ticks (~60 B), quotes (~104 B), one-bar series
+(~145 B), and a realistic mix (70% ticks, 25% quotes, 5% series), each in four layouts:
+
+- ``compact``: the provider's documented layout (no whitespace, keys in its order);
+- ``spaced``: ``", "`` and ``": "``;
+- ``reordered``: every object's keys shuffled;
+- ``pretty``: newlines and an indent of 2;
+
+and, for the mix, ``realistic``: a quarter of the frames spaced, a tenth reordered.
+
+Decoded in one run, contenders in turn within each round (so that a burst of load from
+elsewhere hits all of them alike), by:
 
 - fastfeed's ``Decoder.decode`` (JSON to NumPy rows, exact timestamps);
-- ``orjson.loads`` + filling the same structured arrays row by row (what a user
-  would write without fastfeed);
-- ``msgspec`` decoding each message to a Struct (decode only: no arrays);
-- ``orjson.loads`` alone (decode only: dicts);
-- a memory copy of the same bytes, for scale.
+- ``orjson.loads`` + filling the same structured arrays row by row (what a user would write
+  without fastfeed);
+- ``msgspec`` decoding each message to a Struct (decode only: no arrays).
 
-Each is timed over the whole corpus ``--repeat`` times; the table shows the
-median, with "vs." ratios to fastfeed.  Benchmarks on a shared 2-core machine
-are noisy: compare ratios within one run, not numbers across runs.
+The table gives ns per message (medians) and the ratios: how many times fewer ns fastfeed
+takes than each of the others, and how its time on a layout compares with compact.  A second
+table gives bytes per second of ``decode_region`` against a plain ``memchr`` + ``memcpy`` pass
+over the same frames (benchmarks/_loops.pyx, built by ``setup.py build_ext --inplace``): the
+distance to the memory limit.  Benchmarks on a shared 2-core machine are noisy: compare ratios
+within one run, not numbers across runs.
 
-    python benchmarks/bench_decode.py [--messages N] [--repeat R] [--json]
+    python benchmarks/bench_decode.py [--messages N] [--repeat R] [--kinds ticks,mixed] [--json]
 """
 
 from __future__ import annotations
@@ -127,78 +138,155 @@ def make_msgspec():
     return msgspec_decode
 
 
-def orjson_only(frames: list[bytes]) -> int:
-    loads = orjson.loads
-    for f in frames:
-        loads(f)
-    return len(frames)
+LAYOUTS = ("compact", "spaced", "reordered", "pretty")
+KINDS = {"ticks": (1.0, 0.0, 0.0), "quotes": (0.0, 1.0, 0.0), "bars": (0.0, 0.0, 1.0),
+         "mixed": (0.70, 0.25, 0.05)}
 
 
-_buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
+    """The same messages in another layout: ``spaced`` (``", "`` and ``": "``), ``reordered``
+    (each object's keys shuffled), ``pretty`` (newlines, indent 2), or ``realistic`` (a quarter
+    of the frames spaced, a tenth reordered, the rest compact).  Number texts are kept as
+    they are (floats print the shortest text that reads back the same value)."""
+    r = random.Random(seed)
+
+    def shuffle(v):
+        if isinstance(v, dict):
+            items = list(v.items())
+            r.shuffle(items)
+            return {k: shuffle(x) for k, x in items}
+        if isinstance(v, list):
+            return [shuffle(x) for x in v]
+        return v
+
+    def one(f: bytes, how: str) -> bytes:
+        v = json.loads(f)
+        if how == "compact":
+            return json.dumps(v, separators=(",", ":")).encode()
+        if how == "spaced":
+            return json.dumps(v, separators=(", ", ": ")).encode()
+        if how == "reordered":
+            return json.dumps(shuffle(v), separators=(",", ":")).encode()
+        if how == "pretty":
+            return json.dumps(v, indent=2).encode()
+        raise ValueError(how)
+
+    if layout == "realistic":
+        out = []
+        for f in frames:
+            x = r.random()
+            out.append(one(f, "spaced" if x < 0.25 else "reordered" if x < 0.35 else "compact"))
+        return out
+    return [one(f, layout) for f in frames]
 
 
-def memcopy(frames: list[bytes]) -> int:
-    """One copy of the corpus' bytes, contiguous, into memory already faulted in."""
-    if id(frames) not in _buffers:
-        src = np.frombuffer(b"".join(frames), np.uint8)
-        _buffers[id(frames)] = (src, np.ones_like(src))
-    src, dst = _buffers[id(frames)]
-    np.copyto(dst, src)
-    return len(dst)
+def time_all(frames: list[bytes], contenders: list, repeat: int) -> dict[str, float]:
+    """Median seconds per contender over ``repeat`` rounds.  Contenders run in turn within
+    each round, so that a burst of load from elsewhere hits all of them alike."""
+    for _, fn in contenders:
+        fn(frames[:2000])  # warm up caches and lazy imports
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders:
+            t0 = time.perf_counter()
+            fn(frames)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bytes_pass(frames: list[bytes], repeat: int) -> dict[str, float] | None:
+    """Seconds (medians) for the decoder's ``decode_region`` over frames laid end to end in one
+    buffer (as the workers read a ring) and for a plain memchr + memcpy pass over the same
+    frames (benchmarks/_loops.pyx); None when that module is not built."""
+    try:
+        import _loops  # benchmarks/ is sys.path[0] when this runs as a script
+    except ImportError:
+        return None
+    data = b"".join(frames)
+    lengths = np.array([len(f) for f in frames], np.int64)
+    offsets = np.zeros(len(frames), np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    stamps = np.zeros(len(frames), np.int64)
+    out = bytearray(len(data))
+    dec = Decoder()
+    dec.decode_region(data, offsets, lengths, stamps)
+    fns = [("decoder", lambda: dec.decode_region(data, offsets, lengths, stamps)),
+           ("memchr + memcpy", lambda: _loops.scan_copy(data, offsets, lengths, out))]
+    times: dict[str, list[float]] = {name: [] for name, _ in fns}
+    for _ in range(repeat):
+        for name, fn in fns:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {"bytes": len(data), **{k: statistics.median(v) for k, v in times.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=200_000)
+    ap.add_argument("--messages", type=int, default=50_000, help="messages per corpus")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     args = ap.parse_args(argv)
 
-    contenders = [("fastfeed", fastfeed_decode), ("orjson + fill arrays", orjson_fill)]
+    contenders = [("fastfeed", fastfeed_decode), ("orjson + arrays", orjson_fill)]
     try:
-        contenders.append(("msgspec (decode only)", make_msgspec()))
+        contenders.append(("msgspec", make_msgspec()))
     except ImportError:
         print("msgspec not installed: skipped", file=sys.stderr)
-    contenders += [("orjson.loads (decode only)", orjson_only), ("memory copy", memcopy)]
 
-    corpora = {
-        "ticks": corpus(args.messages, (1.0, 0.0, 0.0)),
-        "mixed": corpus(args.messages, (0.70, 0.25, 0.05)),
-    }
-    # Contenders run in turn within each repeat, so that a burst of load from
-    # elsewhere on a shared machine hits all of them alike; medians per contender.
     results = []
-    for cname, frames in corpora.items():
+    cases = [(k, lay) for k in args.kinds.split(",") for lay in LAYOUTS]
+    if "mixed" in args.kinds.split(","):
+        cases.append(("mixed", "realistic"))
+    base_frames = {k: corpus(args.messages, KINDS[k]) for k in args.kinds.split(",")}
+    for kind, layout in cases:
+        frames = relayout(base_frames[kind], layout)
         nbytes = sum(map(len, frames))
-        for _, fn in contenders:
-            fn(frames[:2000])  # warm up caches and lazy imports
-        times: dict[str, list[float]] = {name: [] for name, _ in contenders}
-        for _ in range(args.repeat):
-            for name, fn in contenders:
-                t0 = time.perf_counter()
-                fn(frames)
-                times[name].append(time.perf_counter() - t0)
+        t = time_all(frames, contenders, args.repeat)
+        row = {"kind": kind, "layout": layout, "bytes_per_msg": nbytes / len(frames)}
         for name, _ in contenders:
-            t = statistics.median(times[name])
-            results.append({
-                "corpus": cname, "decoder": name, "ns_per_msg": t / len(frames) * 1e9,
-                "msgs_per_s": len(frames) / t, "mb_per_s": nbytes / t / 1e6,
-                "bytes_per_msg": nbytes / len(frames),
-            })
+            row[name] = t[name] / len(frames) * 1e9
+        results.append(row)
+    passes = []
+    for layout in (*LAYOUTS, "realistic"):
+        if "mixed" not in base_frames:
+            break
+        bp = bytes_pass(relayout(base_frames["mixed"], layout), args.repeat)
+        if bp is None:
+            print("benchmarks/_loops not built (python3 setup.py build_ext --inplace): "
+                  "bytes/s pass skipped", file=sys.stderr)
+            break
+        passes.append({"layout": layout, "decoder_gb_s": bp["bytes"] / bp["decoder"] / 1e9,
+                       "memchr_memcpy_gb_s": bp["bytes"] / bp["memchr + memcpy"] / 1e9})
     if args.json:
-        print(json.dumps({"machine": machine(), "results": results}, indent=2))
+        print(json.dumps({"machine": machine(), "results": results, "bytes_per_s": passes}, indent=2))
         return 0
     print(f"machine: {machine()}")
-    print(f"{args.messages} messages per corpus, median of {args.repeat} runs\n")
-    print("| corpus | decoder | ns/msg | msgs/s | MB/s | vs. fastfeed |")
-    print("|---|---|---:|---:|---:|---:|")
-    for cname in corpora:
-        rows = [r for r in results if r["corpus"] == cname]
-        base = rows[0]["ns_per_msg"]
-        for r in rows:
-            label = f'{cname} ({r["bytes_per_msg"]:.0f} B/msg)'
-            print(f'| {label} | {r["decoder"]} | {r["ns_per_msg"]:.1f} | {r["msgs_per_s"] / 1e6:.2f} M | '
-                  f'{r["mb_per_s"]:.0f} | {r["ns_per_msg"] / base:.2f}x |')
+    print(f"{args.messages} messages per corpus, median of {args.repeat} rounds\n")
+    names = [n for n, _ in contenders]
+    head = "| kind | layout | B/msg | " + " | ".join(f"{n} ns/msg" for n in names)
+    head += " | vs. orjson + arrays | vs. msgspec | vs. compact |" if "msgspec" in names else \
+        " | vs. orjson + arrays | vs. compact |"
+    print(head)
+    print("|---|---|" + "---:|" * (head.count("|") - 3))
+    compact = {r["kind"]: r["fastfeed"] for r in results if r["layout"] == "compact"}
+    for r in results:
+        cells = [r["kind"], r["layout"], f'{r["bytes_per_msg"]:.0f}'] + [f"{r[n]:.0f}" for n in names]
+        cells.append(f'{r["orjson + arrays"] / r["fastfeed"]:.1f}x')
+        if "msgspec" in names:
+            cells.append(f'{r["msgspec"] / r["fastfeed"]:.1f}x')
+        base = compact.get(r["kind"])
+        cells.append(f'{r["fastfeed"] / base:.2f}x' if base else "-")
+        print("| " + " | ".join(cells) + " |")
+    if passes:
+        print("\nBytes per second over the mixed corpus laid end to end in one buffer (`decode_region`, "
+              "as the workers read a ring), against a plain memchr + memcpy pass over the same frames:\n")
+        print("| layout | decoder GB/s | memchr + memcpy GB/s | share of the memory pass |")
+        print("|---|---:|---:|---:|")
+        for p in passes:
+            print(f'| {p["layout"]} | {p["decoder_gb_s"]:.2f} | {p["memchr_memcpy_gb_s"]:.2f} | '
+                  f'{p["decoder_gb_s"] / p["memchr_memcpy_gb_s"]:.0%} |')
     return 0
 
 

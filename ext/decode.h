@@ -33,6 +33,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "symtab.h"
 
@@ -120,84 +123,76 @@ static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const ui
     return w;
 }
 
-/* The shape nearly every feed number has, `-?D{1,16}(.D{1,7})?` with no exponent,
- * read in at most three 8-byte loads.  Returns 0 when the text is anything else;
- * the general parser then takes it, errors included.  p may be at e (a frame that
- * ends right after a key's colon): every byte it reads is in [lo, e). */
-static inline int ff_fast_decimal(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int *neg,
-                                  uint64_t *mant, uint32_t *nfrac, const uint8_t **out)
+/* A number as its field read it: converted only when the message's kind is known, in the
+ * row's fixed order, so that which field a key names never steers a branch of the number
+ * parser (keys come in any order; the branch predictor learns a fixed sequence only). */
+enum { FF_NUM_FAST, FF_NUM_NULL, FF_NUM_TEXT };
+typedef struct {
+    uint64_t mant;       /* FF_NUM_FAST: the digits, the point left out */
+    const uint8_t *text; /* the number's first byte (FF_NUM_TEXT: parse it again from here) */
+    uint32_t nfrac;      /* FF_NUM_FAST: how many digits follow the point */
+    uint8_t neg, how;
+} ff_numv;
+
+/* The first n (0..7) digits of w as a number (0 for none). */
+static inline uint64_t ff_lead_digits0(uint64_t w, unsigned n)
 {
-    int ng = 0;
+    return ff_digits8((w << (56 - 8 * n)) << 8);
+}
+
+/* The shape nearly every feed number has, `-?D{1,15}(.D{1,7})?` with no exponent and at
+ * most 18 digits, read in three 8-byte loads with no branch on how many digits there are
+ * (a timestamp's ten and a price's three take the same path).  0: anything else, which
+ * the general parser then takes, errors included.  p may be at e (a frame that ends right
+ * after a key's colon): every byte it reads is in [lo, e). */
+/* roomy: the caller checked that 32 bytes from p lie in the frame, so the three loads (which
+ * reach at most 26 bytes past p) need no check each. */
+#define FF_LOAD(q) (roomy ? ff_load8(q) : ff_load_upto(q, e, lo))
+static inline __attribute__((always_inline)) int ff_scan_decimal_in(const uint8_t *p, const uint8_t *e,
+                                                                    const uint8_t *lo, ff_numv *v,
+                                                                    const uint8_t **out, int roomy)
+{
     if (FF_UNLIKELY(p >= e)) return 0;
-    if (*p == '-') {
-        ng = 1;
-        p++;
+    v->text = p;
+    unsigned ng = *p == '-';
+    p += ng;
+    uint64_t w = FF_LOAD(p);
+    unsigned n1 = ff_ndigits8(w);
+    if (FF_UNLIKELY(n1 == 0 || (n1 > 1 && (uint8_t)w == '0'))) return 0;
+    uint64_t m = ff_lead_digits(w, n1);
+    p += n1;
+    /* more integer digits: none unless the first load held eight */
+    w = FF_LOAD(p);
+    unsigned n2 = ff_ndigits8(w);
+    if (FF_UNLIKELY(n2 == 8)) return 0;
+    m = m * ff_ipow10[n2] + ff_lead_digits0(w, n2);
+    p += n2;
+    unsigned nf = 0;
+    if (FF_LIKELY(p < e && *p == '.')) {
+        w = FF_LOAD(p + 1);
+        nf = ff_ndigits8(w);
+        if (FF_UNLIKELY(nf == 0 || nf == 8 || n1 + n2 + nf > 18)) return 0;
+        m = m * ff_ipow10[nf] + ff_lead_digits(w, nf);
+        p += 1 + nf;
     }
-    uint64_t w = ff_load_upto(p, e, lo);
-    unsigned n = ff_ndigits8(w), total;
-    if (n == 0 || (n > 1 && p[0] == '0')) return 0;
-    uint64_t v = ff_lead_digits(w, n);
-    p += n;
-    total = n;
-    if (n == 8) {
-        w = ff_load_upto(p, e, lo);
-        n = ff_ndigits8(w);
-        if (n == 8) return 0;
-        if (n) v = v * ff_ipow10[n] + ff_lead_digits(w, n);
-        p += n;
-        total += n;
-    }
-    uint32_t nf = 0;
-    if (p < e && *p == '.') {
-        p++;
-        w = ff_load_upto(p, e, lo);
-        n = ff_ndigits8(w);
-        if (n == 0 || n == 8 || total + n > 18) return 0;
-        v = v * ff_ipow10[n] + ff_lead_digits(w, n);
-        p += n;
-        nf = n;
-    }
-    if (p < e && (*p == 'e' || *p == 'E')) return 0;
-    *neg = ng;
-    *mant = v;
-    *nfrac = nf;
+    if (FF_UNLIKELY(p < e && (*p | 0x20) == 'e')) return 0;
+    v->mant = m;
+    v->nfrac = nf;
+    v->neg = (uint8_t)ng;
+    v->how = FF_NUM_FAST;
     *out = p;
     return 1;
 }
 
-/* A number in its common shape converted straight to a double (kind 0) or to
- * fixed-point int64 with `kind` decimals.  1: done, *after past it; 0: let the
- * general path parse it (other shapes, 17+ digits, overflow, errors). */
-static inline __attribute__((always_inline)) int ff_num_fast(const uint8_t *p, const uint8_t *e, const uint8_t *lo, int kind,
-                              double *dv, int64_t *iv, const uint8_t **after)
-{
-    int neg;
-    uint64_t m;
-    uint32_t nf;
-    int fast = ff_fast_decimal(p, e, lo, &neg, &m, &nf, after);
-    if (!fast) return 0;
-    if (kind == 0) {
-        if (FF_UNLIKELY(m > (1ULL << 53))) return 0;
-        double v = (double)m / ff_pow10[nf]; /* exact operands: one rounding */
-        *dv = neg ? -v : v;
-        return 1;
-    }
-    int k = kind - (int)nf;
-    uint64_t q;
-    if (k >= 0) {
-        unsigned __int128 w = (unsigned __int128)m * ff_ipow10[k];
-        if (w > (unsigned __int128)INT64_MAX) return 0;
-        q = (uint64_t)w;
-    } else {
-        uint64_t div = ff_ipow10[-k];
-        q = m / div;
-        uint64_t rem = m - q * div, half = div / 2;
-        if (rem > half || (rem == half && (q & 1))) q++;
-    }
-    *iv = neg ? -(int64_t)q : (int64_t)q;
-    return 1;
-}
+#undef FF_LOAD
 
+static inline __attribute__((always_inline)) int ff_scan_decimal(const uint8_t *p, const uint8_t *e,
+                                                                 const uint8_t *lo, ff_numv *v,
+                                                                 const uint8_t **out)
+{
+    if (FF_LIKELY(e - p >= 32)) return ff_scan_decimal_in(p, e, lo, v, out, 1);
+    return ff_scan_decimal_in(p, e, lo, v, out, 0);
+}
 
 /* A run of ASCII digits at p: accumulates the first 19 into *mp and counts them
  * in *np; returns the first byte after the run.  Eight bytes per step: the count
@@ -293,7 +288,11 @@ typedef struct {
     char *scratch; /* unescaped strings */
     size_t scratch_cap;
     int64_t recv_ts;
-    int saw_control; /* the frame holds a valid non-market message */
+    size_t ncontrol;   /* control messages in the frame (valid JSON that is not market data) */
+    /* the last symbol looked up, found in the table: its bytes there, length and id */
+    const char *last_sym;
+    uint32_t last_sym_len;
+    int32_t last_sym_id;
     int bar_bad_field; /* which bar key held a wrong type; -1: an `s` element was no object */
     int table_full;    /* the frame failed because a table was full */
     /* codes of the current frame waiting for its end; all empty between frames */
@@ -329,39 +328,6 @@ static inline void *ff_vec_push(ff_vec *v)
 }
 
 /* ---- rows ----------------------------------------------------------------- */
-
-static inline int ff_emit_tick(ff_dec *d, int32_t sym, int64_t t, double price, double volume)
-{
-    ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
-    if (FF_UNLIKELY(!r)) return -1;
-    r->sym = sym;
-    r->_pad = 0;
-    r->ts = t;
-    r->price = price;
-    r->volume = volume;
-    r->recv_ts = d->recv_ts;
-    return 0;
-}
-
-static inline int ff_emit_quote(ff_dec *d, int32_t sym, uint8_t status, int64_t lt, double last,
-                                double volume, double bid, double ask, double bid_size,
-                                double ask_size)
-{
-    ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
-    if (FF_UNLIKELY(!r)) return -1;
-    r->sym = sym;
-    r->status = status;
-    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
-    r->ts = lt;
-    r->last = last;
-    r->volume = volume;
-    r->bid = bid;
-    r->ask = ask;
-    r->bid_size = bid_size;
-    r->ask_size = ask_size;
-    r->recv_ts = d->recv_ts;
-    return 0;
-}
 
 /* Bars [from, len) were appended while their `s` array was read; the fields of the
  * enclosing message are known only at its end. */
@@ -405,12 +371,65 @@ static int ff_fail_msg(ff_dec *d, const uint8_t *at, const char *what)
 
 /* ---- lexical pieces ----------------------------------------------------- */
 
-static inline void ff_ws(ff_dec *d)
+/* High bit set in each byte of w equal to c (exact: no borrow crosses a byte). */
+static inline uint64_t ff_eq_bytes(uint64_t w, uint8_t c)
+{
+    uint64_t x = w ^ (FF_ONES * c);
+    return ~(((x & ~FF_HIGHS) + ~FF_HIGHS) | x) & FF_HIGHS;
+}
+
+/* The first byte at or after p that is not JSON whitespace (space, \n, \r, \t), eight
+ * bytes per step: pretty-printed frames put a newline and an indent before every key. */
+static const uint8_t *ff_ws_run(const uint8_t *p, const uint8_t *e)
+{
+    while (e - p >= 8) {
+        uint64_t w = ff_load8(p);
+        uint64_t ws = ff_eq_bytes(w, ' ') | ff_eq_bytes(w, '\n') | ff_eq_bytes(w, '\r') |
+                      ff_eq_bytes(w, '\t');
+        uint64_t other = ~ws & FF_HIGHS;
+        if (other) return p + (__builtin_ctzll(other) >> 3);
+        p += 8;
+    }
+    while (p < e && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
+    return p;
+}
+
+#if defined(__SSE2__)
+/* Bits set for the bytes of p[0..15] that are not JSON whitespace (SSE2: every x86-64). */
+static inline unsigned ff_nonws16(const uint8_t *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i ws = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')),
+                                           _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))),
+                              _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\r')),
+                                           _mm_cmpeq_epi8(v, _mm_set1_epi8('\t'))));
+    return ~(unsigned)_mm_movemask_epi8(ws) & 0xFFFFu;
+}
+#endif
+
+/* Past a run of whitespace that is not one space: a newline and an indent (pretty-printed
+ * frames) in one SSE2 step. */
+static __attribute__((noinline)) const uint8_t *ff_ws_skip(const uint8_t *p, const uint8_t *e)
+{
+#if defined(__SSE2__)
+    if (FF_LIKELY(e - p >= 16)) {
+        unsigned m = ff_nonws16(p);
+        return m ? p + __builtin_ctz(m) : ff_ws_run(p + 16, e);
+    }
+#endif
+    return ff_ws_run(p, e);
+}
+
+static inline __attribute__((always_inline)) void ff_ws(ff_dec *d)
 {
     const uint8_t *p = d->p, *e = d->end;
     if (FF_LIKELY(p < e && *p > ' ')) return; /* compact JSON: nothing to skip */
-    while (p < e && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
-    d->p = p;
+    if (p >= e) return;
+    if (FF_LIKELY(e - p >= 2 && p[0] == ' ' && p[1] > ' ')) { /* ", " and ": ": one space */
+        d->p = p + 1;
+        return;
+    }
+    d->p = ff_ws_skip(p, e);
 }
 
 typedef struct {
@@ -551,13 +570,20 @@ static inline char *ff_put_utf8(char *o, uint32_t cp)
 
 /* The string's UTF-8 text, unescaped into scratch when it had escapes.
  * Already validated by ff_string, so this cannot fail but for memory. */
-static int ff_text(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
+static int ff_text_escaped(ff_dec *d, const ff_str *s, const char **p, uint32_t *n);
+
+static inline int ff_text(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
 {
     if (FF_LIKELY(!s->escaped)) {
         *p = (const char *)s->s;
         *n = s->n;
         return 0;
     }
+    return ff_text_escaped(d, s, p, n);
+}
+
+static __attribute__((noinline)) int ff_text_escaped(ff_dec *d, const ff_str *s, const char **p, uint32_t *n)
+{
     if (ff_scratch_reserve(d, s->n) < 0) return -1; /* unescaping never grows the text */
     const uint8_t *i = s->s, *e = s->s + s->n;
     char *o = d->scratch;
@@ -762,7 +788,7 @@ static int ff_skip_literal(ff_dec *d, const char *lit, size_t n)
 static int ff_skip_container(ff_dec *d, int depth, uint8_t close)
 {
     assert(d->p < d->end); /* at the opening bracket */
-    if (depth >= FF_MAX_DEPTH) return ff_fail_msg(d, d->p, "nesting too deep");
+    if (depth >= FF_MAX_DEPTH) return ff_fail_msg(d, d->p, "nesting too deep (more than 64 levels)");
     d->p++;
     ff_ws(d);
     if (d->p < d->end && *d->p == close) {
@@ -828,87 +854,114 @@ static const char *ff_kind_name(uint8_t c)
 
 /* ---- the messages -------------------------------------------------------- */
 
-/* Field ids; also the bits of a message's "wrong type" mask. */
+/* Field ids; also the bits of a message's "seen" and "wrong type" masks. */
 enum {
     F_C, F_T, F_P, F_V, F_LT, F_LP, F_A, F_B, F_AS, F_BS, F_SS, F_BE, F_LU, F_BT, F_S, F_N,
-    F_O = F_N, F_H, F_L, F_NBAR /* bar-only keys reuse the tail of the id space */
+    F_O = F_N, F_H, F_L, F_CL, F_NBAR /* keys of a bar object only (`c` there is the close) */
 };
-static const char *const ff_field_name[] = {"c",  "t",  "p",  "v",  "lt", "lp", "a",  "b",  "as",
-                                            "bs", "ss", "be", "lu", "bt", "s",  "o",  "h",  "l"};
+static const char *const ff_field_name[] = {"c",  "t",  "p",  "v",  "lt", "lp", "a",  "b",  "as", "bs",
+                                            "ss", "be", "lu", "bt", "s",  "o",  "h",  "l",  "c"};
 
-/* Key bytes to field id, -1 for keys we skip.  `bar` selects the bar object's keys. */
+/* What each field holds, and so how its value is read: one routine reads every field of
+ * every kind from this table (ff_field), instead of a hand-written run per key. */
+enum { FT_STR, FT_NSTR, FT_F64, FT_FIX6, FT_FIX3, FT_SERIES };
+static const uint8_t ff_field_type[F_NBAR] = {
+    [F_C] = FT_STR,   [F_T] = FT_FIX6,  [F_P] = FT_F64,   [F_V] = FT_F64,  [F_LT] = FT_FIX6,
+    [F_LP] = FT_F64,  [F_A] = FT_F64,   [F_B] = FT_F64,   [F_AS] = FT_F64, [F_BS] = FT_F64,
+    [F_SS] = FT_NSTR, [F_BE] = FT_FIX6, [F_LU] = FT_FIX3, [F_BT] = FT_NSTR, [F_S] = FT_SERIES,
+    [F_O] = FT_F64,   [F_H] = FT_F64,   [F_L] = FT_F64,  [F_CL] = FT_F64};
+
+#define FF_BIT(f) (1u << (f))
+/* The keys each kind of message uses.  Any other key, known to another kind or to none,
+ * is skipped as whatever JSON value it holds (PROTOCOL.md section 3). */
+#define FF_TICK_USED (FF_BIT(F_C) | FF_BIT(F_T) | FF_BIT(F_P) | FF_BIT(F_V))
+#define FF_QUOTE_USED (FF_BIT(F_C) | FF_BIT(F_LT) | FF_BIT(F_V) | FF_BIT(F_LP) | FF_BIT(F_A) | \
+                       FF_BIT(F_B) | FF_BIT(F_AS) | FF_BIT(F_BS) | FF_BIT(F_SS))
+#define FF_SERIES_USED (FF_BIT(F_C) | FF_BIT(F_BE) | FF_BIT(F_LU) | FF_BIT(F_BT) | FF_BIT(F_S))
+/* The keys whose presence makes a message a quote, or a series. */
+#define FF_QUOTE_KEYS (FF_BIT(F_LT) | FF_BIT(F_LP) | FF_BIT(F_A) | FF_BIT(F_B) | FF_BIT(F_AS) | \
+                       FF_BIT(F_BS) | FF_BIT(F_SS))
+#define FF_SERIES_KEYS (FF_BIT(F_S) | FF_BIT(F_BT))
+
+/* One-character keys by their byte, for messages and for bar objects: id + 1, 0 for a key
+ * we skip. */
+static const uint8_t ff_key1_msg[256] = {['c'] = F_C + 1, ['t'] = F_T + 1, ['p'] = F_P + 1,
+                                         ['v'] = F_V + 1, ['a'] = F_A + 1, ['b'] = F_B + 1,
+                                         ['s'] = F_S + 1};
+static const uint8_t ff_key1_bar[256] = {['t'] = F_T + 1, ['o'] = F_O + 1, ['h'] = F_H + 1,
+                                         ['l'] = F_L + 1, ['c'] = F_CL + 1, ['v'] = F_V + 1};
+
+#define FF_K2(a, b) ((unsigned)(a) | ((unsigned)(b) << 8))
+/* Two-character message keys, indexed by the low five bits of each byte; an entry holds
+ * the key's bytes (checked: other bytes share the index) and its id + 1.  A table, not a
+ * switch: keys come in any order, and a lookup has no branch to mispredict. */
+#define FF_K2_AT(a, b) ((((unsigned)(a) & 31) << 5) | ((unsigned)(b) & 31))
+#define FF_K2_ENTRY(a, b, f) [FF_K2_AT(a, b)] = (FF_K2(a, b) << 8) | ((f) + 1)
+static const uint32_t ff_key2_tab[1024] = {
+    FF_K2_ENTRY('l', 't', F_LT), FF_K2_ENTRY('l', 'p', F_LP), FF_K2_ENTRY('a', 's', F_AS),
+    FF_K2_ENTRY('b', 's', F_BS), FF_K2_ENTRY('s', 's', F_SS), FF_K2_ENTRY('b', 'e', F_BE),
+    FF_K2_ENTRY('l', 'u', F_LU), FF_K2_ENTRY('b', 't', F_BT)};
+
+static inline int ff_key2_msg(unsigned k)
+{
+    uint32_t e = ff_key2_tab[FF_K2_AT(k & 0xFF, k >> 8)];
+    return (e >> 8) == k ? (int)(e & 0xFF) - 1 : -1;
+}
+
+/* Key text (unescaped) to field id, -1 for keys we skip.  `bar` selects the bar object's keys. */
 static inline int ff_key(const char *k, uint32_t n, int bar)
 {
-    if (n == 1) {
-        switch (k[0]) {
-        case 'c': return F_C;
-        case 't': return F_T;
-        case 'v': return F_V;
-        case 'p': return bar ? -1 : F_P;
-        case 'a': return bar ? -1 : F_A;
-        case 'b': return bar ? -1 : F_B;
-        case 's': return bar ? -1 : F_S;
-        case 'o': return bar ? F_O : -1;
-        case 'h': return bar ? F_H : -1;
-        case 'l': return bar ? F_L : -1;
-        }
-        return -1;
-    }
-    if (n == 2 && !bar) {
-        switch (((unsigned)(uint8_t)k[0] << 8) | (uint8_t)k[1]) {
-        case ('l' << 8) | 't': return F_LT;
-        case ('l' << 8) | 'p': return F_LP;
-        case ('a' << 8) | 's': return F_AS;
-        case ('b' << 8) | 's': return F_BS;
-        case ('s' << 8) | 's': return F_SS;
-        case ('b' << 8) | 'e': return F_BE;
-        case ('l' << 8) | 'u': return F_LU;
-        case ('b' << 8) | 't': return F_BT;
-        }
-    }
+    if (n == 1 && (uint8_t)k[0] < 128)
+        return (bar ? ff_key1_bar : ff_key1_msg)[(uint8_t)k[0]] - 1;
+    if (n == 2 && !bar) return ff_key2_msg(FF_K2((uint8_t)k[0], (uint8_t)k[1]));
     return -1;
 }
 
-/* Reads "key" : and leaves d->p at the value. */
-#define FF_PLAIN(c) ((c) >= 0x20 && (c) < 0x80 && (c) != '"' && (c) != '\\')
 
-static inline int ff_member_key(ff_dec *d, ff_str *k)
+/* Reads "key" and its colon, leaves d->p at the value and returns the key's field id (-1:
+ * a key we skip, -2: error).  The feed's keys are one or two characters: one 8-byte load
+ * and two table lookups tell which (by where the closing quote is, and the bytes before
+ * it); anything else (unknown, longer, escaped, non-ASCII) goes through the string parser. */
+static inline __attribute__((always_inline)) int ff_member_key(ff_dec *d, int bar)
 {
-    const uint8_t *p = d->p;
-    /* The feed's keys are one or two plain characters: "t": and "lt": in one look. */
-    if (FF_LIKELY(d->end - p >= 5 && p[0] == '"')) {
-        if (p[2] == '"' && p[3] == ':' && FF_PLAIN(p[1])) {
-            k->s = p + 1;
-            k->n = 1;
-            k->escaped = 0;
-            d->p = p + 4;
+    const uint8_t *p = d->p, *e = d->end;
+    if (FF_LIKELY(e - p >= 8 && p[0] == '"')) {
+        uint64_t w = ff_load8(p);
+        unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
+        /* "k" or "kk" that is one of ours, told apart with no branch on which (keys come
+         * in any order); any other key takes the string parser below */
+        int f1 = (bar ? ff_key1_bar : ff_key1_msg)[c0] - 1;
+        int f2 = bar ? -1 : ff_key2_msg(c0 | (c1 << 8));
+        unsigned one = (c1 == '"') & (f1 >= 0), two = (c2 == '"') & (f2 >= 0);
+        if (FF_LIKELY(one | two)) {
+            int f = one ? f1 : f2;
+            p += 4 - one;
+            if (FF_UNLIKELY(*p != ':')) {
+                d->p = p;
+                ff_ws(d);
+                p = d->p;
+                if (p >= e || *p != ':') return ff_fail(d, p, "expected ':'"), -2;
+            }
+            d->p = p + 1;
             ff_ws(d);
-            return 0;
-        }
-        if (p[3] == '"' && p[4] == ':' && FF_PLAIN(p[1]) && FF_PLAIN(p[2])) {
-            k->s = p + 1;
-            k->n = 2;
-            k->escaped = 0;
-            d->p = p + 5;
-            ff_ws(d);
-            return 0;
+            return f;
         }
     }
-    if (FF_UNLIKELY(d->p >= d->end || *d->p != '"')) return ff_fail(d, d->p, "expected a string key");
-    if (ff_string(d, k) < 0) return -1;
-    if (FF_LIKELY(d->p < d->end && *d->p == ':')) {
-        d->p++;
-    } else {
-        ff_ws(d);
-        if (d->p >= d->end || *d->p != ':') return ff_fail(d, d->p, "expected ':'");
-        d->p++;
-    }
+    if (FF_UNLIKELY(d->p >= d->end || *d->p != '"')) return ff_fail(d, d->p, "expected a string key"), -2;
+    ff_str k;
+    if (ff_string(d, &k) < 0) return -2;
+    const char *kp = (const char *)k.s;
+    uint32_t kn = k.n;
+    if (FF_UNLIKELY(k.escaped) && ff_text(d, &k, &kp, &kn) < 0) return ff_fail_msg(d, d->p, "out of memory"), -2;
     ff_ws(d);
-    return 0;
+    if (d->p >= d->end || *d->p != ':') return ff_fail(d, d->p, "expected ':'"), -2;
+    d->p++;
+    ff_ws(d);
+    return ff_key(kp, kn, bar);
 }
 
 /* After a member: 1 = another member follows, 0 = the object closed. */
-static inline int ff_member_next(ff_dec *d)
+static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
 {
     if (FF_UNLIKELY(d->p >= d->end || (*d->p != ',' && *d->p != '}'))) ff_ws(d);
     if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "unclosed object");
@@ -922,99 +975,204 @@ static inline int ff_member_next(ff_dec *d)
     return ff_fail(d, d->p, "expected ',' or '}'");
 }
 
-/* A number field: a number or null; anything else marks the field bad
- * (decided at the message's end, because the last of repeated keys wins).
- * kind: 0 float, else the decimal scale of a fixed-point timestamp. */
-static inline int ff_value_num(ff_dec *d, int field, int kind, double *dv, int64_t *iv,
-                               uint32_t *bad, size_t *badpos)
+/* The values of one object's known fields, by field id.  A field holds its value only when
+ * its bit is in `seen` and not in `bad`: nothing is written for a field that is absent
+ * (the row takes its default once, when it is made). */
+typedef struct {
+    uint32_t seen, bad;
+    ff_numv num[F_NBAR]; /* number fields */
+    ff_str str[F_N];     /* c, ss, bt (string fields only); .s == NULL: null */
+    size_t badpos[F_NBAR];
+} ff_obj;
+
+static inline void ff_mark_bad(ff_obj *o, int f, size_t pos)
 {
-    assert(d->p < d->end); /* the caller checked: a value starts here */
+    if (!(o->bad & FF_BIT(f))) o->badpos[f] = pos;
+    o->bad |= FF_BIT(f);
+}
+
+/* A number field whose text is not the common shape: the general parser (its text is
+ * converted again at the message's end), null, or a value of another type (marked bad,
+ * decided at the message's end: the last of repeated keys wins, and a key the message's
+ * kind does not use is never judged). */
+static __attribute__((noinline)) int ff_field_num_slow(ff_dec *d, ff_obj *o, int f, int depth)
+{
     uint8_t c = *d->p;
-    const uint8_t *after;
-    if (FF_LIKELY(ff_num_fast(d->p, d->end, d->start, kind, dv, iv, &after))) goto ok;
-    if (FF_LIKELY(c == '-' || (unsigned)(c - '0') < 10)) {
+    ff_numv *v = &o->num[f];
+    if (c == '-' || (unsigned)(c - '0') < 10) {
         ff_num n;
         if (ff_number(d, &n) < 0) return -1;
-        if (kind == 0) {
-            *dv = ff_to_double(&n);
-        } else if (FF_UNLIKELY(ff_to_fixed(&n, kind, iv) < 0)) {
-            /* out of int64 range: a bad value like a wrong type, reported at the
-             * message's end (the byte at badpos tells the two apart) */
-            if (!(*bad & (1u << field))) badpos[field] = (size_t)(n.start - d->start);
-            *bad |= 1u << field;
-            return 0;
-        }
-        *bad &= ~(1u << field);
-        return 0;
-    }
-    if (0) {
-ok:
-        d->p = after;
-        *bad &= ~(1u << field);
+        v->text = n.start;
+        v->how = FF_NUM_TEXT;
+        o->bad &= ~FF_BIT(f);
         return 0;
     }
     if (c == 'n') {
         if (ff_skip_literal(d, "null", 4) < 0) return -1;
-        if (kind == 0) *dv = NAN;
-        else *iv = FF_NAT;
-        *bad &= ~(1u << field);
+        v->how = FF_NUM_NULL;
+        o->bad &= ~FF_BIT(f);
         return 0;
     }
-    if (!(*bad & (1u << field))) badpos[field] = (size_t)(d->p - d->start);
-    *bad |= 1u << field;
-    return ff_skip(d, 2);
+    ff_mark_bad(o, f, (size_t)(d->p - d->start));
+    return ff_skip(d, depth);
 }
 
-/* A string field (c, ss, bt): string, or null when nullable.
- * *kind records what was there: 0 absent/null, 1 string. */
-static inline int ff_value_str(ff_dec *d, int field, ff_str *s, int *kind, uint32_t *bad,
-                               size_t *badpos)
+static int ff_series_array(ff_dec *d, ff_obj *o, size_t bars_start, int depth);
+
+/* The value of field f, read as the table says; d->p at its first byte, which the caller
+ * checked is in the frame.  depth: containers open around the value. */
+static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, int f, int depth,
+                                                          size_t bars_start)
 {
-    assert(d->p < d->end); /* the caller checked: a value starts here */
+    int type = ff_field_type[f];
+    if (FF_LIKELY(type >= FT_F64)) {
+        if (FF_UNLIKELY(type == FT_SERIES)) return ff_series_array(d, o, bars_start, depth);
+        const uint8_t *after;
+        if (FF_LIKELY(ff_scan_decimal(d->p, d->end, d->start, &o->num[f], &after))) {
+            d->p = after;
+            o->bad &= ~FF_BIT(f);
+            return 0;
+        }
+        return ff_field_num_slow(d, o, f, depth);
+    }
+    /* a string field (c, ss, bt): a string, or null where nullable */
     uint8_t c = *d->p;
     if (FF_LIKELY(c == '"')) {
-        if (ff_string(d, s) < 0) return -1;
-        *kind = 1;
-        *bad &= ~(1u << field);
+        /* symbol codes are plain ASCII: run to the closing quote here, eight bytes a step;
+         * escapes, control bytes and UTF-8 go through ff_string */
+        const uint8_t *p = d->p + 1, *e = d->end;
+        while (e - p >= 8) {
+            uint64_t stops = ff_str_stops(ff_load8(p));
+            if (stops) {
+                p += __builtin_ctzll(stops) >> 3;
+                if (*p == '"') {
+                    o->str[f].s = d->p + 1;
+                    o->str[f].n = (uint32_t)(p - d->p - 1);
+                    o->str[f].escaped = 0;
+                    d->p = p + 1;
+                    o->bad &= ~FF_BIT(f);
+                    return 0;
+                }
+                break;
+            }
+            p += 8;
+        }
+        if (ff_string(d, &o->str[f]) < 0) return -1;
+        o->bad &= ~FF_BIT(f);
         return 0;
     }
-    *kind = 0;
-    if (c == 'n' && field != F_C) {
-        *bad &= ~(1u << field);
+    o->str[f].s = NULL;
+    if (c == 'n' && type == FT_NSTR) {
+        o->bad &= ~FF_BIT(f);
         return ff_skip_literal(d, "null", 4);
     }
-    if (!(*bad & (1u << field))) badpos[field] = (size_t)(d->p - d->start);
-    *bad |= 1u << field;
-    return ff_skip(d, 2);
+    ff_mark_bad(o, f, (size_t)(d->p - d->start));
+    return ff_skip(d, depth);
 }
 
-static int ff_type_error(ff_dec *d, uint32_t bad, const size_t *badpos, int nfields)
+/* ---- numbers, converted once the message's kind is known ---------------------- */
+
+static __attribute__((noinline)) double ff_reparse_double(ff_dec *d, const ff_numv *v)
 {
-    for (int f = 0; f < nfields; f++) {
-        if (!(bad & (1u << f))) continue;
-        const char *key = ff_field_name[f];
-        char bar_key[16];
-        if (f == F_S && d->bar_bad_field >= 0) {
-            snprintf(bar_key, sizeof bar_key, "s[].%s", ff_field_name[d->bar_bad_field]);
-            key = bar_key;
-        }
-        uint8_t at = d->start[badpos[f]];
-        int numeric_field = (f == F_S) ? d->bar_bad_field >= 0 : (f != F_C && f != F_SS && f != F_BT);
-        if (numeric_field && (at == '-' || (unsigned)(at - '0') < 10)) {
-            snprintf(d->err, sizeof d->err, "timestamp `%s` out of int64 range (byte %zu)", key,
-                     badpos[f]);
-            return -1;
-        }
-        if (key == bar_key)
-            return ff_fail_type(d, badpos[f], key, "number or null", ff_kind_name(at));
-        const char *want = (f == F_C)                ? "string"
-                           : (f == F_SS || f == F_BT) ? "string or null"
-                           : (f == F_S)               ? "array of bar objects"
-                                                      : "number or null";
-        return ff_fail_type(d, badpos[f], key, want, ff_kind_name(at));
+    const uint8_t *save = d->p;
+    ff_num n;
+    d->p = v->text;
+    int rc = ff_number(d, &n); /* it parsed before: cannot fail */
+    d->p = save;
+    return rc < 0 ? NAN : ff_to_double(&n);
+}
+
+static __attribute__((noinline)) int ff_reparse_fixed(ff_dec *d, const ff_numv *v, int scale,
+                                                      int64_t *out)
+{
+    const uint8_t *save = d->p;
+    ff_num n;
+    d->p = v->text;
+    int rc = ff_number(d, &n);
+    d->p = save;
+    return rc < 0 ? -1 : ff_to_fixed(&n, scale, out);
+}
+
+/* A number field (present) as a double: bit-exact with Python's float() of its text. */
+static inline double ff_conv_double(ff_dec *d, const ff_numv *v)
+{
+    if (FF_LIKELY(v->how == FF_NUM_FAST && v->mant <= (1ULL << 53))) {
+        double x = (double)v->mant / ff_pow10[v->nfrac]; /* exact operands: one rounding */
+        return v->neg ? -x : x;
     }
+    if (v->how == FF_NUM_NULL) return NAN;
+    return ff_reparse_double(d, v);
+}
+
+/* A number field (present) as exact int64 units of 10**-scale, half to even, from its
+ * decimal digits (never through a binary float).  -1: outside int64. */
+static inline int ff_conv_fixed(ff_dec *d, const ff_numv *v, int scale, int64_t *out)
+{
+    if (FF_LIKELY(v->how == FF_NUM_FAST)) {
+        int k = scale - (int)v->nfrac;
+        uint64_t q, m = v->mant;
+        if (k >= 0) {
+            unsigned __int128 w = (unsigned __int128)m * ff_ipow10[k];
+            if (FF_UNLIKELY(w > (unsigned __int128)INT64_MAX)) return -1;
+            q = (uint64_t)w;
+        } else {
+            uint64_t div = ff_ipow10[-k];
+            q = m / div;
+            uint64_t rem = m - q * div, half = div / 2;
+            if (rem > half || (rem == half && (q & 1))) q++;
+        }
+        *out = v->neg ? -(int64_t)q : (int64_t)q;
+        return 0;
+    }
+    if (v->how == FF_NUM_NULL) {
+        *out = FF_NAT;
+        return 0;
+    }
+    return ff_reparse_fixed(d, v, scale, out);
+}
+
+/* Field f of o as the row wants it: its default when absent. */
+#define FF_F64(d, o, f) ((o).seen & FF_BIT(f) ? ff_conv_double(d, &(o).num[f]) : NAN)
+
+/* A timestamp field as int64 (NaT when absent); -1 with d->err set when outside int64. */
+static inline int ff_ts_field(ff_dec *d, const ff_obj *o, int f, int scale, int64_t *out,
+                              const char *key)
+{
+    if (!(o->seen & FF_BIT(f))) {
+        *out = FF_NAT;
+        return 0;
+    }
+    if (FF_LIKELY(ff_conv_fixed(d, &o->num[f], scale, out) == 0)) return 0;
+    snprintf(d->err, sizeof d->err, "timestamp `%s` out of int64 range (byte %zu)", key,
+             (size_t)(o->num[f].text - d->start));
     return -1;
 }
+
+/* The first field of `bad` (the keys the message's kind uses only) as an error. */
+static int ff_type_error(ff_dec *d, const ff_obj *o, uint32_t bad)
+{
+    int f = __builtin_ctz(bad);
+    const char *key = ff_field_name[f];
+    char bar_key[16];
+    if (f == F_S && d->bar_bad_field >= 0) {
+        snprintf(bar_key, sizeof bar_key, "s[].%s", ff_field_name[d->bar_bad_field]);
+        key = bar_key;
+    }
+    size_t pos = o->badpos[f];
+    uint8_t at = d->start[pos];
+    int numeric_field = (f == F_S) ? d->bar_bad_field >= 0 : ff_field_type[f] >= FT_F64;
+    if (numeric_field && (at == '-' || (unsigned)(at - '0') < 10)) {
+        snprintf(d->err, sizeof d->err, "timestamp `%s` out of int64 range (byte %zu)", key, pos);
+        return -1;
+    }
+    if (key == bar_key) return ff_fail_type(d, pos, key, "number or null", ff_kind_name(at));
+    const char *want = (f == F_C)                  ? "string"
+                       : ff_field_type[f] == FT_NSTR ? "string or null"
+                       : (f == F_S)                  ? "array of bar objects"
+                                                     : "number or null";
+    return ff_fail_type(d, pos, key, want, ff_kind_name(at));
+}
+
 
 /* ---- codes: looked up at once, inserted when the frame has decoded ------------ */
 
@@ -1030,19 +1188,30 @@ static inline ff_symtab *ff_table(ff_dec *d, int role)
     return role == FF_ROLE_SYM ? &d->symbols : role == FF_ROLE_STATUS ? &d->statuses : &d->bar_types;
 }
 
+/* The Decoder setting that sizes each role's table (the Feed's for symbols too). */
+static const char *const ff_role_setting[FF_NROLES] = {"max_symbols", "max_statuses", "max_bar_types"};
+static const char *const ff_role_field[FF_NROLES] = {"sym (i4)", "status (u1)", "bar_type (i2)"};
+
 /* No room in the role's table for the code at byte pos: it holds as many codes as it
- * can (its capacity, or the role's id range if smaller), or its code bytes are used up. */
+ * can (its capacity, or the role's id range if smaller), or its code bytes are used up.
+ * The error names the limit and the setting that raises it. */
 static int ff_fail_full(ff_dec *d, int role, int arena, size_t pos)
 {
     const ff_symtab_hdr *h = ff_table(d, role)->hdr;
-    const char *hint = role == FF_ROLE_SYM ? ": raise max_symbols=" : "";
     if (arena) {
-        snprintf(d->err, sizeof d->err, "%s table full (its %u bytes for codes are used up)%s (byte %zu)",
-                 ff_role_name[role], h->arena_size, hint, pos);
+        snprintf(d->err, sizeof d->err,
+                 "%s table full (its %u bytes for codes are used up, %u per entry): raise %s= (byte %zu)",
+                 ff_role_name[role], h->arena_size, FF_SYMTAB_BYTES_PER_CODE, ff_role_setting[role], pos);
     } else {
         uint64_t cap = h->capacity, most = (uint64_t)ff_role_limit[role] + 1;
-        snprintf(d->err, sizeof d->err, "%s table full (%llu %s)%s (byte %zu)", ff_role_name[role],
-                 (unsigned long long)(cap < most ? cap : most), ff_role_plural[role], hint, pos);
+        if (cap < most)
+            snprintf(d->err, sizeof d->err, "%s table full (%llu %s): raise %s= (byte %zu)",
+                     ff_role_name[role], (unsigned long long)cap, ff_role_plural[role],
+                     ff_role_setting[role], pos);
+        else
+            snprintf(d->err, sizeof d->err, "%s table full (%llu %s, all that the row's %s numbers) (byte %zu)",
+                     ff_role_name[role], (unsigned long long)most, ff_role_plural[role],
+                     ff_role_field[role], pos);
     }
     d->table_full = 1;
     return -1;
@@ -1152,9 +1321,21 @@ static __attribute__((noinline)) int32_t ff_defer(ff_dec *d, int role, const cha
 static inline __attribute__((always_inline)) int32_t ff_lookup(ff_dec *d, int role, const char *p,
                                                                uint32_t n, size_t pos)
 {
+    /* Feeds send runs of one symbol (a burst of trades, a quote after its trade): the last
+     * symbol found is checked first, one compare instead of a hash and a probe. */
+    if (role == FF_ROLE_SYM && n == d->last_sym_len && d->last_sym && ff_same_bytes(p, d->last_sym, n))
+        return d->last_sym_id;
+    ff_symtab *t = ff_table(d, role);
     uint64_t h = ff_hash_bytes(p, n);
-    int32_t id = ff_symtab_find(ff_table(d, role), p, n, h);
-    if (FF_LIKELY(id >= 0 && id <= ff_role_limit[role])) return id;
+    int32_t id = ff_symtab_find(t, p, n, h);
+    if (FF_LIKELY(id >= 0 && id <= ff_role_limit[role])) {
+        if (role == FF_ROLE_SYM) {
+            d->last_sym = t->arena + t->entries[id].off; /* published entries never change */
+            d->last_sym_len = n;
+            d->last_sym_id = id;
+        }
+        return id;
+    }
     return ff_defer(d, role, p, n, h, pos, id);
 }
 
@@ -1275,81 +1456,71 @@ static int ff_commit(ff_dec *d)
     return 0;
 }
 
-/* One bar of a series' `s` array; d->p at '{'.  Appends a row whose message-level
- * fields are filled in when the enclosing message ends. */
-static int ff_bar_obj(ff_dec *d, uint32_t *msg_bad, size_t *msg_badpos)
+/* One bar of a series' `s` array; d->p at '{'; depth: containers open around it.  Appends
+ * a row whose message-level fields are filled in when the enclosing message ends. */
+static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
 {
     assert(d->p < d->end && *d->p == '{');
-    ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
-    if (!row) return ff_fail_msg(d, d->p, "out of memory");
-    size_t row_index = d->bars.len - 1;
-    double o = NAN, h = NAN, l = NAN, c = NAN, v = NAN;
-    int64_t t = FF_NAT;
-    uint32_t bad = 0;
-    size_t badpos[F_NBAR];
+    ff_obj o;
+    o.seen = o.bad = 0;
     d->p++;
     ff_ws(d);
     if (d->p < d->end && *d->p == '}') {
         d->p++;
     } else {
         for (;;) {
-            ff_str k;
-            if (ff_member_key(d, &k) < 0) return -1;
-            const char *kp = (const char *)k.s;
-            uint32_t kn = k.n;
-            if (FF_UNLIKELY(k.escaped) && ff_text(d, &k, &kp, &kn) < 0) return -1;
+            int f = ff_member_key(d, 1);
+            if (FF_UNLIKELY(f == -2)) return -1;
             if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-            int f = ff_key(kp, kn, 1);
-            int rc;
-            switch (f) {
-            case F_T: rc = ff_value_num(d, f, 6, NULL, &t, &bad, badpos); break;
-            case F_O: rc = ff_value_num(d, f, 0, &o, NULL, &bad, badpos); break;
-            case F_H: rc = ff_value_num(d, f, 0, &h, NULL, &bad, badpos); break;
-            case F_L: rc = ff_value_num(d, f, 0, &l, NULL, &bad, badpos); break;
-            case F_C: rc = ff_value_num(d, f, 0, &c, NULL, &bad, badpos); break;
-            case F_V: rc = ff_value_num(d, f, 0, &v, NULL, &bad, badpos); break;
-            default: rc = ff_skip(d, 3);
+            if (FF_LIKELY(f >= 0)) {
+                if (ff_field(d, &o, f, depth + 1, 0) < 0) return -1;
+                o.seen |= FF_BIT(f);
+            } else if (ff_skip(d, depth + 1) < 0) {
+                return -1;
             }
-            if (rc < 0) return -1;
-            rc = ff_member_next(d);
+            int rc = ff_member_next(d);
             if (rc < 0) return -1;
             if (!rc) break;
         }
     }
-    if (bad) {
+    int64_t t = FF_NAT;
+    if (FF_LIKELY(!o.bad) && (o.seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o.num[F_T], 6, &t) < 0)
+        ff_mark_bad(&o, F_T, (size_t)(o.num[F_T].text - d->start)); /* outside int64 */
+    if (FF_UNLIKELY(o.bad)) {
         /* Report the bar's own field, but through the message's `s` bit so that a
          * later `s` key (last wins) can still clear it. */
-        int f = __builtin_ctz(bad);
-        if (!(*msg_bad & (1u << F_S))) {
-            msg_badpos[F_S] = badpos[f];
+        int f = __builtin_ctz(o.bad);
+        if (!(msg->bad & FF_BIT(F_S))) {
+            msg->badpos[F_S] = o.badpos[f];
             d->bar_bad_field = f;
         }
-        *msg_bad |= 1u << F_S;
+        msg->bad |= FF_BIT(F_S);
         return 0;
     }
-    row = (ff_bar *)(d->bars.data + row_index * sizeof(ff_bar)); /* push may have moved it */
+    ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
+    if (!row) return ff_fail_msg(d, d->p, "out of memory");
     row->ts = t;
-    row->open = o;
-    row->high = h;
-    row->low = l;
-    row->close = c;
-    row->volume = v;
+    row->open = FF_F64(d, o, F_O);
+    row->high = FF_F64(d, o, F_H);
+    row->low = FF_F64(d, o, F_L);
+    row->close = FF_F64(d, o, F_CL);
+    row->volume = FF_F64(d, o, F_V);
     return 0;
 }
 
-/* The `s` value; d->p at its first byte. */
-static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *badpos)
+/* The `s` value; d->p at its first byte; depth: containers open around it. */
+static int ff_series_array(ff_dec *d, ff_obj *o, size_t bars_start, int depth)
 {
     d->bars.len = bars_start; /* a repeated `s`: the last one wins */
-    *bad &= ~(1u << F_S);
+    o->bad &= ~FF_BIT(F_S);
     assert(d->p < d->end); /* the caller checked: a value starts here */
     uint8_t c = *d->p;
     if (c == 'n') return ff_skip_literal(d, "null", 4);
     if (c != '[') {
-        badpos[F_S] = (size_t)(d->p - d->start);
+        o->badpos[F_S] = (size_t)(d->p - d->start);
         d->bar_bad_field = -1;
-        *bad |= 1u << F_S;
-        return ff_skip(d, 2);
+        o->bad |= FF_BIT(F_S);
+        return ff_skip(d, depth);
     }
     d->p++;
     ff_ws(d);
@@ -1359,14 +1530,14 @@ static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *
     }
     for (;;) {
         if (d->p < d->end && *d->p == '{') {
-            if (ff_bar_obj(d, bad, badpos) < 0) return -1;
+            if (ff_bar_obj(d, o, depth + 1) < 0) return -1;
         } else {
-            if (!(*bad & (1u << F_S))) {
-                badpos[F_S] = (size_t)(d->p - d->start);
+            if (!(o->bad & FF_BIT(F_S))) {
+                o->badpos[F_S] = (size_t)(d->p - d->start);
                 d->bar_bad_field = -1;
             }
-            *bad |= 1u << F_S;
-            if (ff_skip(d, 3) < 0) return -1;
+            o->bad |= FF_BIT(F_S);
+            if (ff_skip(d, depth + 1) < 0) return -1;
         }
         ff_ws(d);
         if (d->p >= d->end) return ff_fail(d, d->p, "unclosed array");
@@ -1383,23 +1554,21 @@ static int ff_series_array(ff_dec *d, size_t bars_start, uint32_t *bad, size_t *
     }
 }
 
-#define FF_QUOTE_KEYS ((1u << F_LT) | (1u << F_LP) | (1u << F_A) | (1u << F_B) | (1u << F_AS) | (1u << F_BS) | (1u << F_SS))
-#define FF_SERIES_KEYS ((1u << F_S) | (1u << F_BT))
+/* The code of string field f (present: the caller checked) as an id or placeholder. */
+static inline int32_t ff_lookup_field(ff_dec *d, int role, const ff_obj *o, int f)
+{
+    return ff_lookup_str(d, role, &o->str[f]);
+}
 
-/* One message object; d->p at '{'.  Classifies it at its end by the keys it held. */
+/* One message object; d->p at '{'; depth: containers open around it (0 for a frame that
+ * is one object, 1 in an array frame).  Classified at its end by the keys it held. */
 static int ff_message(ff_dec *d, int depth)
 {
     assert(d->p < d->end && *d->p == '{');
     const uint8_t *obj_start = d->p;
-    uint32_t seen = 0, bad = 0;
-    size_t badpos[F_N];
-    ff_str c_str = {0}, ss_str = {0}, bt_str = {0};
-    int c_kind = 0, ss_kind = 0, bt_kind = 0;
-    int64_t t = FF_NAT, lt = FF_NAT, be = FF_NAT, lu = FF_NAT;
-    double p = NAN, v = NAN, lp = NAN, a = NAN, b = NAN, as = NAN, bs = NAN;
+    ff_obj o;
+    o.seen = o.bad = 0;
     size_t bars_start = d->bars.len;
-    (void)depth;
-    d->table_full = 0; /* ff_message_fast may have set it before handing the message over */
 
     d->p++;
     ff_ws(d);
@@ -1407,270 +1576,126 @@ static int ff_message(ff_dec *d, int depth)
         d->p++;
     } else {
         for (;;) {
-            ff_str k;
-            if (ff_member_key(d, &k) < 0) return -1;
-            const char *kp = (const char *)k.s;
-            uint32_t kn = k.n;
-            if (FF_UNLIKELY(k.escaped) && ff_text(d, &k, &kp, &kn) < 0) return -1;
+            int f = ff_member_key(d, 0);
+            if (FF_UNLIKELY(f == -2)) return -1;
             if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-            int f = ff_key(kp, kn, 0);
-            int rc;
-            switch (f) {
-            case F_C: rc = ff_value_str(d, f, &c_str, &c_kind, &bad, badpos); break;
-            case F_T: rc = ff_value_num(d, f, 6, NULL, &t, &bad, badpos); break;
-            case F_P: rc = ff_value_num(d, f, 0, &p, NULL, &bad, badpos); break;
-            case F_V: rc = ff_value_num(d, f, 0, &v, NULL, &bad, badpos); break;
-            case F_LT: rc = ff_value_num(d, f, 6, NULL, &lt, &bad, badpos); break;
-            case F_LP: rc = ff_value_num(d, f, 0, &lp, NULL, &bad, badpos); break;
-            case F_A: rc = ff_value_num(d, f, 0, &a, NULL, &bad, badpos); break;
-            case F_B: rc = ff_value_num(d, f, 0, &b, NULL, &bad, badpos); break;
-            case F_AS: rc = ff_value_num(d, f, 0, &as, NULL, &bad, badpos); break;
-            case F_BS: rc = ff_value_num(d, f, 0, &bs, NULL, &bad, badpos); break;
-            case F_SS: rc = ff_value_str(d, f, &ss_str, &ss_kind, &bad, badpos); break;
-            case F_BE: rc = ff_value_num(d, f, 6, NULL, &be, &bad, badpos); break;
-            case F_LU: rc = ff_value_num(d, f, 3, NULL, &lu, &bad, badpos); break;
-            case F_BT: rc = ff_value_str(d, f, &bt_str, &bt_kind, &bad, badpos); break;
-            case F_S: rc = ff_series_array(d, bars_start, &bad, badpos); break;
-            default: rc = ff_skip(d, 2);
+            if (FF_LIKELY(f >= 0)) {
+                if (ff_field(d, &o, f, depth + 1, bars_start) < 0) return -1;
+                o.seen |= FF_BIT(f);
+            } else if (ff_skip(d, depth + 1) < 0) {
+                return -1;
             }
-            if (rc < 0) return -1;
-            if (f >= 0) seen |= 1u << f;
-            rc = ff_member_next(d);
+            int rc = ff_member_next(d);
             if (rc < 0) return -1;
             if (!rc) break;
         }
     }
 
+    uint32_t seen = o.seen, used;
     int kind; /* 1 series, 2 tick, 3 quote, 0 control */
-    if (seen & FF_SERIES_KEYS) kind = 1;
-    else if (seen & (1u << F_P)) kind = 2;
-    else if (seen & FF_QUOTE_KEYS) kind = 3;
-    else kind = 0;
+    if (seen & FF_SERIES_KEYS) kind = 1, used = FF_SERIES_USED;
+    else if (seen & FF_BIT(F_P)) kind = 2, used = FF_TICK_USED;
+    else if (seen & FF_QUOTE_KEYS) kind = 3, used = FF_QUOTE_USED;
+    else kind = 0, used = 0;
     if (!kind) {
-        d->saw_control = 1;
+        d->bars.len = bars_start;
+        d->ncontrol++;
         return 0;
     }
-    if (FF_UNLIKELY(!c_kind)) {
-        if (bad & (1u << F_C)) return ff_type_error(d, 1u << F_C, badpos, F_N);
+    uint32_t bad = o.bad & used; /* a key of another kind is never judged */
+    if (FF_UNLIKELY(!(seen & FF_BIT(F_C)) || (o.str[F_C].s == NULL && !(bad & FF_BIT(F_C))))) {
         return ff_fail_msg(d, obj_start, "data message without a string `c` (symbol code)");
     }
-    if (FF_UNLIKELY(bad)) return ff_type_error(d, bad, badpos, F_N);
+    if (FF_UNLIKELY(bad)) return ff_type_error(d, &o, bad);
+
+    /* Timestamps first: the only conversions that can fail (outside int64). */
+    int64_t ts, ts2 = FF_NAT;
+    if (kind == 2) {
+        if (ff_ts_field(d, &o, F_T, 6, &ts, "t") < 0) return -1;
+    } else if (kind == 3) {
+        if (ff_ts_field(d, &o, F_LT, 6, &ts, "lt") < 0) return -1;
+    } else if (ff_ts_field(d, &o, F_BE, 6, &ts, "be") < 0 || ff_ts_field(d, &o, F_LU, 3, &ts2, "lu") < 0) {
+        return -1;
+    }
 
     /* Codes new to their table get placeholders (< 0) here, ids when the frame ends. */
-    int32_t sym = ff_lookup_str(d, FF_ROLE_SYM, &c_str);
+    int32_t sym = ff_lookup_field(d, FF_ROLE_SYM, &o, F_C);
     if (sym == FF_LOOKUP_ERR) return -1;
     if (kind == 2) {
-        if (ff_emit_tick(d, sym, t, p, v) < 0 ||
-            (sym < 0 && ff_fix_add(d, sym, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0))
+        ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
+        if (FF_UNLIKELY(!r)) return ff_fail_msg(d, obj_start, "out of memory");
+        r->sym = sym;
+        r->_pad = 0;
+        r->ts = ts;
+        r->price = ff_conv_double(d, &o.num[F_P]); /* p is there: it made the message a tick */
+        r->volume = FF_F64(d, o, F_V);
+        r->recv_ts = d->recv_ts;
+        if (FF_UNLIKELY(sym < 0) && ff_fix_add(d, sym, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0)
             return ff_fail_msg(d, obj_start, "out of memory");
     } else if (kind == 3) {
         int32_t st = 0;
-        if (ss_kind && (st = ff_lookup_str(d, FF_ROLE_STATUS, &ss_str)) == FF_LOOKUP_ERR) return -1;
-        if (ff_emit_quote(d, sym, (uint8_t)(st < 0 ? 0 : st), lt, lp, v, b, a, bs, as) < 0 ||
-            (sym < 0 && ff_fix_add(d, sym, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) ||
+        if ((seen & FF_BIT(F_SS)) && o.str[F_SS].s &&
+            (st = ff_lookup_field(d, FF_ROLE_STATUS, &o, F_SS)) == FF_LOOKUP_ERR)
+            return -1;
+        ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
+        if (FF_UNLIKELY(!r)) return ff_fail_msg(d, obj_start, "out of memory");
+        r->sym = sym;
+        r->status = (uint8_t)(st < 0 ? 0 : st);
+        r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+        r->ts = ts;
+        r->last = FF_F64(d, o, F_LP);
+        r->volume = FF_F64(d, o, F_V);
+        r->bid = FF_F64(d, o, F_B);
+        r->ask = FF_F64(d, o, F_A);
+        r->bid_size = FF_F64(d, o, F_BS);
+        r->ask_size = FF_F64(d, o, F_AS);
+        r->recv_ts = d->recv_ts;
+        if ((sym < 0 && ff_fix_add(d, sym, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) ||
             (st < 0 && ff_fix_add(d, st, FF_FIX_QUOTE_STATUS, d->quotes.len - 1, 1) < 0))
             return ff_fail_msg(d, obj_start, "out of memory");
     } else {
         int32_t bt = 0;
-        if (bt_kind && (bt = ff_lookup_str(d, FF_ROLE_BAR_TYPE, &bt_str)) == FF_LOOKUP_ERR)
+        if ((seen & FF_BIT(F_BT)) && o.str[F_BT].s &&
+            (bt = ff_lookup_field(d, FF_ROLE_BAR_TYPE, &o, F_BT)) == FF_LOOKUP_ERR)
             return -1;
-        ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt), be, lu);
+        ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt), ts, ts2);
         if ((sym < 0 || bt < 0) && ff_fix_bars(d, sym, bt, bars_start) < 0)
             return ff_fail_msg(d, obj_start, "out of memory");
     }
     return 0;
 }
 
-/* ---- the documented layouts, matched whole --------------------------------- */
-
-static inline __attribute__((always_inline)) int ff_lit(const uint8_t *p, const uint8_t *e,
-                                                       const char *lit, size_t n)
-{
-    /* The literals are short constants: one masked 8-byte compare (the constant side
-     * folds at compile time), memcmp only near the end of a frame. */
-    if (n <= 8 && e - p >= 8) {
-        uint64_t want = 0;
-        memcpy(&want, lit, n);
-        uint64_t mask = n == 8 ? ~0ULL : ((1ULL << (8 * n)) - 1);
-        return (ff_load8(p) & mask) == want;
-    }
-    return (size_t)(e - p) >= n && memcmp(p, lit, n) == 0;
-}
-
-#define FF_EXPECT(lit) \
-    do { \
-        if (!ff_lit(p, e, lit, sizeof(lit) - 1)) return 0; \
-        p += sizeof(lit) - 1; \
-    } while (0)
-#define FF_NUM(kind, dv, iv) \
-    do { \
-        if (!ff_num_fast(p, e, d->start, kind, dv, iv, &p)) return 0; \
-    } while (0)
-
-/* Ticks and quotes exactly as the provider documents them, compact, keys in its
- * order: `{"c":"…","t":…,"p":…,"v":…}` and `{"c":"…","lt":…,"v":…,"lp":…,"a":…,
- * "b":…,"as":…,"bs":…}`.  Matching the layout whole skips key dispatch, type
- * bookkeeping and classification for the great majority of frames.  Returns 1
- * with the row appended, or 0 having changed nothing: anything else (other key
- * order, whitespace, escapes, nulls, unusual numbers) goes to ff_message, which
- * decodes every input the same way, only slower. */
-static int ff_message_fast(ff_dec *d)
-{
-    const uint8_t *p = d->p, *e = d->end;
-    FF_EXPECT("{\"c\":\"");
-    const uint8_t *sym = p;
-    while (e - p >= 8) {
-        uint64_t stops = ff_str_stops(ff_load8(p));
-        if (stops) {
-            p += __builtin_ctzll(stops) >> 3;
-            goto sym_end;
-        }
-        p += 8;
-    }
-    while (p < e && FF_PLAIN(*p)) p++;
-sym_end:
-    if (p >= e || *p != '"') return 0; /* escapes or non-ASCII: the general path */
-    uint32_t nsym = (uint32_t)(p - sym);
-    p++;
-    int32_t id;
-    if (ff_lit(p, e, ",\"t\":", 5)) {
-        p += 5;
-        int64_t t;
-        double price, volume;
-        FF_NUM(6, NULL, &t);
-        FF_EXPECT(",\"p\":");
-        FF_NUM(0, &price, NULL);
-        FF_EXPECT(",\"v\":");
-        FF_NUM(0, &volume, NULL);
-        FF_EXPECT("}");
-        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
-        if (FF_UNLIKELY(id == FF_LOOKUP_ERR) || ff_emit_tick(d, id, t, price, volume) < 0) return 0;
-        if (FF_UNLIKELY(id < 0) && ff_fix_add(d, id, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0) {
-            d->ticks.len--;
-            return 0;
-        }
-    } else if (ff_lit(p, e, ",\"lt\":", 6)) {
-        p += 6;
-        int64_t lt;
-        double v, lp, a, b, as, bs;
-        FF_NUM(6, NULL, &lt);
-        FF_EXPECT(",\"v\":");
-        FF_NUM(0, &v, NULL);
-        FF_EXPECT(",\"lp\":");
-        FF_NUM(0, &lp, NULL);
-        FF_EXPECT(",\"a\":");
-        FF_NUM(0, &a, NULL);
-        FF_EXPECT(",\"b\":");
-        FF_NUM(0, &b, NULL);
-        FF_EXPECT(",\"as\":");
-        FF_NUM(0, &as, NULL);
-        FF_EXPECT(",\"bs\":");
-        FF_NUM(0, &bs, NULL);
-        FF_EXPECT("}");
-        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
-        if (FF_UNLIKELY(id == FF_LOOKUP_ERR) || ff_emit_quote(d, id, 0, lt, lp, v, b, a, bs, as) < 0)
-            return 0;
-        if (FF_UNLIKELY(id < 0) && ff_fix_add(d, id, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) {
-            d->quotes.len--;
-            return 0;
-        }
-    } else if (ff_lit(p, e, ",\"be\":", 6)) {
-        p += 6;
-        int64_t be, lu;
-        FF_NUM(6, NULL, &be);
-        FF_EXPECT(",\"lu\":");
-        FF_NUM(3, NULL, &lu);
-        FF_EXPECT(",\"bt\":\"");
-        const uint8_t *bt = p;
-        while (p < e && FF_PLAIN(*p)) p++;
-        if (p >= e || *p != '"') return 0;
-        uint32_t nbt = (uint32_t)(p - bt);
-        p++;
-        FF_EXPECT(",\"s\":[");
-        size_t b0 = d->bars.len;
-        for (;;) {
-            int64_t t;
-            double o, h, l, c, v;
-            /* any early return below must drop the bars this message appended */
-            if (!ff_lit(p, e, "{\"t\":", 5) || !ff_num_fast(p + 5, e, d->start, 6, NULL, &t, &p))
-                goto bars_fail;
-#define FF_BAR_FIELD(lit, dst) \
-            if (!ff_lit(p, e, lit, 5) || !ff_num_fast(p + 5, e, d->start, 0, dst, NULL, &p)) goto bars_fail
-            FF_BAR_FIELD(",\"o\":", &o);
-            FF_BAR_FIELD(",\"h\":", &h);
-            FF_BAR_FIELD(",\"l\":", &l);
-            FF_BAR_FIELD(",\"c\":", &c);
-            FF_BAR_FIELD(",\"v\":", &v);
-#undef FF_BAR_FIELD
-            if (p >= e || *p != '}') goto bars_fail;
-            p++;
-            ff_bar *r = (ff_bar *)ff_vec_push(&d->bars);
-            if (!r) goto bars_fail;
-            r->ts = t;
-            r->open = o;
-            r->high = h;
-            r->low = l;
-            r->close = c;
-            r->volume = v;
-            if (p < e && *p == ',') {
-                p++;
-                continue;
-            }
-            break;
-        }
-        if (!ff_lit(p, e, "]}", 2)) goto bars_fail;
-        p += 2;
-        id = ff_lookup(d, FF_ROLE_SYM, (const char *)sym, nsym, (size_t)(sym - d->start));
-        int32_t bt_id = ff_lookup(d, FF_ROLE_BAR_TYPE, (const char *)bt, nbt, (size_t)(bt - d->start));
-        if (id == FF_LOOKUP_ERR || bt_id == FF_LOOKUP_ERR) goto bars_fail;
-        ff_finish_bars(d, b0, id, (int16_t)(bt_id < 0 ? 0 : bt_id), be, lu);
-        if (FF_UNLIKELY(id < 0 || bt_id < 0) && ff_fix_bars(d, id, bt_id, b0) < 0) goto bars_fail;
-        goto done;
-    bars_fail:
-        d->bars.len = b0;
-        return 0;
-    } else {
-        return 0;
-    }
-done:
-    d->p = p;
-    return 1;
-}
-
-#undef FF_EXPECT
-#undef FF_NUM
-
-/* One frame.  0: decoded (rows appended, or d->saw_control set); -1: d->err says why
- * (d->table_full when a table had no room), no row of this frame remains and no table
- * holds a code it added. */
+/* One frame.  0: decoded (rows appended, and d->ncontrol counting the control messages
+ * it held); -1: d->err says why (d->table_full when a table had no room), no row of this
+ * frame remains and no table holds a code it added. */
 static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
 {
     size_t t0 = d->ticks.len, q0 = d->quotes.len, b0 = d->bars.len;
     d->start = d->p = p;
     d->end = p + n;
     d->recv_ts = recv_ts;
-    d->saw_control = 0;
+    d->ncontrol = 0;
     d->table_full = 0;
     ff_ws(d);
     int rc;
     if (d->p >= d->end) {
         rc = ff_fail(d, d->p, "empty frame");
     } else if (*d->p == '{') {
-        rc = ff_message_fast(d) ? 0 : ff_message(d, 0);
+        rc = ff_message(d, 0);
     } else if (*d->p == '[') {
-        /* An array of messages; anything in it that is not a message object is control. */
+        /* An array of messages; each element that is not a message object is a control
+         * message.  `[]` holds no message at all. */
         d->p++;
         ff_ws(d);
         rc = 0;
         if (d->p < d->end && *d->p == ']') {
             d->p++;
-            d->saw_control = 1;
         } else {
             for (;;) {
                 if (d->p < d->end && *d->p == '{') {
-                    rc = ff_message_fast(d) ? 0 : ff_message(d, 1);
+                    rc = ff_message(d, 1);
                 } else {
-                    d->saw_control = 1;
+                    d->ncontrol++;
                     rc = ff_skip(d, 1);
                 }
                 if (rc < 0) break;
@@ -1693,7 +1718,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
             }
         }
     } else {
-        d->saw_control = 1;
+        d->ncontrol = 1;
         rc = ff_skip(d, 0);
     }
     if (rc == 0) {
@@ -1709,7 +1734,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         d->ticks.len = t0;
         d->quotes.len = q0;
         d->bars.len = b0;
-        d->saw_control = 0;
+        d->ncontrol = 0;
     }
     return rc;
 }

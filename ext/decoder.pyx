@@ -66,7 +66,7 @@ cdef extern from "decode.h":
         ff_symtab symbols, statuses, bar_types
         char *scratch
         size_t scratch_cap
-        int saw_control
+        size_t ncontrol
         int bar_bad_field
         int table_full
         void *pend
@@ -207,7 +207,7 @@ cdef class SymbolTable:
         if r == -1:
             raise OverflowError(f"SymbolTable is full ({self.capacity} codes)")
         if r == -2:
-            raise ValueError(f"code longer than {FF_SYMTAB_MAX_CODE} bytes")
+            raise ValueError(f"code of {len(b)} bytes: the most is {FF_SYMTAB_MAX_CODE}")
         return r
 
     def to_list(self) -> list:
@@ -293,25 +293,43 @@ cdef cnp.ndarray _as_i64(object arr, Py_ssize_t n, str what):
     return <cnp.ndarray>arr
 
 
+# The limits of a Decoder's own tables (each a keyword argument; README's decoder section).
+DEFAULT_MAX_SYMBOLS = 65536
+DEFAULT_MAX_BAR_TYPES = 4096
+MAX_STATUSES = 256       # ids of `status` (u1), "" (absent) included
+MAX_BAR_TYPES = 32768    # ids of `bar_type` (i2), "" (absent) included
+MAX_CODE_BYTES = FF_SYMTAB_MAX_CODE
+
+
+def _limit(name: str, value, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be an int in 1..{most}, got {value!r}")
+    return value
+
+
 cdef class Decoder:
     """Decodes the feed's JSON frames into NumPy rows.  Reuse one for a whole stream.
 
     ``symbols``, ``statuses``, ``bar_types``: optional :class:`SymbolTable` objects to
     intern into (pass tables over shared memory so that ids agree across processes);
-    by default the decoder makes private ones.  Id 0 of ``statuses`` and
-    ``bar_types`` is ``""``, the value of an absent field.  ``error_store``: how many
-    failed frames (reason and raw bytes) ``last_errors`` keeps for inspection.
+    by default the decoder makes private ones, of ``max_symbols`` symbols (with 48 bytes
+    of code text each), ``max_statuses`` statuses (at most 256: ``status`` is u1) and
+    ``max_bar_types`` bar types (at most 32768: ``bar_type`` is i2).  Id 0 of
+    ``statuses`` and ``bar_types`` is ``""``, the value of an absent field.
+    ``error_store``: how many failed frames (reason and raw bytes) ``last_errors`` keeps
+    for inspection.
 
     A frame that fails adds nothing to the tables: codes new to a table are inserted
     only once the whole frame has decoded.  A frame that needs a new code when its
-    table is full fails too (its error says which table), and counts in
-    ``symbols_full_total`` as well as ``errors_total``.
+    table is full fails too (its error names the table, its limit and the setting to
+    raise), and counts in ``symbols_full_total`` as well as ``errors_total``.
     """
 
     cdef ff_dec d
     cdef list _errors   # of the decode in progress; None until the first one
     cdef list _control
     cdef Py_ssize_t _full   # frames of the decode in progress that found a table full
+    cdef Py_ssize_t _ncontrol   # control messages of the decode in progress
     cdef readonly SymbolTable symbols
     cdef readonly SymbolTable statuses
     cdef readonly SymbolTable bar_types
@@ -323,16 +341,21 @@ cdef class Decoder:
     cdef readonly unsigned long long rows_total
 
     def __cinit__(self, *, SymbolTable symbols=None, SymbolTable statuses=None,
-                  SymbolTable bar_types=None, int error_store=100):
+                  SymbolTable bar_types=None, int error_store=100,
+                  max_symbols=DEFAULT_MAX_SYMBOLS, max_statuses=MAX_STATUSES,
+                  max_bar_types=DEFAULT_MAX_BAR_TYPES):
         memset(&self.d, 0, sizeof(ff_dec))
         self.d.ticks.itemsize = sizeof(ff_tick)
         self.d.quotes.itemsize = sizeof(ff_quote)
         self.d.bars.itemsize = sizeof(ff_bar)
-        self.symbols = symbols if symbols is not None else SymbolTable()
+        _limit("max_symbols", max_symbols, 16_000_000)
+        _limit("max_statuses", max_statuses, MAX_STATUSES)
+        _limit("max_bar_types", max_bar_types, MAX_BAR_TYPES)
+        self.symbols = symbols if symbols is not None else SymbolTable(capacity=max_symbols)
         self.statuses = statuses if statuses is not None else SymbolTable(
-            capacity=256, reserve_empty=True)
+            capacity=max_statuses, reserve_empty=True)
         self.bar_types = bar_types if bar_types is not None else SymbolTable(
-            capacity=4096, reserve_empty=True)
+            capacity=max_bar_types, reserve_empty=True)
         self.d.symbols = self.symbols.t
         self.d.statuses = self.statuses.t
         self.d.bar_types = self.bar_types.t
@@ -353,7 +376,8 @@ cdef class Decoder:
     cdef inline int _one(self, const uint8_t *p, size_t n, int64_t recv_ts,
                          Py_ssize_t index) except -1:
         if ff_decode_frame(&self.d, p, n, recv_ts) == 0:
-            if self.d.saw_control:
+            if self.d.ncontrol:
+                self._ncontrol += self.d.ncontrol
                 if self._control is None:
                     self._control = []
                 self._control.append(PyBytes_FromStringAndSize(<const char *>p, n))
@@ -376,6 +400,7 @@ cdef class Decoder:
         self._errors = None
         self._control = None
         self._full = 0
+        self._ncontrol = 0
 
     cdef Batch _finish(self, Py_ssize_t frames):
         cdef Batch b = Batch.__new__(Batch)
@@ -388,8 +413,8 @@ cdef class Decoder:
         self.frames_total += frames
         if self._errors is not None:
             self.errors_total += len(self._errors)
-        if self._control is not None:
-            self.control_total += len(self._control)
+        self.control_total += self._ncontrol
+        self._ncontrol = 0
         self.symbols_full_total += self._full
         self._full = 0
         self._errors = None

@@ -18,7 +18,6 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from ff_ring cimport *
 
@@ -54,10 +53,14 @@ def cleanup_stale() -> list:
 
 
 cdef class _Mapping:
-    """Owns one mmap of a segment; munmap happens when the last reference (including every
-    memoryview exported from it) is gone, so a closed Ring never leaves a dangling view."""
+    """Holds one mapping of a segment (made by ``fastfeed.shm.map_file``, the one place that
+    opens segments) and its base address; munmap happens when the last reference (including
+    every memoryview exported from it) is gone, so a closed Ring never leaves a dangling view."""
     cdef char *ptr
     cdef Py_ssize_t size
+    cdef object _mm
+    cdef Py_buffer _view
+    cdef bint _has_view
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         if self.ptr == NULL:
@@ -68,33 +71,21 @@ cdef class _Mapping:
         pass
 
     def __dealloc__(self):
-        if self.ptr != NULL:
-            munmap(self.ptr, self.size)
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+            self._has_view = False
             self.ptr = NULL
+            self._mm.close()
 
 
 cdef _Mapping _map_segment(str path, Py_ssize_t size, bint create):
-    cdef int fd
-    cdef void *p
-    flags = os.O_RDWR | ((os.O_CREAT | os.O_EXCL) if create else 0)
-    fd = os.open(path, flags, 0o600)
-    try:
-        if create:
-            os.ftruncate(fd, size)
-        else:
-            size = os.fstat(fd).st_size
-        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if p == MAP_FAILED:
-            raise OSError("mmap of %s failed" % path)
-    except BaseException:
-        os.close(fd)
-        if create:
-            os.unlink(path)
-        raise
-    os.close(fd)
+    mm = _shm.map_file(path, size, create=create)
     cdef _Mapping m = _Mapping.__new__(_Mapping)
-    m.ptr = <char *>p
-    m.size = size
+    m._mm = mm
+    PyObject_GetBuffer(mm, &m._view, PyBUF_WRITABLE)
+    m._has_view = True
+    m.ptr = <char *>m._view.buf
+    m.size = m._view.len
     return m
 
 
@@ -885,75 +876,3 @@ def _pid_alive(int pid) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark loops (benchmarks/bench_ring.py): the ring's own latency, without Python's cost per
-# message. The payload's first 8 bytes carry the CLOCK_MONOTONIC send time in ns.
-
-def _bench_latency_producer(Ring ring, Py_ssize_t n, Py_ssize_t size, int64_t interval_ns):
-    """Write ``n`` records of ``size`` (>= 8) bytes, one every ``interval_ns`` (busy-waiting
-    between them so the pacing itself never sleeps), each stamped just before ff_ring_write.
-    Returns the number written."""
-    cdef void *base = ring._live()
-    cdef bytearray buf = bytearray(max(size, 8))
-    cdef unsigned char *p = buf
-    cdef Py_ssize_t i, written = 0
-    cdef int64_t next_t, now
-    ring._as_producer()
-    with nogil:
-        next_t = ff_now_ns()
-        for i in range(n):
-            while True:
-                now = ff_now_ns()
-                if now >= next_t:
-                    break
-            next_t = now + interval_ns
-            now = ff_now_ns()
-            memcpy(p, &now, 8)
-            written += ff_ring_write(base, p, <uint32_t>size, 1, 0, 0)
-    return written
-
-
-def _bench_latency_consumer(Ring ring, Py_ssize_t n, bint busy, double timeout=60.0):
-    """Read ``n`` records one at a time as they arrive (spin only if ``busy``, else spin/yield/
-    futex) and return their one-way latencies in ns as an int64 array."""
-    cdef void *base = ring._live()
-    cdef ff_ring_header *h = ring._h
-    cdef uint8_t *data = ff_ring_data(base)
-    out = np.empty(n, np.int64)
-    cdef int64_t[::1] lat = out
-    cdef int64_t off[64]
-    cdef int64_t lens[64]
-    cdef int64_t ts[64]
-    cdef uint64_t seqs[64]
-    cdef int32_t types[64]
-    cdef int32_t routes[64]
-    cdef uint64_t head, pos, expected, gaps
-    cdef uint32_t k, j
-    cdef int64_t stamp, now, deadline
-    cdef Py_ssize_t got = 0
-    ff_st_i32(&h.consumer_pid, os.getpid())
-    with nogil:
-        deadline = ff_now_ns() + <int64_t>(timeout * 1e9)
-        while got < n:
-            head = ff_ld_u64(&h.head)
-            if not ff_ring_wait(base, head, 100000000, busy):
-                if ff_now_ns() > deadline:
-                    break
-                continue
-            pos = head
-            expected = ff_ld_u64(&h.next_expected_seq)
-            gaps = ff_ld_u64(&h.gaps)
-            k = ff_ring_poll(base, 64, &pos, &expected, &gaps, off, lens, ts, seqs, types, routes)
-            now = ff_now_ns()
-            for j in range(k):
-                if got < n:
-                    memcpy(&stamp, data + off[j], 8)
-                    lat[got] = now - stamp
-                    got += 1
-            if k:
-                ff_ring_release(base, pos, expected, gaps, k)
-            elif pos != head:
-                ff_ring_skip(base, pos)
-    return out[:got]

@@ -24,7 +24,9 @@
 /* Average bytes reserved per code: exchange-qualified codes such as
  * "NASDAQ:AAPL" are ~12 bytes, so 48 leaves ample room for long ones. */
 #define FF_SYMTAB_BYTES_PER_CODE 48u
-#define FF_SYMTAB_MAX_CODE 1024u
+/* Longest code: a table stores any length its bytes for codes hold; this only keeps one
+ * absurd code from taking a table's room at once. */
+#define FF_SYMTAB_MAX_CODE 65535u
 
 typedef struct {
     uint64_t magic;

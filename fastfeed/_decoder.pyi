@@ -13,6 +13,11 @@ TICK_DTYPE: np.dtype[np.void]
 QUOTE_DTYPE: np.dtype[np.void]
 BAR_DTYPE: np.dtype[np.void]
 NAT: int
+DEFAULT_MAX_SYMBOLS: int
+DEFAULT_MAX_BAR_TYPES: int
+MAX_STATUSES: int
+MAX_BAR_TYPES: int
+MAX_CODE_BYTES: int
 
 def now_us() -> int:
     """The current CLOCK_REALTIME time in int64 microseconds, as stamped on frames."""
@@ -64,13 +69,17 @@ class Decoder:
     frames_total: int
     errors_total: int
     control_total: int
+    """Control messages (valid JSON that is not market data), counted per message: an array
+    frame counts each such element, ``[]`` none."""
     symbols_full_total: int
     """Frames that failed because the symbol, status or bar-type table they needed a new
     code in was full (each also counts in ``errors_total``)."""
     rows_total: int
 
     def __init__(self, *, symbols: SymbolTable | None = None, statuses: SymbolTable | None = None,
-                 bar_types: SymbolTable | None = None, error_store: int = 100) -> None: ...
+                 bar_types: SymbolTable | None = None, error_store: int = 100,
+                 max_symbols: int = 65536, max_statuses: int = 256, max_bar_types: int = 4096,
+                 ) -> None: ...
     def decode(self, frames: Iterable[Buffer], recv_ts: int | Sequence[int] | npt.ArrayLike | None = None,
                ) -> Batch: ...
     def decode_buffer(self, data: Buffer, recv_ts: int | None = None) -> Batch: ...

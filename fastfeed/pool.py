@@ -152,7 +152,9 @@ class WorkerPool:
         self.cpus = set(cpus) if cpus is not None else None
         self.on_handler_error = on_handler_error
         self._inline: InlineDecoder | None = None
-        self.small_capacity = 1024  # statuses and bar types: a handful of distinct codes
+        # statuses and bar types: as a standalone Decoder's own tables (max_bar_types=4096;
+        # statuses stop at 256, the range of `status`), so that both give the same errors
+        self.small_capacity = 4096
         self.name = name or f"pool{next(_pool_ids)}"
         self.rings: list[Ring] = []
         self.outputs: list[Ring] = []

@@ -28,6 +28,7 @@ __all__ = [
     "PREFIX",
     "Segment",
     "cleanup_stale",
+    "map_file",
     "list_segments",
     "owner_of",
     "process_start_ticks",
@@ -173,6 +174,26 @@ def reserve(name: str, size: int, directory: str | None = None) -> None:
         os.close(fd)
 
 
+def map_file(path: str, size: int, *, create: bool) -> mmap.mmap:
+    """Map ``path`` read-write and shared: a new file of ``size`` zero bytes (``create``: it must
+    not exist yet, mode 0600, and it is removed again if the mapping fails), or the whole of an
+    existing one.  The one place segments are opened: ``Segment`` and the rings use it."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size == 0:
+            raise OSError(errno.EINVAL, f"mmap of {path} failed: the file is empty")
+        return mmap.mmap(fd, size if create else 0, mmap.MAP_SHARED)
+    except BaseException:
+        if create:
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 class Segment:
     """A named shared-memory segment mapped read-write.
 
@@ -184,22 +205,8 @@ class Segment:
     def __init__(self, name: str, size: int, *, create: bool) -> None:
         self.name = name
         self.owner = create
-        path = os.path.join(SHM_DIR, name)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            else:
-                size = os.fstat(fd).st_size
-            self.size = size
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            if create:
-                os.unlink(path)
-            raise
-        os.close(fd)
+        self._mmap: mmap.mmap | None = map_file(os.path.join(SHM_DIR, name), size, create=create)
+        self.size = len(self._mmap)
         self.buf: memoryview | None = memoryview(self._mmap)
 
     @classmethod

@@ -121,6 +121,13 @@ def _bar(bar) -> tuple:
     return (fixed(bar.get("t"), 6),) + tuple(real(bar.get(k)) for k in "ohlcv")
 
 
+USED = {  # the keys each kind of message reads; any other key is skipped, whatever it holds
+    "ticks": ("c", "t", "p", "v"),
+    "quotes": ("c", "lt", "v", "lp", "a", "b", "as", "bs", "ss"),
+    "bars": ("c", "be", "lu", "bt", "s"),
+}
+
+
 def message(m: dict, recv_ts: int, out: dict) -> bool:
     """Appends the rows of one message, and its codes to ``out["codes"]`` as (table, code);
     False when it is a control message."""
@@ -135,11 +142,12 @@ def message(m: dict, recv_ts: int, out: dict) -> bool:
     c = m.get("c")
     if not isinstance(c, str):
         raise RefError("data message without a string c")
-    # Every known field must hold its type, whichever kind of message it is in.
-    f = {k: fixed(m.get(k), n) for k, n in FIXED.items()}
-    r = {k: real(m.get(k)) for k in REAL}
-    ss = opt_str(m.get("ss"))
-    bt = opt_str(m.get("bt"))
+    # The fields this kind uses must hold their types; the others are not looked at.
+    used = USED[kind]
+    f = {k: fixed(m.get(k), n) for k, n in FIXED.items() if k in used}
+    r = {k: real(m.get(k)) for k in REAL if k in used}
+    ss = opt_str(m.get("ss")) if kind == "quotes" else ""
+    bt = opt_str(m.get("bt")) if kind == "bars" else ""
     s = m.get("s")
     if s is not None and not isinstance(s, list):
         raise RefError("s is not an array")
@@ -161,31 +169,48 @@ def message(m: dict, recv_ts: int, out: dict) -> bool:
     return True
 
 
+MAX_DEPTH = 64  # containers inside one another: 64 levels are accepted, 65 refused
+
+
+def depth(v) -> int:
+    """How many containers the deepest value of ``v`` sits in (a scalar: 0)."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
 def decode(frames: list[bytes], recv_ts: int = 0) -> dict:
     """{'ticks': [...], 'quotes': [...], 'bars': [...], 'errors': [index], 'control': [bytes],
-    'tables': {'symbols': [...], 'statuses': [...], 'bar_types': [...]}}
+    'ncontrol': int, 'tables': {'symbols': [...], 'statuses': [...], 'bar_types': [...]}}
 
+    ``control``: the frames that hold at least one control message; ``ncontrol``: how many
+    control messages there were (a frame that is an array counts each of its elements that
+    is not a market-data message; ``[]`` holds none).
     ``tables``: what a fresh decoder's tables hold afterwards, in id order: the codes of
     the frames that decoded, in order of first use (a frame that fails adds none)."""
-    out = {"ticks": [], "quotes": [], "bars": [], "errors": [], "control": []}
+    out = {"ticks": [], "quotes": [], "bars": [], "errors": [], "control": [], "ncontrol": 0}
     tables: dict[str, list[str]] = {"symbols": [], "statuses": [""], "bar_types": [""]}
     for i, f in enumerate(frames):
         rows = {"ticks": [], "quotes": [], "bars": [], "codes": []}
         try:
             v = parse(f)
-            control = False
+            if depth(v) > MAX_DEPTH:
+                raise RefError("nesting too deep")
+            control = 0
             if isinstance(v, dict):
-                control = not message(v, recv_ts, rows)
+                control = int(not message(v, recv_ts, rows))
             elif isinstance(v, list):
-                if not v:
-                    control = True
                 for m in v:
                     if isinstance(m, dict):
-                        control |= not message(m, recv_ts, rows)
+                        control += not message(m, recv_ts, rows)
                     else:
-                        control = True
+                        control += 1
             else:
-                control = True
+                control = 1
         except RefError:
             out["errors"].append(i)
             continue
@@ -196,6 +221,7 @@ def decode(frames: list[bytes], recv_ts: int = 0) -> dict:
             out[k].extend(rows[k])
         if control:
             out["control"].append(bytes(f))
+            out["ncontrol"] += control
     out["tables"] = tables
     return out
 
@@ -211,6 +237,7 @@ def fast_rows(dec, batch) -> dict:
         "bars": [(sy[r[0]], bt[r[1]], *r[2:]) for r in batch.bars.tolist()],
         "errors": [i for i, _ in batch.errors],
         "control": list(batch.control),
+        "ncontrol": dec.control_total,
     }
 
 
@@ -235,6 +262,8 @@ def mismatches(frames: list[bytes], got: dict, want: dict) -> list[str]:
                 break
     if got["control"] != want["control"]:
         out.append(f"control: {len(got['control'])} vs reference {len(want['control'])}")
+    if got.get("ncontrol", want["ncontrol"]) != want["ncontrol"]:
+        out.append(f"control messages: {got['ncontrol']} vs reference {want['ncontrol']}")
     for k in ("symbols", "statuses", "bar_types"):
         if got["tables"][k] != want["tables"][k]:
             out.append(f"{k} table: {got['tables'][k]} != reference {want['tables'][k]}")

@@ -25,7 +25,9 @@ DEC = Decoder(error_store=0)
 
 
 def one_input(data: bytes) -> None:
+    c0 = DEC.control_total
     batch = DEC.decode([data], recv_ts=0)
+    ncontrol = DEC.control_total - c0
     try:
         ref = reference.decode([data], 0)
     except decimal.InvalidOperation:
@@ -37,6 +39,7 @@ def one_input(data: bytes) -> None:
     assert got_error == bool(ref["errors"]), (data, batch.errors)
     if not got_error:
         assert batch.control == ref["control"], data
+        assert ncontrol == ref["ncontrol"], (data, ncontrol)
         assert (len(batch.ticks), len(batch.quotes), len(batch.bars)) == (
             len(ref["ticks"]), len(ref["quotes"]), len(ref["bars"])), data
     DEC.decode_buffer(data, recv_ts=0)

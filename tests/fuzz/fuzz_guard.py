@@ -61,7 +61,7 @@ MAX_LEN = 1 << 16  # longer inputs are cut here
 NPREFIX = 64       # prefixes decoded per input
 
 DEC = Decoder(error_store=0)
-# Errors for the decoder's documented limits (a code over 1024 bytes, a full table).
+# Errors for the decoder's documented limits (a code over 65535 bytes, a full table).
 LIMITS = ("code too long", "table full")
 GUARD = guardpage.GuardedRegion(MAX_LEN)
 SLOTS = guardpage.GuardedSlots(NPREFIX, MAX_LEN)
@@ -108,7 +108,9 @@ def one_input(data: bytes) -> None:
     view = GUARD.place(data)
     off = GUARD.offset(n)
 
+    c0 = dec.control_total
     batch = dec.decode([view], recv_ts=0)
+    ncontrol = dec.control_total - c0
     ref = _reference(data)
     got_error = bool(batch.errors)
     if got_error and any(lim in batch.errors[0][1] for lim in LIMITS):
@@ -117,6 +119,7 @@ def one_input(data: bytes) -> None:
         assert got_error == bool(ref["errors"]), (data, batch.errors)
     if ref is not None and not got_error:
         assert batch.control == ref["control"], data
+        assert ncontrol == ref["ncontrol"], (data, ncontrol)
         assert (len(batch.ticks), len(batch.quotes), len(batch.bars)) == (
             len(ref["ticks"]), len(ref["quotes"]), len(ref["bars"])), data
     again = dec.decode_region(GUARD.region, [off], [n], [0])
