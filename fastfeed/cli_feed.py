@@ -211,10 +211,17 @@ def _consume(feed: Any, *, count: int | None, duration: float | None, display: D
         reason["why"] = "error"
     finally:
         try:
-            if sink is not None and feed.output and not feed.hurried and feed.started:
-                # rows still in flight go to the sink too
-                while (b := feed.poll(timeout=0)) is not None:
-                    sink.write(b)
+            if feed.output and not feed.hurried and feed.started and error is None:
+                # Rows still in flight (a worker may publish a range just after counting
+                # it) are handed over too: the source stops, the loop ends once drained.
+                feed.request_stop()
+                try:
+                    for b in feed:
+                        display.note_quotes(b.quotes)
+                        if sink is not None:
+                            sink.write(b)
+                except FeedError as exc:
+                    error = str(exc)
             feed.stop()
         finally:
             for s, h in old.items():

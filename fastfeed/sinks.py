@@ -15,6 +15,7 @@ The raw capture sink (every frame with its receive time, for replay) lives in
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ParquetSink"]
+
+log = logging.getLogger("fastfeed.sinks")
 
 _KINDS = ("ticks", "quotes", "bars")
 
@@ -40,13 +43,15 @@ class ParquetSink:
         fewer only at a roll, at close, or after ``flush_seconds`` of gathering.
     flush_seconds: write what has been gathered at least this often, so that a slow
         stream still reaches the disk (a row group each time).
-    max_queue: batches waiting for the writer before new ones are dropped (and counted).
+    max_queue: batches waiting for the writer; when it is full, :meth:`write` waits (up to
+        ``put_timeout`` seconds, then the batch is dropped, counted and logged).
     """
 
     def __init__(self, out: str | os.PathLike[str], *, tables: Any = None,
                  roll_rows: int = 5_000_000, roll_seconds: float = 300.0,
                  row_group_rows: int = 131_072, flush_seconds: float = 10.0,
-                 max_queue: int = 1024, compression: str = "zstd") -> None:
+                 max_queue: int = 1024, compression: str = "zstd",
+                 put_timeout: float = 60.0) -> None:
         import pyarrow  # noqa: F401  (fail now, not in the thread, when it is missing)
 
         self.out = Path(out)
@@ -57,6 +62,7 @@ class ParquetSink:
         self.roll_seconds = roll_seconds
         self.compression = compression
         self.dropped = 0
+        self.put_timeout = put_timeout
         self.rows_written = dict.fromkeys(_KINDS, 0)
         self.files: list[Path] = []
         self.error: BaseException | None = None
@@ -96,9 +102,14 @@ class ParquetSink:
             return
         item.append(self._codes())  # type: ignore[arg-type]
         try:
-            self._q.put_nowait(item)
+            # Lossless: a full queue makes the consumer wait for the writer (and the feed
+            # pushes back upstream); only a writer stuck for put_timeout loses the batch.
+            self._q.put(item, timeout=self.put_timeout)
         except queue.Full:
             self.dropped += 1
+            log.warning("parquet sink: the writer has taken nothing for %g s; a batch of %d "
+                        "rows dropped (counted in parquet_dropped)", self.put_timeout,
+                        sum(len(a) for _, a in item[:-1]))
 
     def _run(self) -> None:
         from .convert import to_arrow

@@ -50,6 +50,7 @@ def record(tmp_path: Path, out: Path, n: int, fmt: str, seed: int) -> dict:
     assert r.returncode == 0, r.stderr
     out_json = json.loads(r.stdout.strip().splitlines()[-1])
     assert out_json["frames"] == n
+    assert out_json.get("parquet_dropped", 0) == 0 and not any(out_json["undelivered"].values()), out_json
     return sent
 
 
