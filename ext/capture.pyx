@@ -19,6 +19,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
+from ff_route cimport ff_route
 from ff_ring cimport ff_ring_set_producer, ff_ring_try_write, ff_ring_write
 
 import os
@@ -42,54 +43,12 @@ cdef enum:
 DONE, FULL, PACED, BUDGET = _DONE, _FULL, _PACED, _BUDGET
 
 
-cdef inline bint _is_ws(char c) noexcept nogil:
-    return c == b' ' or c == b'\n' or c == b'\r' or c == b'\t'
-
-
-cdef int32_t _route(const char *p, Py_ssize_t n) noexcept nogil:
-    """FNV-1a (31 bits) of the first string value of a "c" key, or -1 if there is none.
-
-    The same function as the network process's (ext/listener.pyx ``_route``), so a replay
-    routes every symbol to the ring the live run used; tests/test_replay.py checks that the
-    two agree on every frame of a corpus.
-    """
-    cdef Py_ssize_t i = 0, k
-    cdef const char *q
-    cdef uint32_t h
-    while i < n:
-        q = <const char *>memchr(p + i, b'"', n - i)
-        if q == NULL:
-            return -1
-        i = q - p
-        if i + 2 < n and p[i + 1] == b'c' and p[i + 2] == b'"':
-            k = i + 3
-            while k < n and _is_ws(p[k]):
-                k += 1
-            if k < n and p[k] == b':':
-                k += 1
-                while k < n and _is_ws(p[k]):
-                    k += 1
-                if k < n and p[k] == b'"':
-                    k += 1
-                    h = 2166136261u
-                    while k < n and p[k] != b'"':
-                        h = (h ^ <unsigned char>p[k]) * 16777619u
-                        k += 1
-                    if k >= n:
-                        return -1
-                    return <int32_t>(h & 0x7fffffffu)
-            i += 3
-        else:
-            i += 1
-    return -1
-
-
 def route_frame(frame) -> int:
     """The route this module gives a frame (for tests: it must equal ``route_of``)."""
     cdef const unsigned char[::1] b = bytes(frame)
     if b.shape[0] == 0:
         return -1
-    return _route(<const char *>&b[0], b.shape[0])
+    return ff_route(<const char *>&b[0], b.shape[0])
 
 
 def routes(data, offsets, lengths):
@@ -111,7 +70,7 @@ def routes(data, offsets, lengths):
     cdef const char *p = <const char *>&buf[0]
     with nogil:
         for i in range(n):
-            r[i] = _route(p + off[i], ln[i])
+            r[i] = ff_route(p + off[i], ln[i])
     return out
 
 
@@ -320,7 +279,7 @@ cdef class CaptureReader:
                         break
                     payload = self._data[j] + self._hoff[j]
                     length = self._hlen[j]
-                    route = _route(<const char *>payload, length)
+                    route = ff_route(<const char *>payload, length)
                     if route < 0:
                         # no symbol: the live listener's control path, not a ring's
                         self.control += 1

@@ -34,6 +34,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 from posix.unistd cimport getpid
 
+from ff_route cimport ff_route
 from ff_ring cimport (FF_POLICY_PAUSE, ff_ring_hdr, ff_ring_set_producer, ff_ring_try_write,
                      ff_ring_write)
 
@@ -70,48 +71,6 @@ cdef inline int64_t _monotonic_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef inline bint _is_ws(char c) noexcept nogil:
-    return c == b' ' or c == b'\n' or c == b'\r' or c == b'\t'
-
-
-cdef int32_t _route(const char *p, Py_ssize_t n) noexcept nogil:
-    """FNV-1a hash (31 bits) of the first string value of a "c" key, or -1 if there is none.
-
-    Inside a bar, "c" is the close price, a number: it is skipped, so key order does not
-    matter. The raw bytes are hashed: a code written with JSON escapes would route apart from
-    its plain spelling (the provider does not escape codes).
-    """
-    cdef Py_ssize_t i = 0, k
-    cdef const char *q
-    cdef uint32_t h
-    while i < n:
-        q = <const char *>memchr(p + i, b'"', n - i)
-        if q == NULL:
-            return -1
-        i = q - p
-        if i + 2 < n and p[i + 1] == b'c' and p[i + 2] == b'"':
-            k = i + 3
-            while k < n and _is_ws(p[k]):
-                k += 1
-            if k < n and p[k] == b':':
-                k += 1
-                while k < n and _is_ws(p[k]):
-                    k += 1
-                if k < n and p[k] == b'"':
-                    k += 1
-                    h = 2166136261u
-                    while k < n and p[k] != b'"':
-                        h = (h ^ <unsigned char>p[k]) * 16777619u
-                        k += 1
-                    if k >= n:
-                        return -1
-                    return <int32_t>(h & 0x7fffffffu)
-            i += 3
-        else:
-            i += 1
-    return -1
-
-
 def route_of(code) -> int:
     """The route of a symbol code, or of a whole frame (``bytes`` or ``str``): its ring is
     ``route % n_rings``; -1 for a frame with no symbol (the listener's control path).
@@ -124,9 +83,9 @@ def route_of(code) -> int:
     cdef bytes data = bytes(code)
     cdef bytes stripped = data.lstrip()
     if stripped[:1] in (b"{", b"["):
-        return _route(data, len(data))
+        return ff_route(data, len(data))
     cdef bytes frame = b'{"c":"' + data + b'"}'
-    return _route(frame, len(frame))
+    return ff_route(frame, len(frame))
 
 
 cdef class FeedListener(WSListener):
@@ -411,7 +370,7 @@ cdef class FeedListener(WSListener):
         self._frag_len = need
 
     cdef inline void _message(self, const char *p, Py_ssize_t n) noexcept:
-        cdef int32_t route = _route(p, n)
+        cdef int32_t route = ff_route(p, n)
         cdef int r
         if route >= 0:
             if self._bl_head != self._bl_tail:

@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastfeed
-from fastfeed import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE, Batch, BatchReleasedError, Decoder, shm
-from fastfeed.config import load_settings
+from fastfeed import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE, Batch, BatchReleasedError, Decoder
 from fastfeed.feed import Feed
 from fastfeed.output import pack_events, unpack_events
 from fastfeed.sim.process import SimulatorProcess
-
-
-def _ours() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fastfeed.{os.getpid()}.")}
-
-
-@pytest.fixture(autouse=True)
-def no_segments_left():
-    before = _ours()
-    yield
-    left = _ours() - before
-    shm.cleanup_stale()
-    assert not left, f"shared-memory segments left behind: {left}"
-
-
-def settings_for(sim: SimulatorProcess, tmp_path: Path):
-    return load_settings(sim.settings_args(token_cache=str(tmp_path / "token.json")), env={})
+from tests.feedcheck import no_segments_left, settings_for  # noqa: F401  (autouse)
 
 
 def _content(b: Batch) -> bytes:

@@ -15,32 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastfeed import Decoder, shm
+from fastfeed import Decoder
 from fastfeed.capture import frames_array, read_capture
 from fastfeed.config import load_settings
 from fastfeed.feed import Feed
 from fastfeed.sim.process import SimulatorProcess
+from tests.feedcheck import no_segments_left, settings_for  # noqa: F401  (autouse)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ours() -> set[str]:
-    """fastfeed segments owned by this process (commands run as subprocesses are checked
-    by their own pid; other test runs on the machine may own segments too)."""
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fastfeed.{os.getpid()}.")}
-
-
-@pytest.fixture(autouse=True)
-def no_segments_left():
-    before = _ours()
-    yield
-    left = _ours() - before
-    shm.cleanup_stale()
-    assert not left, f"shared-memory segments left behind: {left}"
-
-
-def settings_for(sim: SimulatorProcess, tmp_path: Path):
-    return load_settings(sim.settings_args(token_cache=str(tmp_path / "token.json")), env={})
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -31,20 +31,15 @@ import pytest
 
 from fastfeed import shm
 from fastfeed.capture import frames_array
-from fastfeed.config import load_settings
 from fastfeed.feed import Feed, FeedError, FeedIdleError
 from fastfeed.sim.process import SimulatorProcess
+from tests.feedcheck import settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("ticks", "quotes", "bars")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def settings_for(sim: SimulatorProcess, tmp_path: Path, **extra):
-    return load_settings(sim.settings_args(token_cache=str(tmp_path / "token.json"), **extra),
-                         env={})
 
 
 def wait_until(cond: Callable[[], object], timeout: float, what: str | Callable[[], str],

@@ -9,36 +9,17 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastfeed import shm
-from fastfeed.config import load_settings
 from fastfeed.feed import Feed
 from fastfeed.latency import LatencyHistogram
 from fastfeed.metrics import LATENCY_BOUNDS_S, serve_metrics
 from fastfeed.sim.process import SimulatorProcess
+from tests.feedcheck import no_segments_left, settings_for  # noqa: F401  (autouse)
 
 pytest.importorskip("prometheus_client")
-
-
-def _ours() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fastfeed.{os.getpid()}.")}
-
-
-@pytest.fixture(autouse=True)
-def no_segments_left():
-    before = _ours()
-    yield
-    left = _ours() - before
-    shm.cleanup_stale()
-    assert not left, f"shared-memory segments left behind: {left}"
-
-
-def settings_for(sim: SimulatorProcess, tmp_path: Path):
-    return load_settings(sim.settings_args(token_cache=str(tmp_path / "token.json")), env={})
 
 
 def _scrape(port: int) -> str:
