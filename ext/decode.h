@@ -1094,7 +1094,7 @@ static __attribute__((noinline)) int ff_reparse_fixed(ff_dec *d, const ff_numv *
 }
 
 /* A number field (present) as a double: bit-exact with Python's float() of its text. */
-static inline double ff_conv_double(ff_dec *d, const ff_numv *v)
+static inline __attribute__((always_inline)) double ff_conv_double(ff_dec *d, const ff_numv *v)
 {
     if (FF_LIKELY(v->how == FF_NUM_FAST && v->mant <= (1ULL << 53))) {
         double x = (double)v->mant / ff_pow10[v->nfrac]; /* exact operands: one rounding */
