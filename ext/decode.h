@@ -429,6 +429,15 @@ static inline __attribute__((always_inline)) void ff_ws(ff_dec *d)
         d->p = p + 1;
         return;
     }
+#if defined(__SSE2__)
+    if (FF_LIKELY(e - p >= 16)) { /* a newline and an indent: one step, here */
+        unsigned m = ff_nonws16(p);
+        if (FF_LIKELY(m)) {
+            d->p = p + __builtin_ctz(m);
+            return;
+        }
+    }
+#endif
     d->p = ff_ws_skip(p, e);
 }
 
