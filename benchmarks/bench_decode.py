@@ -180,18 +180,22 @@ def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
     return [one(f, layout) for f in frames]
 
 
-def time_all(frames: list[bytes], contenders: list, repeat: int) -> dict[str, float]:
-    """Median seconds per contender over ``repeat`` rounds.  Contenders run in turn within
-    each round, so that a burst of load from elsewhere hits all of them alike."""
-    for _, fn in contenders:
-        fn(frames[:2000])  # warm up caches and lazy imports
-    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
+def time_all(cases: dict[str, list[bytes]], contenders: list, repeat: int) -> dict[tuple[str, str], float]:
+    """Median seconds per (case, contender) over ``repeat`` rounds.  Every contender on every
+    case runs once within each round, so that a burst of load from elsewhere on a shared
+    machine hits all of them alike: both the ratios between contenders and those between
+    layouts hold."""
+    for frames in cases.values():
+        for _, fn in contenders:
+            fn(frames[:2000])  # warm up caches and lazy imports
+    times: dict[tuple[str, str], list[float]] = {(c, n): [] for c in cases for n, _ in contenders}
     for _ in range(repeat):
-        for name, fn in contenders:
-            t0 = time.perf_counter()
-            fn(frames)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        for case, frames in cases.items():
+            for name, fn in contenders:
+                t0 = time.perf_counter()
+                fn(frames)
+                times[case, name].append(time.perf_counter() - t0)
+    return {k: statistics.median(ts) for k, ts in times.items()}
 
 
 def bytes_pass(frames: list[bytes], repeat: int) -> dict[str, float] | None:
@@ -240,14 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     if "mixed" in args.kinds.split(","):
         cases.append(("mixed", "realistic"))
     base_frames = {k: corpus(args.messages, KINDS[k]) for k in args.kinds.split(",")}
-    for kind, layout in cases:
-        frames = relayout(base_frames[kind], layout)
-        nbytes = sum(map(len, frames))
+    for kind in base_frames:
+        layouts = [lay for k, lay in cases if k == kind]
+        frames = {lay: relayout(base_frames[kind], lay) for lay in layouts}
         t = time_all(frames, contenders, args.repeat)
-        row = {"kind": kind, "layout": layout, "bytes_per_msg": nbytes / len(frames)}
-        for name, _ in contenders:
-            row[name] = t[name] / len(frames) * 1e9
-        results.append(row)
+        for lay in layouts:
+            nbytes = sum(map(len, frames[lay]))
+            n = len(frames[lay])
+            row = {"kind": kind, "layout": lay, "bytes_per_msg": nbytes / n}
+            for name, _ in contenders:
+                row[name] = t[lay, name] / n * 1e9
+            results.append(row)
     passes = []
     for layout in (*LAYOUTS, "realistic"):
         if "mixed" not in base_frames:

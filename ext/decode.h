@@ -429,6 +429,15 @@ static inline __attribute__((always_inline)) void ff_ws(ff_dec *d)
         d->p = p + 1;
         return;
     }
+#if defined(__SSE2__)
+    if (FF_LIKELY(e - p >= 16)) { /* a newline and an indent: one step, here */
+        unsigned m = ff_nonws16(p);
+        if (FF_LIKELY(m)) {
+            d->p = p + __builtin_ctz(m);
+            return;
+        }
+    }
+#endif
     d->p = ff_ws_skip(p, e);
 }
 
@@ -1094,7 +1103,7 @@ static __attribute__((noinline)) int ff_reparse_fixed(ff_dec *d, const ff_numv *
 }
 
 /* A number field (present) as a double: bit-exact with Python's float() of its text. */
-static inline double ff_conv_double(ff_dec *d, const ff_numv *v)
+static inline __attribute__((always_inline)) double ff_conv_double(ff_dec *d, const ff_numv *v)
 {
     if (FF_LIKELY(v->how == FF_NUM_FAST && v->mant <= (1ULL << 53))) {
         double x = (double)v->mant / ff_pow10[v->nfrac]; /* exact operands: one rounding */
