@@ -12,6 +12,7 @@ Environment switches (all off by default):
 """
 
 import os
+import sys
 
 import numpy
 from Cython.Build import cythonize
@@ -58,10 +59,12 @@ MODULES = {
     "fastfeed._ring": ["ext/ring.pyx"],
     "fastfeed._listener": ["ext/listener.pyx"],
     "fastfeed._capture": ["ext/capture.pyx"],
-    # C loops that only the benchmarks time (benchmarks/_loops.pyx); built in a source tree,
-    # never shipped: the package list in pyproject.toml holds fastfeed only.
-    "benchmarks._loops": ["benchmarks/_loops.pyx"],
 }
+# C loops that only the benchmarks time (benchmarks/_loops.pyx): built in place for a source
+# tree (`build_ext --inplace`, or FASTFEED_BENCH=1), never into a wheel, where they would land
+# in site-packages as a top-level "benchmarks".
+if "--inplace" in sys.argv or "-i" in sys.argv or os.environ.get("FASTFEED_BENCH") == "1":
+    MODULES["benchmarks._loops"] = ["benchmarks/_loops.pyx"]
 # FASTFEED_ONLY=fastfeed._ring,... builds a subset (handy while developing one module).
 _only = [m for m in os.environ.get("FASTFEED_ONLY", "").split(",") if m]
 if _only:
