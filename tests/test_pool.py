@@ -78,7 +78,12 @@ def run_until(pool: WorkerPool, n: int, rows: list[tuple[int, np.ndarray]]) -> N
     while sum(s.frames for s in pool.stats()) < n:
         assert time.monotonic() < deadline, pool.stats()
         collect(pool, rows, timeout=0.01)
+    # A worker counts a range before it publishes it: read until every input ring is
+    # released (all published) and every output ring read.
     collect(pool, rows)
+    while not pool.idle():
+        assert time.monotonic() < deadline, pool.stats()
+        collect(pool, rows, timeout=0.01)
 
 
 def check_exactly_once(pool: WorkerPool, rows: list[tuple[int, np.ndarray]], n: int) -> None:
