@@ -161,12 +161,16 @@ static inline __attribute__((always_inline)) int ff_scan_decimal_in(const uint8_
     if (FF_UNLIKELY(n1 == 0 || (n1 > 1 && (uint8_t)w == '0'))) return 0;
     uint64_t m = ff_lead_digits(w, n1);
     p += n1;
-    /* more integer digits: none unless the first load held eight */
-    w = FF_LOAD(p);
-    unsigned n2 = ff_ndigits8(w);
-    if (FF_UNLIKELY(n2 == 8)) return 0;
-    m = m * ff_ipow10[n2] + ff_lead_digits0(w, n2);
-    p += n2;
+    /* more integer digits: none unless the first load held eight (a timestamp's ten; a
+     * price's or size's few end in the first load, which saves a load and a conversion) */
+    unsigned n2 = 0;
+    if (n1 == 8) {
+        w = FF_LOAD(p);
+        n2 = ff_ndigits8(w);
+        if (FF_UNLIKELY(n2 == 8)) return 0;
+        m = m * ff_ipow10[n2] + ff_lead_digits0(w, n2);
+        p += n2;
+    }
     unsigned nf = 0;
     if (FF_LIKELY(p < e && *p == '.')) {
         w = FF_LOAD(p + 1);
