@@ -159,6 +159,24 @@ static inline __attribute__((always_inline)) int ff_scan_decimal_in(const uint8_
     uint64_t w = FF_LOAD(p);
     unsigned n1 = ff_ndigits8(w);
     if (FF_UNLIKELY(n1 == 0 || (n1 > 1 && (uint8_t)w == '0'))) return 0;
+    /* A price or size (`243.08`, `520.0`): its digits, point and fraction, and the byte after
+     * them, all lie in this one load.  The point is cut out and all the digits converted at
+     * once.  Bytes past the frame's end read as zero, which is neither a digit nor `e`. */
+    if (n1 < 7 && (uint8_t)(w >> (8 * n1)) == '.') {
+        uint64_t hi = w >> (8 * (n1 + 1));
+        unsigned nf1 = ff_ndigits8(hi);
+        if (FF_LIKELY(nf1 && n1 + 1 + nf1 < 8)) {
+            unsigned after = n1 + 1 + nf1; /* <= 7: the byte after the number is in w */
+            if (FF_UNLIKELY(((uint8_t)(w >> (8 * after)) | 0x20) == 'e')) return 0;
+            uint64_t dig = (w & ((1ULL << (8 * n1)) - 1)) | (hi << (8 * n1));
+            v->mant = ff_lead_digits(dig, n1 + nf1);
+            v->nfrac = nf1;
+            v->neg = (uint8_t)ng;
+            v->how = FF_NUM_FAST;
+            *out = p + after;
+            return 1;
+        }
+    }
     uint64_t m = ff_lead_digits(w, n1);
     p += n1;
     /* more integer digits: none unless the first load held eight (a timestamp's ten; a
