@@ -933,6 +933,28 @@ static const uint32_t ff_key2_tab[1024] = {
     FF_K2_ENTRY('b', 's', F_BS), FF_K2_ENTRY('s', 's', F_SS), FF_K2_ENTRY('b', 'e', F_BE),
     FF_K2_ENTRY('l', 'u', F_LU), FF_K2_ENTRY('b', 't', F_BT)};
 
+/* The compact form of a key we read, `"k":` or `"kk":`, by the same index of its first two
+ * bytes (a one-character key's second byte is the closing quote, whose index no two-character
+ * key of ours shares): the bytes after the opening quote that must match, with a mask of
+ * how many, and the field id + 1 (0: no key here). */
+typedef struct {
+    uint32_t pat, mask;
+    uint8_t f, len;
+} ff_keyfast;
+#define FF_KF1(a, fid) [FF_K2_AT(a, '"')] = {(unsigned)(a) | ('"' << 8) | (':' << 16), 0xFFFFFFu, (fid) + 1, 4}
+#define FF_KF2(a, b, fid) \
+    [FF_K2_AT(a, b)] = {(unsigned)(a) | ((unsigned)(b) << 8) | ('"' << 16) | ((unsigned)':' << 24), 0xFFFFFFFFu, (fid) + 1, 5}
+static const ff_keyfast ff_keyfast_msg[1024] = {
+    FF_KF1('c', F_C), FF_KF1('t', F_T), FF_KF1('p', F_P), FF_KF1('v', F_V), FF_KF1('a', F_A),
+    FF_KF1('b', F_B), FF_KF1('s', F_S), FF_KF2('l', 't', F_LT), FF_KF2('l', 'p', F_LP),
+    FF_KF2('a', 's', F_AS), FF_KF2('b', 's', F_BS), FF_KF2('s', 's', F_SS), FF_KF2('b', 'e', F_BE),
+    FF_KF2('l', 'u', F_LU), FF_KF2('b', 't', F_BT)};
+static const ff_keyfast ff_keyfast_bar[1024] = {
+    FF_KF1('t', F_T), FF_KF1('o', F_O), FF_KF1('h', F_H), FF_KF1('l', F_L), FF_KF1('c', F_CL),
+    FF_KF1('v', F_V)};
+#undef FF_KF1
+#undef FF_KF2
+
 static inline int ff_key2_msg(unsigned k)
 {
     uint32_t e = ff_key2_tab[FF_K2_AT(k & 0xFF, k >> 8)];
@@ -959,6 +981,13 @@ static inline __attribute__((always_inline)) int ff_member_key(ff_dec *d, int ba
     if (FF_LIKELY(e - p >= 8 && p[0] == '"')) {
         uint64_t w = ff_load8(p);
         unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
+        /* compact: `"k":` or `"kk":`, one lookup and one masked compare */
+        const ff_keyfast *kf = &(bar ? ff_keyfast_bar : ff_keyfast_msg)[FF_K2_AT(c0, c1)];
+        if (FF_LIKELY(kf->f && ((uint32_t)(w >> 8) & kf->mask) == kf->pat)) {
+            d->p = p + kf->len;
+            ff_ws(d);
+            return kf->f - 1;
+        }
         /* "k" or "kk" that is one of ours, told apart with no branch on which (keys come
          * in any order); any other key takes the string parser below */
         int f1 = (bar ? ff_key1_bar : ff_key1_msg)[c0] - 1;
