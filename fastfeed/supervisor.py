@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Supervisor", "ignore_stop_signals", "set_affinity", "watch_parent"]
+__all__ = ["Supervisor", "exit_orphaned", "ignore_stop_signals", "set_affinity", "watch_parent"]
 
 log = logging.getLogger("fastfeed.supervisor")
 
@@ -76,16 +76,23 @@ def watch_parent(parent_pid: int, on_orphaned: Callable[[], None] | None = None)
                 waiting_on = []  # readable for good: fall back to polling
             elif not waiting_on:
                 time.sleep(_PARENT_POLL_S)
-        from fastfeed import shm
-
-        with contextlib.suppress(Exception):
-            shm.cleanup_stale()
-        if on_orphaned is not None:
-            with contextlib.suppress(Exception):
-                on_orphaned()
-        os._exit(3)
+        exit_orphaned(on_orphaned)
 
     threading.Thread(target=run, name="fastfeed-parent-watch", daemon=True).start()
+
+
+def exit_orphaned(on_orphaned: Callable[[], None] | None = None) -> None:
+    """Remove the segments of owners that died, run ``on_orphaned`` and end this process at
+    once. Also for a child whose start fails because its parent died meanwhile (its segments
+    gone): it must finish the clean-up, not die of the exception halfway through it."""
+    from fastfeed import shm
+
+    with contextlib.suppress(Exception):
+        shm.cleanup_stale()
+    if on_orphaned is not None:
+        with contextlib.suppress(Exception):
+            on_orphaned()
+    os._exit(3)
 
 
 @dataclass

@@ -70,7 +70,7 @@ from fastfeed.state import (
     row_cells,
     tables_in,
 )
-from fastfeed.supervisor import ignore_stop_signals, watch_parent
+from fastfeed.supervisor import exit_orphaned, ignore_stop_signals, watch_parent
 
 __all__ = ["Handler", "InlineDecoder", "WorkerSpec", "worker_main"]
 
@@ -167,10 +167,15 @@ def worker_main(spec: WorkerSpec) -> None:
     watch_parent(spec.parent_pid)
     configure_child_logging(spec.log)
 
-    state_seg = shm.Segment.attach(spec.state_name)
-    sym_seg = shm.Segment.attach(spec.symbols_name)
-    ring = Ring.attach(spec.ring_name, busy_poll=spec.busy_poll)
-    out = Ring.attach(spec.output_name) if spec.output_name else None
+    try:
+        state_seg = shm.Segment.attach(spec.state_name)
+        sym_seg = shm.Segment.attach(spec.symbols_name)
+        ring = Ring.attach(spec.ring_name, busy_poll=spec.busy_poll)
+        out = Ring.attach(spec.output_name) if spec.output_name else None
+    except FileNotFoundError:
+        if os.getppid() != spec.parent_pid:
+            exit_orphaned()  # the parent died while this worker started: finish its clean-up
+        raise
     assert state_seg.buf is not None and sym_seg.buf is not None
     # int64 cells as a memoryview: reading and bumping one gives a Python int, several times
     # cheaper than a NumPy scalar, and the worker does it a dozen times per batch.

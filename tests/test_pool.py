@@ -334,9 +334,13 @@ def test_parent_killed_its_orphaned_worker_removes_the_segments() -> None:
     # The orphaned worker notices its parent is gone, removes the dead parent's segments and
     # exits, without waiting for another fastfeed to start.
     deadline = time.monotonic() + 5
-    while any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names):
-        assert time.monotonic() < deadline, [n for n in names
-                                             if os.path.exists(os.path.join(shm.SHM_DIR, n))]
+
+    def left() -> list[str]:  # every segment of the dead parent: rings, state, symbols
+        return [n for n in shm.list_segments()
+                if n in names or (shm.owner_of(n) or (0,))[0] == proc.pid]
+
+    while left():
+        assert time.monotonic() < deadline, left()
         time.sleep(0.05)
 
 
