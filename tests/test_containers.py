@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfeed.capture import MAGIC, RECORD
+from tests.feedcheck import write_capture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,13 +50,8 @@ def in_small_shm(*cmd: str, size: str = "64m", timeout: float = 120
 
 @pytest.fixture
 def capture(tmp_path: Path) -> Path:
-    cap = tmp_path / "c.ffcap"
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        for i in range(20_000):
-            p = f'{{"c":"S:{i % 50}","t":1.5,"p":{i},"v":1.0}}'.encode()
-            f.write(RECORD.pack(len(p), 0, 1_700_000_000_000_000 + i, i) + p)
-    return cap
+    return write_capture(tmp_path / "c.ffcap", (
+        f'{{"c":"S:{i % 50}","t":1.5,"p":{i},"v":1.0}}'.encode() for i in range(20_000)))
 
 
 @needs_unshare

@@ -12,6 +12,7 @@ import pytest
 from fastfeed import Decoder, Feed
 from fastfeed._capture import route_frame
 from tests import brokers, framegen, lossless
+from tests.feedcheck import write_capture
 
 redis_server = brokers.redis_server
 brokers.need_module("redis", "redis")
@@ -107,14 +108,8 @@ def test_a_mixed_corpus_through_a_broker_gives_the_decoders_rows_errors_and_cont
 
 @pytest.mark.parametrize("workers", [2, 0])
 def test_a_mixed_corpus_replayed_gives_the_decoders_rows_errors_and_control(tmp_path, workers):
-    from fastfeed.capture import MAGIC, RECORD
-
     frames = corpus()
-    cap = tmp_path / "mixed.ffcap"
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        for i, p in enumerate(frames):
-            f.write(RECORD.pack(len(p), 0, 1_700_000_000_000_000 + i, i) + p)
+    cap = write_capture(tmp_path / "mixed.ffcap", frames)
     unroutable = [f for f in frames if route_frame(f) < 0 and Decoder().decode([f]).rows]
     dec = Decoder()
     want = dec.decode([f for f in frames if f not in unroutable])

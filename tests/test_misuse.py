@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fastfeed.capture import MAGIC, RECORD
 from fastfeed.feed import Feed
+from tests.feedcheck import write_capture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,13 +26,8 @@ def _env(extra_path: str | None = None) -> dict[str, str]:
 
 @pytest.fixture
 def small_capture(tmp_path: Path) -> Path:
-    cap = tmp_path / "small.ffcap"
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        for i in range(500):
-            p = f'{{"c":"X:{i % 5}","t":1.5,"p":1.0,"v":1.0}}'.encode()
-            f.write(RECORD.pack(len(p), 0, 1_700_000_000_000_000 + i, i) + p)
-    return cap
+    return write_capture(tmp_path / "small.ffcap", (
+        f'{{"c":"X:{i % 5}","t":1.5,"p":1.0,"v":1.0}}'.encode() for i in range(500)))
 
 
 def module_level_handler(worker: int, batch: object) -> None:

@@ -16,9 +16,10 @@ import pytest
 from fastfeed import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE, Decoder
 from fastfeed._capture import route_frame
 from fastfeed._listener import route_of
-from fastfeed.capture import MAGIC, RECORD, CaptureError, frames_array, read_capture
+from fastfeed.capture import CaptureError, frames_array, read_capture
 from fastfeed.feed import Feed
 from fastfeed.sim.process import SimulatorProcess
+from tests.feedcheck import write_capture
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("ticks", "quotes", "bars")
@@ -174,13 +175,9 @@ def test_record_parquet_twice_adds_files_with_large_row_groups(tmp_path):
 
 def test_replay_latency_is_not_the_time_since_the_recording(tmp_path):
     # A capture "recorded" a year ago at 2000 frames/s for 1.5 s.
-    cap = tmp_path / "old.ffcap"
-    t0 = int(time.time() * 1e6) - 365 * 86400 * 10**6
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        for i in range(3000):
-            p = f'{{"c":"X:{i % 7}","t":1.5,"p":1.0,"v":1.0}}'.encode()
-            f.write(RECORD.pack(len(p), 0, t0 + i * 500, i) + p)
+    cap = write_capture(tmp_path / "old.ffcap", (
+        f'{{"c":"X:{i % 7}","t":1.5,"p":1.0,"v":1.0}}'.encode() for i in range(3000)),
+        t0=int(time.time() * 1e6) - 365 * 86400 * 10**6, step_us=500)
     r = run_cli("replay", str(cap), "--json", "--speed", "1", "--workers", "0")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -214,19 +211,13 @@ def test_a_path_that_is_not_a_capture_is_one_clear_error(tmp_path):
 def test_a_replay_hands_its_control_messages_to_the_consumer(tmp_path, workers):
     # Status objects and texts without a symbol, between market data: the consumer gets
     # each one on a batch, in capture order, as from a live feed.
-    cap = tmp_path / "ctl.ffcap"
     control = [b'{"status":"connected","seq":%d}' % i for i in range(5)]
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        seq = 0
-        for i in range(500):
-            p = f'{{"c":"X:{i % 7}","t":1.5,"p":1.0,"v":1.0}}'.encode()
-            if i % 100 == 50:
-                c = control[i // 100]
-                f.write(RECORD.pack(len(c), 0, 1_000_000 + seq, seq) + c)
-                seq += 1
-            f.write(RECORD.pack(len(p), 0, 1_000_000 + seq, seq) + p)
-            seq += 1
+    frames: list[bytes] = []
+    for i in range(500):
+        if i % 100 == 50:
+            frames.append(control[i // 100])
+        frames.append(f'{{"c":"X:{i % 7}","t":1.5,"p":1.0,"v":1.0}}'.encode())
+    cap = write_capture(tmp_path / "ctl.ffcap", frames, t0=1_000_000)
     got: list[bytes] = []
     rows = 0
     with Feed(replay=str(cap), workers=workers) as feed:
@@ -248,13 +239,9 @@ def count_rows(worker: int, batch) -> None:  # a handler: runs in the workers
 def test_a_replay_with_handlers_only_runs_to_its_end(tmp_path, speed):
     """output=False: the workers do the work, and run() keeps the replay going (the frames
     are moved into the rings from this process, paced at ``speed``)."""
-    cap = tmp_path / "h.ffcap"
-    t0 = 1_700_000_000_000_000
-    with open(cap, "wb") as f:
-        f.write(MAGIC)
-        for i in range(4000):
-            p = f'{{"c":"H:{i % 9}","t":1.5,"p":{i},"v":1.0}}'.encode()
-            f.write(RECORD.pack(len(p), 0, t0 + i * 250, i) + p)  # 1 s of recording
+    cap = write_capture(tmp_path / "h.ffcap", (  # 1 s of recording
+        f'{{"c":"H:{i % 9}","t":1.5,"p":{i},"v":1.0}}'.encode() for i in range(4000)),
+        step_us=250)
     started = time.monotonic()
     s = Feed(replay=str(cap), workers=2, output=False, handler=count_rows,
              speed=speed).run(duration=60)
