@@ -301,6 +301,28 @@ typedef struct {
 enum { FF_ROLE_SYM, FF_ROLE_STATUS, FF_ROLE_BAR_TYPE, FF_NROLES };
 enum { FF_FIX_TICK_SYM, FF_FIX_QUOTE_SYM, FF_FIX_QUOTE_STATUS, FF_FIX_BAR_SYM, FF_FIX_BAR_TYPE };
 
+/* The bytes from the end of one value (or from an object's `{`) to the start of the next
+ * value, as the last frame that had them held them: `,"t":`, `, "t": `, `,\n  "t": `.  A feed
+ * sends one layout and mostly one key order, so after field f the same few bytes follow
+ * again and again: one 16-byte compare then stands for the separator, the whitespace, the
+ * key and the colon.  Exact: when the bytes are equal, the general parse of them gives the
+ * same key (or the object's end) and leaves the cursor at the same place.  Slots: one per
+ * field the bytes follow, one for an object's start and one for a key we skip; per object
+ * kind (message, bar). */
+#define FF_LIT_START 20 /* after `{` */
+#define FF_LIT_OTHER 21 /* after the value of a key we skip */
+#define FF_LIT_SLOTS 22
+#define FF_LIT_END 0xFF /* `next`: the object closes */
+typedef struct {
+    uint64_t w[2], m[2]; /* the bytes, and a mask of those that count */
+    uint8_t len;         /* 0: nothing learned */
+    uint8_t next;        /* the field whose value follows, FF_LIT_END, or 0xFE: a key we skip */
+    uint8_t conf;        /* how many times in a row the bytes came again (at most 3): tried
+                          * from 2, so that a slot whose next key varies (keys in any order)
+                          * costs no mispredicted compare */
+    uint8_t _pad[5];
+} ff_lit;
+
 typedef struct {
     const uint8_t *start; /* first byte of the current frame */
     const uint8_t *p;
@@ -311,10 +333,6 @@ typedef struct {
     size_t scratch_cap;
     int64_t recv_ts;
     size_t ncontrol;   /* control messages in the frame (valid JSON that is not market data) */
-    /* the last symbol looked up, found in the table: its bytes there, length and id */
-    const char *last_sym;
-    uint32_t last_sym_len;
-    int32_t last_sym_id;
     int bar_bad_field; /* which bar key held a wrong type; -1: an `s` element was no object */
     int table_full;    /* the frame failed because a table was full */
     /* codes of the current frame waiting for its end; all empty between frames */
@@ -326,6 +344,11 @@ typedef struct {
     uint32_t pend_nslots, pend_gen;
     ff_fix *fix;
     size_t nfix, fix_cap;
+    /* what came between one value and the next, learned from the frames before (see ff_lit) */
+    ff_lit lits[2][FF_LIT_SLOTS];
+    uint32_t lit_hits; /* in this frame */
+    uint32_t nframes;
+    int learn;         /* learn this frame: the last had hits, or one frame in 16 */
     char err[200];
 } ff_dec;
 
@@ -1033,6 +1056,76 @@ static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
     return ff_fail(d, d->p, "expected ',' or '}'");
 }
 
+#define FF_MEMBER_END (-3)
+#define FF_LIT_SKIP 0xFE /* `next`: a key we skip */
+
+/* What came between a value (or a `{`) at `from` and d->p: learned for slot, with next the
+ * member that followed (FF_MEMBER_END, -1 for a key we skip, or its field id). */
+static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, const uint8_t *from, int next)
+{
+    size_t len = (size_t)(d->p - from);
+    ff_lit *L = &d->lits[bar][slot];
+    if (len > 16 || d->end - from < 16) return;
+    uint64_t m0 = len >= 8 ? ~0ULL : (1ULL << (8 * len)) - 1;
+    uint64_t m1 = len <= 8 ? 0 : len == 16 ? ~0ULL : (1ULL << (8 * (len - 8))) - 1;
+    uint64_t b0 = ff_load8(from) & m0, b1 = ff_load8(from + 8) & m1;
+    if (len == L->len && b0 == L->w[0] && b1 == L->w[1]) {
+        if (L->conf < 3) L->conf++;
+        return;
+    }
+    L->w[0] = b0;
+    L->w[1] = b1;
+    L->m[0] = m0;
+    L->m[1] = m1;
+    L->len = (uint8_t)len;
+    L->next = next == FF_MEMBER_END ? FF_LIT_END : next < 0 ? FF_LIT_SKIP : (uint8_t)next;
+    L->conf = 0;
+}
+
+/* The next member of an object: its field id (>= 0), -1 for a key we skip (d->p at its
+ * value's first byte), FF_MEMBER_END when the object closed (d->p past the `}`), -2 on an
+ * error.  slot: what came before, FF_LIT_START (d->p at the `{`), a field id or
+ * FF_LIT_OTHER (d->p right after that value). */
+static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int bar, int slot)
+{
+    const uint8_t *from = d->p;
+    ff_lit *L = &d->lits[bar][slot];
+    if (L->conf >= 2 && FF_LIKELY(d->end - from >= 16)) {
+        uint64_t x = ((ff_load8(from) ^ L->w[0]) & L->m[0]) | ((ff_load8(from + 8) ^ L->w[1]) & L->m[1]);
+        if (FF_LIKELY(x == 0)) {
+            unsigned nx = L->next;
+            d->p = from + L->len;
+            d->lit_hits++;
+            if (FF_UNLIKELY(nx == FF_LIT_END)) return FF_MEMBER_END;
+            ff_ws(d); /* this frame may hold more whitespace before the value than the last */
+            return nx == FF_LIT_SKIP ? -1 : (int)nx;
+        }
+        L->conf = 0;
+    }
+    int f;
+    if (slot == FF_LIT_START) {
+        d->p++; /* at `{` */
+        ff_ws(d);
+        if (d->p < d->end && *d->p == '}') {
+            d->p++;
+            f = FF_MEMBER_END;
+            goto learn;
+        }
+    } else {
+        int rc = ff_member_next(d);
+        if (FF_UNLIKELY(rc < 0)) return -2;
+        if (!rc) {
+            f = FF_MEMBER_END;
+            goto learn;
+        }
+    }
+    f = ff_member_key(d, bar);
+    if (FF_UNLIKELY(f == -2)) return -2;
+learn:
+    if (d->learn) ff_learn(d, bar, slot, from, f);
+    return f;
+}
+
 /* The values of one object's known fields, by field id.  A field holds its value only when
  * its bit is in `seen` and not in `bad`: nothing is written for a field that is absent
  * (the row takes its default once, when it is made). */
@@ -1379,19 +1472,12 @@ static __attribute__((noinline)) int32_t ff_defer(ff_dec *d, int role, const cha
 static inline __attribute__((always_inline)) int32_t ff_lookup(ff_dec *d, int role, const char *p,
                                                                uint32_t n, size_t pos)
 {
-    /* Feeds send runs of one symbol (a burst of trades, a quote after its trade): the last
-     * symbol found is checked first, one compare instead of a hash and a probe. */
-    if (role == FF_ROLE_SYM && n == d->last_sym_len && d->last_sym && ff_same_bytes(p, d->last_sym, n))
-        return d->last_sym_id;
+    /* (A last-symbol check before the hash, and a cache of recent symbols by their bytes,
+     * both measured slower than this hash and one probe.) */
     ff_symtab *t = ff_table(d, role);
     uint64_t h = ff_hash_bytes(p, n);
     int32_t id = ff_symtab_find(t, p, n, h);
     if (FF_LIKELY(id >= 0 && id <= ff_role_limit[role])) {
-        if (role == FF_ROLE_SYM) {
-            d->last_sym = t->arena + t->entries[id].off; /* published entries never change */
-            d->last_sym_len = n;
-            d->last_sym_id = id;
-        }
         return id;
     }
     return ff_defer(d, role, p, n, h, pos, id);
@@ -1521,24 +1607,18 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
     assert(d->p < d->end && *d->p == '{');
     ff_obj o;
     o.seen = o.bad = 0;
-    d->p++;
-    ff_ws(d);
-    if (d->p < d->end && *d->p == '}') {
-        d->p++;
-    } else {
-        for (;;) {
-            int f = ff_member_key(d, 1);
-            if (FF_UNLIKELY(f == -2)) return -1;
-            if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-            if (FF_LIKELY(f >= 0)) {
-                if (ff_field(d, &o, f, depth + 1, 0) < 0) return -1;
-                o.seen |= FF_BIT(f);
-            } else if (ff_skip(d, depth + 1) < 0) {
-                return -1;
-            }
-            int rc = ff_member_next(d);
-            if (rc < 0) return -1;
-            if (!rc) break;
+    for (int slot = FF_LIT_START;;) {
+        int f = ff_next_member(d, 1, slot);
+        if (f == FF_MEMBER_END) break;
+        if (FF_UNLIKELY(f == -2)) return -1;
+        if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
+        if (FF_LIKELY(f >= 0)) {
+            if (ff_field(d, &o, f, depth + 1, 0) < 0) return -1;
+            o.seen |= FF_BIT(f);
+            slot = f;
+        } else {
+            if (ff_skip(d, depth + 1) < 0) return -1;
+            slot = FF_LIT_OTHER;
         }
     }
     int64_t t = FF_NAT;
@@ -1628,24 +1708,18 @@ static int ff_message(ff_dec *d, int depth)
     o.seen = o.bad = 0;
     size_t bars_start = d->bars.len;
 
-    d->p++;
-    ff_ws(d);
-    if (d->p < d->end && *d->p == '}') {
-        d->p++;
-    } else {
-        for (;;) {
-            int f = ff_member_key(d, 0);
-            if (FF_UNLIKELY(f == -2)) return -1;
-            if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-            if (FF_LIKELY(f >= 0)) {
-                if (ff_field(d, &o, f, depth + 1, bars_start) < 0) return -1;
-                o.seen |= FF_BIT(f);
-            } else if (ff_skip(d, depth + 1) < 0) {
-                return -1;
-            }
-            int rc = ff_member_next(d);
-            if (rc < 0) return -1;
-            if (!rc) break;
+    for (int slot = FF_LIT_START;;) {
+        int f = ff_next_member(d, 0, slot);
+        if (f == FF_MEMBER_END) break;
+        if (FF_UNLIKELY(f == -2)) return -1;
+        if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
+        if (FF_LIKELY(f >= 0)) {
+            if (ff_field(d, &o, f, depth + 1, bars_start) < 0) return -1;
+            o.seen |= FF_BIT(f);
+            slot = f;
+        } else {
+            if (ff_skip(d, depth + 1) < 0) return -1;
+            slot = FF_LIT_OTHER;
         }
     }
 
@@ -1734,6 +1808,8 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->recv_ts = recv_ts;
     d->ncontrol = 0;
     d->table_full = 0;
+    d->learn = d->lit_hits != 0 || (++d->nframes & 15) == 0;
+    d->lit_hits = 0;
     ff_ws(d);
     int rc;
     if (d->p >= d->end) {
