@@ -262,3 +262,32 @@ def test_a_pub_sub_source_hands_its_control_messages_over_too(tmp_path, workers)
     assert len(seen["control"]) == stats["control"] == sent["control_sent"]
     assert len(seen["errors"]) == stats["errors"] == sent["malformed"]
     assert seen["frames"] == sent["frames_sent"] == stats["delivered"]["frames"]
+
+
+def test_large_batches_keep_their_rows_while_later_decodes_reuse_memory():
+    """A large batch's arrays sit on the memory they were decoded into (no copy); it goes
+    back to the decoder only when the last array over it is gone.  Rows of a batch still
+    held, or of a view of it, never change under later decodes."""
+    import hashlib
+
+    from fastfeed import Decoder
+
+    def frames(seed: int, n: int) -> list[bytes]:
+        return [b'{"c":"S%d","t":%d.%06d,"p":%d.5,"v":%d.0}' % (i % 97, 1_700_000_000 + seed, i, seed + i, i)
+                for i in range(n)]
+
+    dec = Decoder()
+    first = dec.decode(frames(1, 20_000), recv_ts=0)
+    view = first.ticks[5_000:6_000]
+    digest = hashlib.sha256(first.ticks.tobytes()).hexdigest()
+    view_digest = hashlib.sha256(view.tobytes()).hexdigest()
+    for seed in range(2, 8):  # more large batches, each dropped at once: their memory is reused
+        b = dec.decode(frames(seed, 20_000), recv_ts=0)
+        assert len(b.ticks) == 20_000 and b.ticks["price"][0] == seed + 0.5
+        del b
+    assert hashlib.sha256(first.ticks.tobytes()).hexdigest() == digest
+    del first
+    for seed in range(8, 12):
+        dec.decode(frames(seed, 20_000), recv_ts=0)
+    assert hashlib.sha256(view.tobytes()).hexdigest() == view_digest
+    assert view["price"][0] == 1 + 5_000 + 0.5
