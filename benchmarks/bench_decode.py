@@ -5,7 +5,10 @@ A seeded corpus per kind over 400 symbols: ticks (~60 B), quotes (~104 B), one-b
 
 - ``compact``: the provider's documented layout (no whitespace, keys in its order);
 - ``spaced``: ``", "`` and ``": "``;
-- ``reordered``: every object's keys shuffled;
+- ``sorted``: every object's keys in alphabetical order (``json.dumps(sort_keys=True)``: a
+  sender whose serializer has its own fixed order);
+- ``reordered``: every object's keys shuffled, each message anew (a sender that serializes
+  a hash map with a random seed per map: the worst case, where no key order repeats);
 - ``pretty``: newlines and an indent of 2;
 
 and, for the mix, ``realistic``: a quarter of the frames spaced, a tenth reordered.
@@ -138,15 +141,16 @@ def make_msgspec():
     return msgspec_decode
 
 
-LAYOUTS = ("compact", "spaced", "reordered", "pretty")
+LAYOUTS = ("compact", "spaced", "sorted", "reordered", "pretty")
 KINDS = {"ticks": (1.0, 0.0, 0.0), "quotes": (0.0, 1.0, 0.0), "bars": (0.0, 0.0, 1.0),
          "mixed": (0.70, 0.25, 0.05)}
 
 
 def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
-    """The same messages in another layout: ``spaced`` (``", "`` and ``": "``), ``reordered``
-    (each object's keys shuffled), ``pretty`` (newlines, indent 2), or ``realistic`` (a quarter
-    of the frames spaced, a tenth reordered, the rest compact).  Number texts are kept as
+    """The same messages in another layout: ``spaced`` (``", "`` and ``": "``), ``sorted`` (keys
+    in alphabetical order), ``reordered`` (each object's keys shuffled anew), ``pretty``
+    (newlines, indent 2), or ``realistic`` (a quarter of the frames spaced, a tenth reordered,
+    the rest compact).  Number texts are kept as
     they are (floats print the shortest text that reads back the same value)."""
     r = random.Random(seed)
 
@@ -165,6 +169,8 @@ def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
             return json.dumps(v, separators=(",", ":")).encode()
         if how == "spaced":
             return json.dumps(v, separators=(", ", ": ")).encode()
+        if how == "sorted":
+            return json.dumps(v, separators=(",", ":"), sort_keys=True).encode()
         if how == "reordered":
             return json.dumps(shuffle(v), separators=(",", ":")).encode()
         if how == "pretty":
