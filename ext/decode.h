@@ -123,6 +123,29 @@ static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const ui
     return w;
 }
 
+/* The 16 bytes at p as two words, those at or past e read as zero; the frame [lo, e) holds
+ * at least 16 bytes.  Near the frame's end it loads the frame's last 16 and shifts. */
+static inline void ff_load16_upto(const uint8_t *p, const uint8_t *e, const uint8_t *lo, uint64_t *w0,
+                                  uint64_t *w1)
+{
+    (void)lo;
+    assert(e - lo >= 16);
+    ptrdiff_t left = e - p;
+    if (FF_LIKELY(left >= 16)) {
+        *w0 = ff_load8(p);
+        *w1 = ff_load8(p + 8);
+        return;
+    }
+    if (left <= 0) {
+        *w0 = *w1 = 0;
+        return;
+    }
+    unsigned __int128 v = ((unsigned __int128)ff_load8(e - 8) << 64) | ff_load8(e - 16);
+    v >>= 8 * (16 - left);
+    *w0 = (uint64_t)v;
+    *w1 = (uint64_t)(v >> 64);
+}
+
 /* A number as its field read it: converted only when the message's kind is known, in the
  * row's fixed order, so that which field a key names never steers a branch of the number
  * parser (keys come in any order; the branch predictor learns a fixed sequence only). */
@@ -1065,10 +1088,13 @@ static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, con
 {
     size_t len = (size_t)(d->p - from);
     ff_lit *L = &d->lits[bar][slot];
-    if (len > 16 || d->end - from < 16) return;
+    if (len > 16 || d->end - d->start < 16) return;
     uint64_t m0 = len >= 8 ? ~0ULL : (1ULL << (8 * len)) - 1;
     uint64_t m1 = len <= 8 ? 0 : len == 16 ? ~0ULL : (1ULL << (8 * (len - 8))) - 1;
-    uint64_t b0 = ff_load8(from) & m0, b1 = ff_load8(from + 8) & m1;
+    uint64_t b0, b1;
+    ff_load16_upto(from, d->end, d->start, &b0, &b1);
+    b0 &= m0;
+    b1 &= m1;
     if (len == L->len && b0 == L->w[0] && b1 == L->w[1]) {
         if (L->conf < 3) L->conf++;
         return;
@@ -1090,8 +1116,13 @@ static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int b
 {
     const uint8_t *from = d->p;
     ff_lit *L = &d->lits[bar][slot];
-    if (L->conf >= 2 && FF_LIKELY(d->end - from >= 16)) {
-        uint64_t x = ((ff_load8(from) ^ L->w[0]) & L->m[0]) | ((ff_load8(from + 8) ^ L->w[1]) & L->m[1]);
+    /* Near the frame's end (a message's last key, its `}`) the bytes past the end read as
+     * zero, which no learned byte is (the bytes were valid JSON outside a string): a
+     * literal longer than what is left never matches. */
+    if (L->conf >= 2 && FF_LIKELY(d->end - d->start >= 16)) {
+        uint64_t w0, w1;
+        ff_load16_upto(from, d->end, d->start, &w0, &w1);
+        uint64_t x = ((w0 ^ L->w[0]) & L->m[0]) | ((w1 ^ L->w[1]) & L->m[1]);
         if (FF_LIKELY(x == 0)) {
             unsigned nx = L->next;
             d->p = from + L->len;
@@ -1181,7 +1212,7 @@ static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, 
         const uint8_t *after;
         if (FF_LIKELY(ff_scan_decimal(d->p, d->end, d->start, &o->num[f], &after))) {
             d->p = after;
-            o->bad &= ~FF_BIT(f);
+            if (FF_UNLIKELY(o->bad)) o->bad &= ~FF_BIT(f); /* a repeated key: the last wins */
             return 0;
         }
         return ff_field_num_slow(d, o, f, depth);
@@ -1201,7 +1232,7 @@ static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, 
                     o->str[f].n = (uint32_t)(p - d->p - 1);
                     o->str[f].escaped = 0;
                     d->p = p + 1;
-                    o->bad &= ~FF_BIT(f);
+                    if (FF_UNLIKELY(o->bad)) o->bad &= ~FF_BIT(f);
                     return 0;
                 }
                 break;
