@@ -6,6 +6,7 @@ whitespace, key order and repeated keys can all vary.
 
 from __future__ import annotations
 
+import json
 import random
 
 WS = ["", "", "", " ", "\n", "\n  ", "\t", " \r\n "]
@@ -267,3 +268,67 @@ def mutate(r: random.Random, data: bytes) -> bytes:
 def frames(seed: int, n: int, corrupt: float = 0.03) -> list[bytes]:
     r = random.Random(seed)
     return [frame(r, corrupt) for _ in range(n)]
+
+
+# ---- one-layout streams (what the decoder's learned literals lock onto) ----------------
+
+LAYOUTS = ("compact", "spaced", "pretty", "reordered")
+KINDS = ("tick", "quote", "series", "mixed")
+_KEYS = {
+    "tick": ["c", "t", "p", "v"],
+    "quote": ["c", "lt", "v", "lp", "a", "b", "as", "bs", "ss"],
+    "series": ["c", "be", "lu", "bt", "s"],
+    "bar": ["t", "o", "h", "l", "c", "v"],
+}
+
+
+def _stream_message(r: random.Random, kind: str) -> dict:
+    c = r.choice(SYMBOLS[:7])
+    sec = r.randint(1_700_000_000, 1_760_000_000)
+    px = round(r.uniform(1, 900), 2)
+    if kind == "tick":
+        return {"c": c, "t": float(f"{sec}.{r.randint(0, 999999):06d}"), "p": px,
+                "v": float(r.randint(1, 50) * 100)}
+    if kind == "quote":
+        return {"c": c, "lt": float(sec), "v": float(r.randint(1000, 9_000_000)), "lp": px,
+                "a": round(px + 0.01, 2), "b": px, "as": float(r.randint(1, 99) * 10),
+                "bs": float(r.randint(1, 99) * 10), "ss": r.choice(["OPEN", "CLOSED", "PRE"])}
+    bs = sec - sec % 60
+    bars = [{"t": float(bs - 60 * i), "o": px, "h": round(px + 0.2, 2), "l": round(px - 0.2, 2),
+             "c": px, "v": float(r.randint(1000, 900000))} for i in range(r.randint(1, 3))]
+    return {"c": c, "be": float(bs + 59), "lu": sec * 1000 + r.randint(0, 999),
+            "bt": r.choice(["1m", "5m"]), "s": bars}
+
+
+def _reorder(v: dict, kind: str, orders: dict) -> dict:
+    out = {k: v[k] for k in orders[kind]}
+    if "s" in out:
+        out["s"] = [{k: b[k] for k in orders["bar"]} for b in out["s"]]
+    return out
+
+
+def stream(kind: str, layout: str, n: int, seed: int = 0) -> list[bytes]:
+    """``n`` valid frames of one message kind (``mixed``: ticks, quotes and series in
+    turn) that all share one layout: ``compact``, ``spaced`` (``", "`` and ``": "``),
+    ``pretty`` (indent 2) or ``reordered`` (compact, every object's keys in one fixed
+    shuffled order).  The same (kind, seed) gives the same messages in every layout."""
+    r = random.Random(seed)
+    shuffler = random.Random(seed + 7)
+    orders = {k: shuffler.sample(keys, len(keys)) for k, keys in _KEYS.items()}
+    kinds = ("tick", "quote", "series") if kind == "mixed" else (kind,)
+    out = []
+    for i in range(n):
+        k = kinds[i % len(kinds)]
+        v = _stream_message(r, k)
+        if layout == "reordered":
+            v = _reorder(v, k, orders)
+        if layout == "pretty":
+            text = json.dumps(v, indent=2)
+        elif layout == "spaced":
+            text = json.dumps(v, separators=(", ", ": "))
+        elif layout in ("compact", "reordered"):
+            text = json.dumps(v, separators=(",", ":"))
+        else:
+            raise ValueError(layout)
+        out.append(text.encode())
+    return out
