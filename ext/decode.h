@@ -340,9 +340,10 @@ typedef struct {
     uint64_t w[2], m[2]; /* the bytes, and a mask of those that count */
     uint8_t len;         /* 0: nothing learned */
     uint8_t next;        /* the field whose value follows, FF_LIT_END, or 0xFE: a key we skip */
-    uint8_t conf;        /* how many times in a row the bytes came again (at most 3): tried
-                          * from 2, so that a slot whose next key varies (keys in any order)
-                          * costs no mispredicted compare */
+    uint8_t conf;        /* how many times in a row the general parse found these bytes again:
+                          * tried from 2 (a hit skips the general parse, so it stays there),
+                          * so that a slot whose next key varies (keys in any order) costs no
+                          * mispredicted compare; a miss sets it back to 0 */
     uint8_t _pad[5];
 } ff_lit;
 
@@ -936,6 +937,7 @@ enum {
     F_C, F_T, F_P, F_V, F_LT, F_LP, F_A, F_B, F_AS, F_BS, F_SS, F_BE, F_LU, F_BT, F_S, F_N,
     F_O = F_N, F_H, F_L, F_CL, F_NBAR /* keys of a bar object only (`c` there is the close) */
 };
+_Static_assert(F_NBAR <= FF_LIT_START, "a field id must not be a literal slot of its own");
 static const char *const ff_field_name[] = {"c",  "t",  "p",  "v",  "lt", "lp", "a",  "b",  "as", "bs",
                                             "ss", "be", "lu", "bt", "s",  "o",  "h",  "l",  "c"};
 
