@@ -370,9 +370,10 @@ typedef struct {
     size_t nfix, fix_cap;
     /* what came between one value and the next, learned from the frames before (see ff_lit) */
     ff_lit lits[2][FF_LIT_SLOTS];
-    uint32_t lit_hits; /* in this frame */
+    uint32_t lit_hits, lit_misses; /* in this frame: learned bytes matched, general parses */
     uint32_t nframes;
-    int learn;         /* learn this frame: the last had hits, or one frame in 16 */
+    int learn;         /* learn this frame (see ff_decode_frame) */
+    int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
     char err[200];
 } ff_dec;
 
@@ -1114,14 +1115,14 @@ static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, con
  * value's first byte), FF_MEMBER_END when the object closed (d->p past the `}`), -2 on an
  * error.  slot: what came before, FF_LIT_START (d->p at the `{`), a field id or
  * FF_LIT_OTHER (d->p right after that value). */
-static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int bar, int slot)
+static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int bar, int slot, int lits)
 {
     const uint8_t *from = d->p;
     ff_lit *L = &d->lits[bar][slot];
     /* Near the frame's end (a message's last key, its `}`) the bytes past the end read as
      * zero, which no learned byte is (the bytes were valid JSON outside a string): a
      * literal longer than what is left never matches. */
-    if (L->conf >= 2 && FF_LIKELY(d->end - d->start >= 16)) {
+    if (lits && L->conf >= 2 && FF_LIKELY(d->end - d->start >= 16)) {
         uint64_t w0, w1;
         ff_load16_upto(from, d->end, d->start, &w0, &w1);
         uint64_t x = ((w0 ^ L->w[0]) & L->m[0]) | ((w1 ^ L->w[1]) & L->m[1]);
@@ -1155,7 +1156,10 @@ static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int b
     f = ff_member_key(d, bar);
     if (FF_UNLIKELY(f == -2)) return -2;
 learn:
-    if (d->learn) ff_learn(d, bar, slot, from, f);
+    if (lits) {
+        d->lit_misses++;
+        if (d->learn) ff_learn(d, bar, slot, from, f);
+    }
     return f;
 }
 
@@ -1633,6 +1637,28 @@ static int ff_commit(ff_dec *d)
     return 0;
 }
 
+/* The members of one object into o; d->p at its `{`, left past its `}`.  lits: whether the
+ * learned bytes are tried and learned (a constant: each caller has both loops, and picks by
+ * d->lits_on, so that a stream where they do not help runs the plain loop). */
+static inline __attribute__((always_inline)) int ff_members(ff_dec *d, ff_obj *o, int bar, int depth,
+                                                            size_t bars_start, int lits)
+{
+    for (int slot = FF_LIT_START;;) {
+        int f = ff_next_member(d, bar, slot, lits);
+        if (f == FF_MEMBER_END) return 0;
+        if (FF_UNLIKELY(f == -2)) return -1;
+        if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
+        if (FF_LIKELY(f >= 0)) {
+            if (ff_field(d, o, f, depth + 1, bars_start) < 0) return -1;
+            o->seen |= FF_BIT(f);
+            slot = f;
+        } else {
+            if (ff_skip(d, depth + 1) < 0) return -1;
+            slot = FF_LIT_OTHER;
+        }
+    }
+}
+
 /* One bar of a series' `s` array; d->p at '{'; depth: containers open around it.  Appends
  * a row whose message-level fields are filled in when the enclosing message ends. */
 static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
@@ -1640,20 +1666,7 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
     assert(d->p < d->end && *d->p == '{');
     ff_obj o;
     o.seen = o.bad = 0;
-    for (int slot = FF_LIT_START;;) {
-        int f = ff_next_member(d, 1, slot);
-        if (f == FF_MEMBER_END) break;
-        if (FF_UNLIKELY(f == -2)) return -1;
-        if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-        if (FF_LIKELY(f >= 0)) {
-            if (ff_field(d, &o, f, depth + 1, 0) < 0) return -1;
-            o.seen |= FF_BIT(f);
-            slot = f;
-        } else {
-            if (ff_skip(d, depth + 1) < 0) return -1;
-            slot = FF_LIT_OTHER;
-        }
-    }
+    if ((d->lits_on ? ff_members(d, &o, 1, depth, 0, 1) : ff_members(d, &o, 1, depth, 0, 0)) < 0) return -1;
     int64_t t = FF_NAT;
     if (FF_LIKELY(!o.bad) && (o.seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o.num[F_T], 6, &t) < 0)
         ff_mark_bad(&o, F_T, (size_t)(o.num[F_T].text - d->start)); /* outside int64 */
@@ -1741,20 +1754,8 @@ static int ff_message(ff_dec *d, int depth)
     o.seen = o.bad = 0;
     size_t bars_start = d->bars.len;
 
-    for (int slot = FF_LIT_START;;) {
-        int f = ff_next_member(d, 0, slot);
-        if (f == FF_MEMBER_END) break;
-        if (FF_UNLIKELY(f == -2)) return -1;
-        if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
-        if (FF_LIKELY(f >= 0)) {
-            if (ff_field(d, &o, f, depth + 1, bars_start) < 0) return -1;
-            o.seen |= FF_BIT(f);
-            slot = f;
-        } else {
-            if (ff_skip(d, depth + 1) < 0) return -1;
-            slot = FF_LIT_OTHER;
-        }
-    }
+    if ((d->lits_on ? ff_members(d, &o, 0, depth, bars_start, 1) : ff_members(d, &o, 0, depth, bars_start, 0)) < 0)
+        return -1;
 
     uint32_t seen = o.seen, used;
     int kind; /* 1 series, 2 tick, 3 quote, 0 control */
@@ -1841,8 +1842,13 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->recv_ts = recv_ts;
     d->ncontrol = 0;
     d->table_full = 0;
-    d->learn = d->lit_hits != 0 || (++d->nframes & 15) == 0;
-    d->lit_hits = 0;
+    /* Learning costs a call per general parse: worth it while the learned bytes mostly match
+     * (a steady stream, or one that just changed layout), not where keys come in any order
+     * or layouts change frame by frame; there one frame in 16 learns, enough to notice when
+     * the stream settles. */
+    d->learn = d->lit_hits > d->lit_misses || (++d->nframes & 15) == 0;
+    d->lits_on = d->learn || d->lit_hits != 0;
+    d->lit_hits = d->lit_misses = 0;
     ff_ws(d);
     int rc;
     if (d->p >= d->end) {
