@@ -154,12 +154,18 @@ def _check(trained: Trained, mutants) -> int:
 
 
 # Every layout of every kind, every byte position of two frames (~15 mutants a byte).
+def _learned(kind: str, layout: str, salt: str) -> tuple[list[bytes], Trained, random.Random]:
+    """A stream of one kind and layout, a decoder trained on it, and an RNG, all seeded by
+    the three names."""
+    name = f"{salt} {kind}/{layout}"
+    train = framegen.stream(kind, layout, TRAIN, seed=zlib.crc32(name.encode()) & 0xFFFF)
+    return train, Trained(train), random.Random(name)
+
+
 @pytest.mark.parametrize("kind", framegen.KINDS)
 @pytest.mark.parametrize("layout", framegen.LAYOUTS)
 def test_near_misses_of_a_learned_layout_decode_as_on_a_fresh_decoder(kind, layout):
-    train = framegen.stream(kind, layout, TRAIN, seed=zlib.crc32(f"{kind}/{layout}".encode()) & 0xFFFF)
-    trained = Trained(train)
-    r = random.Random(f"{kind}/{layout}")
+    train, trained, r = _learned(kind, layout, "near misses")
     # the mixed stream's targets: one of each kind; else two frames of the stream
     targets = train[-3:] if kind == "mixed" else [train[-1], train[TRAIN // 2]]
     n = 0
@@ -171,9 +177,7 @@ def test_near_misses_of_a_learned_layout_decode_as_on_a_fresh_decoder(kind, layo
 @pytest.mark.parametrize("kind", framegen.KINDS)
 @pytest.mark.parametrize("layout", framegen.LAYOUTS)
 def test_random_edits_of_a_learned_layout_decode_as_on_a_fresh_decoder(kind, layout):
-    train = framegen.stream(kind, layout, TRAIN, seed=zlib.crc32(f"{layout}:{kind}".encode()) & 0xFFFF)
-    trained = Trained(train)
-    r = random.Random(f"edits {kind}/{layout}")
+    train, trained, r = _learned(kind, layout, "edits")
     assert _check(trained, [random_edits(r.choice(train), r) for _ in range(1500)]) == 1500
 
 
