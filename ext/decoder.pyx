@@ -279,7 +279,7 @@ cdef dict _EMPTY = {_dt: np.empty(0, _dt) for _dt in (TICK_DTYPE, QUOTE_DTYPE, B
 # cheap, and a list of many small batches then holds only their rows.
 DEF _HAND_OVER_ROWS = 4096
 DEF _POOL_BUFFERS = 4
-DEF _POOL_MAX_BYTES = 256 * 1024 * 1024
+DEF _POOL_MAX_BYTES = 64 * 1024 * 1024  # all buffers held together: a bound on what a pool keeps
 
 
 @cython.final
@@ -288,22 +288,25 @@ cdef class _RowPool:
     cdef char *bufs[_POOL_BUFFERS]
     cdef size_t caps[_POOL_BUFFERS]
     cdef int n
+    cdef size_t total
 
     cdef bint give(self, char *data, size_t nbytes) noexcept:
         cdef int i, smallest = 0
-        if nbytes > _POOL_MAX_BYTES:
-            return False
-        if self.n < _POOL_BUFFERS:
+        if self.n < _POOL_BUFFERS and self.total + nbytes <= _POOL_MAX_BYTES:
             self.bufs[self.n] = data
             self.caps[self.n] = nbytes
             self.n += 1
+            self.total += nbytes
             return True
+        if self.n == 0:
+            return False
         for i in range(1, self.n):
             if self.caps[i] < self.caps[smallest]:
                 smallest = i
-        if self.caps[smallest] >= nbytes:
+        if self.caps[smallest] >= nbytes or self.total - self.caps[smallest] + nbytes > _POOL_MAX_BYTES:
             return False
         free(self.bufs[smallest])  # keep the larger: the next big batch needs it
+        self.total += nbytes - self.caps[smallest]
         self.bufs[smallest] = data
         self.caps[smallest] = nbytes
         return True
@@ -319,6 +322,7 @@ cdef class _RowPool:
                 best = i
         cdef char *data = self.bufs[best]
         nbytes[0] = self.caps[best]
+        self.total -= self.caps[best]
         self.n -= 1
         self.bufs[best] = self.bufs[self.n]
         self.caps[best] = self.caps[self.n]
