@@ -343,11 +343,12 @@ enum { FF_FIX_TICK_SYM, FF_FIX_QUOTE_SYM, FF_FIX_QUOTE_STATUS, FF_FIX_BAR_SYM, F
 #define FF_LIT_START 20 /* after `{` */
 #define FF_LIT_OTHER 21 /* after the value of a key we skip */
 #define FF_LIT_SLOTS 22
-#define FF_LIT_END 0xFF /* `next`: the object closes */
+#define FF_LIT_END 0xFF  /* `next`: the object closes */
+#define FF_LIT_SKIP 0xFE /* `next`: a key we skip */
 typedef struct {
     uint64_t w[2], m[2]; /* the bytes, and a mask of those that count */
     uint8_t len;         /* 0: nothing learned */
-    uint8_t next;        /* the field whose value follows, FF_LIT_END, or 0xFE: a key we skip */
+    uint8_t next;        /* the field whose value follows, FF_LIT_END or FF_LIT_SKIP */
     uint8_t conf;        /* how many times in a row the general parse found these bytes again:
                           * tried from 2 (a hit skips the general parse, so it stays there),
                           * so that a slot whose next key varies (keys in any order) costs no
@@ -1092,7 +1093,6 @@ static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
 }
 
 #define FF_MEMBER_END (-3)
-#define FF_LIT_SKIP 0xFE /* `next`: a key we skip */
 
 /* What came between a value (or a `{`) at `from` and d->p: learned for slot, with next the
  * member that followed (FF_MEMBER_END, -1 for a key we skip, or its field id). */
@@ -1660,7 +1660,7 @@ static int ff_commit(ff_dec *d)
 }
 
 /* The members of one object into o; d->p at its `{`, left past its `}`.  lits: whether the
- * learned bytes are tried and learned (a constant: each caller has both loops, and picks by
+ * learned bytes are tried and learned (a constant: ff_members_of has both loops and picks by
  * d->lits_on, so that a stream where they do not help runs the plain loop). */
 static inline __attribute__((always_inline)) int ff_members(ff_dec *d, ff_obj *o, int bar, int depth,
                                                             size_t bars_start, int lits)
@@ -1681,6 +1681,13 @@ static inline __attribute__((always_inline)) int ff_members(ff_dec *d, ff_obj *o
     }
 }
 
+/* ff_members with the learned bytes or without, as this frame goes (d->lits_on). */
+static inline __attribute__((always_inline)) int ff_members_of(ff_dec *d, ff_obj *o, int bar, int depth,
+                                                               size_t bars_start)
+{
+    return d->lits_on ? ff_members(d, o, bar, depth, bars_start, 1) : ff_members(d, o, bar, depth, bars_start, 0);
+}
+
 /* One bar of a series' `s` array; d->p at '{'; depth: containers open around it.  Appends
  * a row whose message-level fields are filled in when the enclosing message ends. */
 static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
@@ -1688,7 +1695,7 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
     assert(d->p < d->end && *d->p == '{');
     ff_obj o;
     o.seen = o.bad = 0;
-    if ((d->lits_on ? ff_members(d, &o, 1, depth, 0, 1) : ff_members(d, &o, 1, depth, 0, 0)) < 0) return -1;
+    if (ff_members_of(d, &o, 1, depth, 0) < 0) return -1;
     int64_t t = FF_NAT;
     if (FF_LIKELY(!o.bad) && (o.seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o.num[F_T], 6, &t) < 0)
         ff_mark_bad(&o, F_T, (size_t)(o.num[F_T].text - d->start)); /* outside int64 */
@@ -1776,8 +1783,7 @@ static int ff_message(ff_dec *d, int depth)
     o.seen = o.bad = 0;
     size_t bars_start = d->bars.len;
 
-    if ((d->lits_on ? ff_members(d, &o, 0, depth, bars_start, 1) : ff_members(d, &o, 0, depth, bars_start, 0)) < 0)
-        return -1;
+    if (ff_members_of(d, &o, 0, depth, bars_start) < 0) return -1;
 
     uint32_t seen = o.seen, used;
     int kind; /* 1 series, 2 tick, 3 quote, 0 control */

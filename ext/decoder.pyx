@@ -277,9 +277,10 @@ cdef dict _EMPTY = {_dt: np.empty(0, _dt) for _dt in (TICK_DTYPE, QUOTE_DTYPE, B
 # gone, so a decode loop keeps reusing the same warm pages.  A small batch (fewer rows
 # than _HAND_OVER_ROWS, or filling less than half its buffer) is copied: its copy is
 # cheap, and a list of many small batches then holds only their rows.
-DEF _HAND_OVER_ROWS = 4096
-DEF _POOL_BUFFERS = 4
-DEF _POOL_MAX_BYTES = 64 * 1024 * 1024  # all buffers held together: a bound on what a pool keeps
+cdef enum:
+    _HAND_OVER_ROWS = 4096
+    _POOL_BUFFERS = 4
+cdef size_t _POOL_MAX_BYTES = 64 * 1024 * 1024  # all buffers held together
 
 
 @cython.final
@@ -291,24 +292,13 @@ cdef class _RowPool:
     cdef size_t total
 
     cdef bint give(self, char *data, size_t nbytes) noexcept:
-        cdef int i, smallest = 0
-        if self.n < _POOL_BUFFERS and self.total + nbytes <= _POOL_MAX_BYTES:
-            self.bufs[self.n] = data
-            self.caps[self.n] = nbytes
-            self.n += 1
-            self.total += nbytes
-            return True
-        if self.n == 0:
+        """Keep data for a later decode; False (the caller frees it) when the pool is full."""
+        if self.n == _POOL_BUFFERS or self.total + nbytes > _POOL_MAX_BYTES:
             return False
-        for i in range(1, self.n):
-            if self.caps[i] < self.caps[smallest]:
-                smallest = i
-        if self.caps[smallest] >= nbytes or self.total - self.caps[smallest] + nbytes > _POOL_MAX_BYTES:
-            return False
-        free(self.bufs[smallest])  # keep the larger: the next big batch needs it
-        self.total += nbytes - self.caps[smallest]
-        self.bufs[smallest] = data
-        self.caps[smallest] = nbytes
+        self.bufs[self.n] = data
+        self.caps[self.n] = nbytes
+        self.n += 1
+        self.total += nbytes
         return True
 
     cdef char *take(self, size_t *nbytes) noexcept:
