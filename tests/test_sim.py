@@ -260,11 +260,27 @@ def test_simulator_process_reports_a_failed_start():
         SimulatorProcess("--symbols", "0")
 
 
+def _sim_settings(sim, tmp_path, **extra):
+    """Settings that log in to an in-process simulator with its own credentials."""
+    return load_settings({"host": sim.url, "authority": sim.url,
+                          "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
+                          "client_secret": "fastfeed-sim-secret", "scope": "a/.default",
+                          "token_cache": str(tmp_path / "t.json"), **extra}, env={})
+
+
+async def _registered_frames(ws_url, token, n, **connect):
+    """The first n frames a simulator sends to a client that connects with the token and
+    registers (the websockets library: a client independent of fastfeed)."""
+    from websockets.asyncio.client import connect as aconnect
+
+    async with aconnect(ws_url, additional_headers={"X-ZUMO-AUTH": token.value}, **connect) as ws:
+        await ws.send('{"email":"x@example.com"}')
+        return [await ws.recv() for _ in range(n)]
+
+
 def test_simulator_in_process(tmp_path):
     """The embeddable API: Simulator in this process's event loop."""
     import asyncio
-
-    from websockets.asyncio.client import connect as aconnect
 
     from fastfeed.sim import SimConfig, Simulator
 
@@ -272,15 +288,9 @@ def test_simulator_in_process(tmp_path):
         sim = Simulator(SimConfig(rate=0, count=100, symbols=5))
         await sim.start()
         try:
-            s = load_settings({"host": sim.url, "authority": sim.url,
-                               "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
-                               "client_secret": "fastfeed-sim-secret", "scope": "a/.default",
-                               "token_cache": str(tmp_path / "t.json")}, env={})
-            token = await asyncio.get_running_loop().run_in_executor(None, login, s)
-            async with aconnect(sim.url.replace("http", "ws") + "/ws",
-                                additional_headers={"X-ZUMO-AUTH": token.value}) as ws:
-                await ws.send('{"email":"x@example.com"}')
-                got = [await ws.recv() for _ in range(100)]
+            token = await asyncio.get_running_loop().run_in_executor(
+                None, login, _sim_settings(sim, tmp_path))
+            got = await _registered_frames(sim.url.replace("http", "ws") + "/ws", token, 100)
         finally:
             await sim.close()
         return got, sim.stats()
@@ -315,21 +325,14 @@ def test_simulator_in_process_over_tls_with_an_independent_client(tmp_path):
         await sim.start()
         try:
             assert sim.url.startswith("https://")
-            s = load_settings({"host": sim.url, "authority": sim.url,
-                               "tenant_id": "fastfeed-sim", "client_id": "fastfeed-sim",
-                               "client_secret": "fastfeed-sim-secret", "scope": "a/.default",
-                               "token_cache": str(tmp_path / "t.json"),
-                               "ca_file": str(tmp_path / "ca.pem")}, env={})
-            token = await asyncio.get_running_loop().run_in_executor(None, login, s)
+            token = await asyncio.get_running_loop().run_in_executor(
+                None, login, _sim_settings(sim, tmp_path, ca_file=str(tmp_path / "ca.pem")))
             ws_url = sim.url.replace("https", "wss") + "/ws"
             with pytest.raises(ssl.SSLCertVerificationError):
                 async with aconnect(ws_url, ssl=other,
                                     additional_headers={"X-ZUMO-AUTH": token.value}):
                     pass
-            async with aconnect(ws_url, ssl=good,
-                                additional_headers={"X-ZUMO-AUTH": token.value}) as ws:
-                await ws.send('{"email":"x@example.com"}')
-                got = [await ws.recv() for _ in range(100)]
+            got = await _registered_frames(ws_url, token, 100, ssl=good)
         finally:
             await sim.close()
         return got, sim.stats()
