@@ -36,8 +36,9 @@ def build(include: str, out: str) -> None:
     libdir = sysconfig.get_config_var("LIBDIR")
     ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
     lib = ldlib[3:].split(".so")[0].split(".a")[0] if ldlib.startswith("lib") else "python3"
-    cmd = ["gcc", "-O3", "-fno-strict-aliasing", f"-I{include}", f"-I{paths['include']}",
-           os.path.join(HERE, "decode_c.c"), f"-L{libdir}", f"-l{lib}", f"-Wl,-rpath,{libdir}", "-o", out]
+    # the flags the extension is built with (Python's NDEBUG and wrapv, setup.py's -O3)
+    cmd = ["gcc", "-O3", "-DNDEBUG", "-fwrapv", "-fno-strict-aliasing", "-std=gnu11",
+           f"-I{include}", f"-I{paths['include']}", os.path.join(HERE, "decode_c.c"), f"-L{libdir}", f"-l{lib}", f"-Wl,-rpath,{libdir}", "-o", out]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode:
         raise SystemExit(f"bench_decode_c: building against {include} failed:\n{r.stderr[-2000:]}")
