@@ -356,6 +356,22 @@ typedef struct {
     uint8_t _pad[5];
 } ff_lit;
 
+/* A set of learned bytes for one kind of frame.  A stream that mixes kinds (ticks, quotes,
+ * series) or layouts (compact and spaced senders, a sender with keys in any order) would
+ * thrash one set: after `c` comes `,"t":` in a tick and `,"lt":` in a quote.  So a frame
+ * takes the bank of its length in 16-byte steps (ticks, quotes and series differ in length)
+ * and of its first bytes: spaced or not (`{"c": ` or `{"c":"`), and whether it begins with
+ * the provider's first key `c` (a pretty-printed or reordered frame does not).  Which bank a
+ * frame takes never changes what it decodes to, only how often the learned bytes match. */
+#define FF_LIT_BANKS 64 /* 16 lengths x 4 classes of first bytes */
+typedef struct {
+    ff_lit lit[2][FF_LIT_SLOTS]; /* [message or bar object][slot] */
+    uint32_t hits, misses;       /* the last frame that took this bank: learned bytes matched,
+                                  * general parses */
+    uint32_t nframes;
+    uint32_t _pad;
+} ff_litbank;
+
 typedef struct {
     const uint8_t *start; /* first byte of the current frame */
     const uint8_t *p;
@@ -378,10 +394,12 @@ typedef struct {
     ff_fix *fix;
     size_t nfix, fix_cap;
     /* what came between one value and the next, learned from the frames before (see ff_lit) */
-    ff_lit lits[2][FF_LIT_SLOTS];
+    ff_litbank banks[FF_LIT_BANKS];
+    ff_litbank *bank;              /* this frame's (NULL until a frame of 16 bytes or more) */
+    unsigned bank_idx;             /* its index in banks */
     ff_lastcode last_code[FF_NROLES]; /* by role (FF_ROLE_STATUS, FF_ROLE_BAR_TYPE; not symbols) */
     uint32_t lit_hits, lit_misses; /* in this frame: learned bytes matched, general parses */
-    uint32_t nframes;
+    uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
     char err[200];
@@ -1099,7 +1117,7 @@ static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
 static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, const uint8_t *from, int next)
 {
     size_t len = (size_t)(d->p - from);
-    ff_lit *L = &d->lits[bar][slot];
+    ff_lit *L = &d->bank->lit[bar][slot]; /* d->lits_on: a frame of 16 bytes or more */
     if (len > 16 || d->end - d->start < 16) return;
     uint64_t m0 = len >= 8 ? ~0ULL : (1ULL << (8 * len)) - 1;
     uint64_t m1 = len <= 8 ? 0 : len == 16 ? ~0ULL : (1ULL << (8 * (len - 8))) - 1;
@@ -1124,10 +1142,11 @@ static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, con
  * value's first byte), FF_MEMBER_END when the object closed (d->p past the `}`), -2 on an
  * error.  slot: what came before, FF_LIT_START (d->p at the `{`), a field id or
  * FF_LIT_OTHER (d->p right after that value). */
-static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, int bar, int slot, int lits)
+static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, ff_lit *bank, int bar, int slot,
+                                                                int lits)
 {
     const uint8_t *from = d->p;
-    ff_lit *L = &d->lits[bar][slot];
+    ff_lit *L = &bank[slot];
     /* Near the frame's end (a message's last key, its `}`) the bytes past the end read as
      * zero, which no learned byte is (the bytes were valid JSON outside a string): a
      * literal longer than what is left never matches. */
@@ -1665,8 +1684,9 @@ static int ff_commit(ff_dec *d)
 static inline __attribute__((always_inline)) int ff_members(ff_dec *d, ff_obj *o, int bar, int depth,
                                                             size_t bars_start, int lits)
 {
+    ff_lit *bank = lits ? d->bank->lit[bar] : NULL; /* once: a store to a row may alias d->bank */
     for (int slot = FF_LIT_START;;) {
-        int f = ff_next_member(d, bar, slot, lits);
+        int f = ff_next_member(d, bank, bar, slot, lits);
         if (f == FF_MEMBER_END) return 0;
         if (FF_UNLIKELY(f == -2)) return -1;
         if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
@@ -1871,11 +1891,25 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->ncontrol = 0;
     d->table_full = 0;
     /* Learning costs a call per general parse: worth it while the learned bytes mostly match
-     * (a steady stream, or one that just changed layout), not where keys come in any order
-     * or layouts change frame by frame; there one frame in 16 learns, enough to notice when
-     * the stream settles. */
-    d->learn = d->lit_hits > d->lit_misses || (++d->nframes & 15) == 0;
-    d->lits_on = d->learn || d->lit_hits != 0;
+     * (a steady stream, or one that just changed layout), not where keys come in any order;
+     * there one frame in 16 learns, enough to notice when the stream settles.  Decided per
+     * bank, by the last frame that took it. */
+    ff_litbank *B = NULL;
+    if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes (ff_next_member) */
+        unsigned cls = (p[5] == ' ') | (p[2] != 'c') << 1;
+        unsigned idx = ((n < 256 ? (unsigned)n >> 4 : 15) << 2) | cls;
+        /* A branch, not a select: in a steady stream it is predicted, and the parse need not
+         * wait for the frame's bytes to know where its learned bytes are (4 ns a tick). */
+        if (FF_UNLIKELY(idx != d->bank_idx || !d->bank)) {
+            d->bank_idx = idx;
+            d->bank = &d->banks[idx];
+        }
+        B = d->bank;
+        d->learn = B->hits > B->misses || (++B->nframes & 15) == 0;
+        d->lits_on = d->learn || B->hits != 0;
+    } else {
+        d->learn = d->lits_on = 0;
+    }
     d->lit_hits = d->lit_misses = 0;
     ff_ws(d);
     int rc;
@@ -1925,6 +1959,11 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     if (rc == 0) {
         ff_ws(d);
         if (d->p < d->end) rc = ff_fail(d, d->p, "trailing characters after the JSON value");
+    }
+    d->lit_hits_total += d->lit_hits;
+    if (B) {
+        B->hits = d->lit_hits;
+        B->misses = d->lit_misses;
     }
     if (FF_UNLIKELY(d->npend)) {
         /* codes new to the tables go in only now that the whole frame is known good */

@@ -3,7 +3,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.ref cimport Py_INCREF
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memchr, memcpy, memset
 
@@ -77,6 +77,7 @@ cdef extern from "decode.h":
         char *pend_text
         void *pend_index
         void *fix
+        uint64_t lit_hits_total
         char err[200]
     int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
 
@@ -542,6 +543,12 @@ cdef class Decoder:
                 finally:
                     PyBuffer_Release(&view)
         return self._finish(n)
+
+    @property
+    def _learned_hits(self) -> int:
+        """Members whose key was matched by learned bytes, over all frames so far: how tests
+        know that the learned path ran (ext/decode.h, ff_lit)."""
+        return self.d.lit_hits_total
 
     def decode_buffer(self, data, recv_ts=None) -> Batch:
         """Decode newline-delimited JSON (one frame per line; blank lines skipped).
