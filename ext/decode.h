@@ -366,10 +366,10 @@ typedef struct {
 #define FF_LIT_BANKS 64 /* 16 lengths x 4 classes of first bytes */
 typedef struct {
     ff_lit lit[2][FF_LIT_SLOTS]; /* [message or bar object][slot] */
-    uint32_t hits, misses;       /* the last frame that took this bank: learned bytes matched,
-                                  * general parses */
+    uint32_t hits;               /* learned bytes matched in the last frame that took this bank */
     uint32_t nframes;
-    uint32_t _pad;
+    uint8_t good;                /* one bit per frame, the last in bit 0: more matched than not */
+    uint8_t _pad[7];
 } ff_litbank;
 
 typedef struct {
@@ -1893,7 +1893,8 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     /* Learning costs a call per general parse: worth it while the learned bytes mostly match
      * (a steady stream, or one that just changed layout), not where keys come in any order;
      * there one frame in 16 learns, enough to notice when the stream settles.  Decided per
-     * bank, by the last frame that took it. */
+     * bank, by the last four frames that took it: one odd frame (keys in another order) that
+     * unlearned some bytes must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
     if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes (ff_next_member) */
         unsigned cls = (p[5] == ' ') | (p[2] != 'c') << 1;
@@ -1905,7 +1906,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
             d->bank = &d->banks[idx];
         }
         B = d->bank;
-        d->learn = B->hits > B->misses || (++B->nframes & 15) == 0;
+        d->learn = (B->good & 15) != 0 || (++B->nframes & 15) == 0;
         d->lits_on = d->learn || B->hits != 0;
     } else {
         d->learn = d->lits_on = 0;
@@ -1963,7 +1964,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->lit_hits_total += d->lit_hits;
     if (B) {
         B->hits = d->lit_hits;
-        B->misses = d->lit_misses;
+        B->good = (uint8_t)(B->good << 1 | (d->lit_hits > d->lit_misses));
     }
     if (FF_UNLIKELY(d->npend)) {
         /* codes new to the tables go in only now that the whole frame is known good */
