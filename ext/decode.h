@@ -1906,7 +1906,9 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
             d->bank = &d->banks[idx];
         }
         B = d->bank;
-        d->learn = (B->good & 15) != 0 || (++B->nframes & 15) == 0;
+        /* a bank's first frames learn, as if the ones before had matched */
+        d->learn = (B->good & 15) != 0 || B->nframes < 3 || (++B->nframes & 15) == 0;
+        B->nframes += B->nframes < 3;
         d->lits_on = d->learn || B->hits != 0;
     } else {
         d->learn = d->lits_on = 0;
