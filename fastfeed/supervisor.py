@@ -207,6 +207,13 @@ class Supervisor:
                         continue
                     proc = s.proc
                     proc.join(1.0)
+                    # Another thread may reap the child first (stats() asks is_alive()):
+                    # then this join's waitpid finds no child and returns before that
+                    # thread has stored the exit code, and the log would say "exit code
+                    # None" for a SIGKILL (seen once in CI). Give it a moment to land.
+                    until = time.monotonic() + 1.0
+                    while getattr(proc, "exitcode", 0) is None and time.monotonic() < until:
+                        time.sleep(0.001)
                     s.proc = None
                     try:
                         again = s.on_exit(proc)
