@@ -368,7 +368,8 @@ typedef struct {
     ff_lit lit[2][FF_LIT_SLOTS]; /* [message or bar object][slot] */
     uint32_t hits;               /* learned bytes matched in the last frame that took this bank */
     uint32_t nframes;
-    uint8_t good;                /* one bit per frame, the last in bit 0: more matched than not */
+    uint8_t poor;                /* one bit per frame, the last in bit 0: matched no more than
+                                  * not (zero, a new bank's, reads as four good frames) */
     uint8_t _pad[7];
 } ff_litbank;
 
@@ -1117,8 +1118,9 @@ static inline __attribute__((always_inline)) int ff_member_next(ff_dec *d)
 static __attribute__((noinline)) void ff_learn(ff_dec *d, int bar, int slot, const uint8_t *from, int next)
 {
     size_t len = (size_t)(d->p - from);
-    ff_lit *L = &d->bank->lit[bar][slot]; /* d->lits_on: a frame of 16 bytes or more */
-    if (len > 16 || d->end - d->start < 16) return;
+    ff_lit *L = &d->bank->lit[bar][slot];
+    assert(d->end - d->start >= 16); /* d->lits_on */
+    if (len > 16) return;
     uint64_t m0 = len >= 8 ? ~0ULL : (1ULL << (8 * len)) - 1;
     uint64_t m1 = len <= 8 ? 0 : len == 16 ? ~0ULL : (1ULL << (8 * (len - 8))) - 1;
     uint64_t b0, b1;
@@ -1149,8 +1151,11 @@ static inline __attribute__((always_inline)) int ff_next_member(ff_dec *d, ff_li
     ff_lit *L = &bank[slot];
     /* Near the frame's end (a message's last key, its `}`) the bytes past the end read as
      * zero, which no learned byte is (the bytes were valid JSON outside a string): a
-     * literal longer than what is left never matches. */
-    if (lits && L->conf >= 2 && FF_LIKELY(d->end - d->start >= 16)) {
+     * literal longer than what is left never matches.  lits: the frame holds 16 bytes or
+     * more (ff_decode_frame turns the learned bytes off for shorter ones), as the 16-byte
+     * load needs. */
+    if (lits && L->conf >= 2) {
+        assert(d->end - d->start >= 16);
         uint64_t w0, w1;
         ff_load16_upto(from, d->end, d->start, &w0, &w1);
         uint64_t x = ((w0 ^ L->w[0]) & L->m[0]) | ((w1 ^ L->w[1]) & L->m[1]);
@@ -1896,7 +1901,8 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
      * bank, by the last four frames that took it: one odd frame (keys in another order) that
      * unlearned some bytes must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
-    if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes (ff_next_member) */
+    if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes: their 16-byte loads
+                               * (ff_load16_upto) would reach outside the frame */
         unsigned cls = (p[5] == ' ') | (p[2] != 'c') << 1;
         unsigned idx = ((n < 256 ? (unsigned)n >> 4 : 15) << 2) | cls;
         /* A branch, not a select: in a steady stream it is predicted, and the parse need not
@@ -1906,9 +1912,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
             d->bank = &d->banks[idx];
         }
         B = d->bank;
-        /* a bank's first frames learn, as if the ones before had matched */
-        d->learn = (B->good & 15) != 0 || B->nframes < 3 || (++B->nframes & 15) == 0;
-        B->nframes += B->nframes < 3;
+        d->learn = (B->poor & 15) != 15 || (++B->nframes & 15) == 0;
         d->lits_on = d->learn || B->hits != 0;
     } else {
         d->learn = d->lits_on = 0;
@@ -1966,7 +1970,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->lit_hits_total += d->lit_hits;
     if (B) {
         B->hits = d->lit_hits;
-        B->good = (uint8_t)(B->good << 1 | (d->lit_hits > d->lit_misses));
+        B->poor = (uint8_t)(B->poor << 1 | (d->lit_hits <= d->lit_misses));
     }
     if (FF_UNLIKELY(d->npend)) {
         /* codes new to the tables go in only now that the whole frame is known good */
