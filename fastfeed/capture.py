@@ -199,6 +199,7 @@ def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
 
     dec = Decoder(symbols=symbols, statuses=statuses, bar_types=bar_types, error_store=0)
     ctl = Decoder(error_store=0)  # symbol-less frames: counted, their codes kept apart
+    probe = None
     unroutable = 0
     m = _Mapped(capture_files(path))
     try:
@@ -212,10 +213,15 @@ def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
                 if none.any():
                     b = ctl.decode_region(data, offs[none], lens[none], ts[none])
                     if b.rows:
-                        # rows the router cannot place: count the frames that hold them
+                        # rows the router cannot place: count the frames that hold them, one
+                        # at a time through one probe decoder (its tables are megabytes: made
+                        # once, not per frame)
+                        if probe is None:
+                            probe = Decoder(error_store=0)
+                        one_ts = np.zeros(1, np.int64)
                         for o, n in zip(offs[none].tolist(), lens[none].tolist(), strict=True):
-                            unroutable += Decoder(error_store=0).decode_region(
-                                data, np.array([o]), np.array([n]), np.zeros(1, np.int64)
+                            unroutable += probe.decode_region(
+                                data, np.array([o]), np.array([n]), one_ts
                             ).rows > 0
                     keep = ~none
                     offs, lens, ts = offs[keep], lens[keep], ts[keep]
@@ -224,7 +230,7 @@ def intern_codes(path: str | os.PathLike[str], symbols: Any, statuses: Any,
         return {"control_msgs": ctl.control_total, "control_errors": ctl.errors_total,
                 "unroutable": int(unroutable)}
     finally:
-        del dec, ctl
+        del dec, ctl, probe
         m.close()
 
 
