@@ -121,8 +121,9 @@ def tls_failure(exc: BaseException, where: str, *, ca_file: str | os.PathLike[st
             if any(alert in reason for alert in _CLIENT_CERT_ALERTS):
                 if client_cert is None:
                     return (f"{where} requires a client certificate (TLS alert {reason}): "
-                            f"give one with --client-cert FILE --client-key FILE")
+                            f"give one with --client-cert FILE --client-key FILE (client_cert=, "
+                            f"client_key= in a source URL)")
                 return (f"{where} refused the client certificate {os.fspath(client_cert)} "
                         f"(TLS alert {reason}): give one its CA accepts with --client-cert "
-                        f"and --client-key")
+                        f"and --client-key (client_cert=, client_key= in a source URL)")
     return None

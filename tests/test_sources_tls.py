@@ -2,8 +2,9 @@
 CA they make: ``redis-server`` on a TLS port (``rediss://``, ``rediss+stream://``, and with
 client certificates required) and ``nats-server --tls`` (``tls://``). The CA is given in the
 URL (``ca_file=``); without it, the certificate is untrusted and the source stops at once with
-one line, not a reconnect loop. (RabbitMQ over TLS, ``amqps://``, takes the same parameters:
-see docs/network.md; its TLS listener needs a broker config file, not started here.)"""
+one line, not a reconnect loop. RabbitMQ over TLS (``amqps://``) runs against a node of its
+own that the tests boot with a TLS-only listener (and one that requires client
+certificates), beside the machine's node on 5672."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.brokers import (
     feed_connected,
     need_module,
     start_nats_tls,
+    start_rabbitmq_tls,
     start_redis_tls,
     wait_for,
 )
@@ -107,6 +109,55 @@ def test_nats_tls(tmp_path: Path, tls: TLSFiles) -> None:
         with Feed(source=f"tls://127.0.0.1:{port}?subject=feed.>", workers=1) as feed:
             with pytest.raises(FeedError, match="not trusted"):
                 feed.run(duration=30)
+    finally:
+        broker.stop()
+
+
+def test_amqps_queue_and_untrusted_certificate(tmp_path: Path, tls: TLSFiles) -> None:
+    need_module("aio_pika", "rabbitmq")
+    broker = start_rabbitmq_tls(tmp_path, tls)
+    try:
+        base = f"amqps://guest:guest@127.0.0.1:{broker.port}/"
+        src = f"{base}?queue=ff-tls&prefetch=500&ca_file={tls.ca}"
+        with Feed(source=src, workers=2) as feed:
+            wait_for(lambda: feed_connected(feed), what="consumer over TLS")
+            sent = publish(src, count=20000, malformed=0.01, status_every=1000)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+        s = stats["session"]
+        assert s["control"] == sent["control_sent"] == 20
+        assert s["acked"] == sent["frames_sent"] + sent["control_sent"], s
+        # untrusted: one line naming the endpoint and the way out, no reconnect loop
+        with Feed(source=f"{base}?queue=ff-tls", workers=1) as feed:
+            with pytest.raises(FeedError) as info:
+                feed.run(duration=30)
+        msg = str(info.value)
+        assert "\n" not in msg and "not trusted" in msg and "ca_file=" in msg, msg
+        assert f"127.0.0.1:{broker.port}" in msg
+        assert feed.stats()["session"]["connect_errors"] <= 1
+    finally:
+        broker.stop()
+
+
+def test_amqps_mutual_tls(tmp_path: Path, tls: TLSFiles) -> None:
+    need_module("aio_pika", "rabbitmq")
+    broker = start_rabbitmq_tls(tmp_path, tls, client_certs=True)
+    try:
+        src = (f"amqps://guest:guest@127.0.0.1:{broker.port}/?queue=ff-mtls&ca_file={tls.ca}"
+               f"&client_cert={tls.client}")
+        with Feed(source=src, workers=1) as feed:
+            wait_for(lambda: feed_connected(feed), what="consumer over mutual TLS")
+            sent = publish(src, count=10000)
+            stats = run(feed, sent["frames_sent"])
+        assert_rows_match(stats, sent)
+        # without one: a one-line error that says what to give, no reconnect loop
+        with Feed(source=src.split("&client_cert=")[0], workers=1) as feed:
+            with pytest.raises(FeedError) as info:
+                feed.run(duration=30)
+        msg = str(info.value)
+        assert "\n" not in msg and "requires a client certificate" in msg, msg
+        assert "client_cert=" in msg and f"127.0.0.1:{broker.port}" in msg
+        assert feed.stats()["session"]["connect_errors"] <= 1
     finally:
         broker.stop()
 
