@@ -39,6 +39,19 @@ def run(feed: Feed, frames: int) -> dict:
     return feed.run(frames=frames, duration=60)
 
 
+def assert_fails_at_once(source: str, port: int, *says: str) -> None:
+    """A feed on ``source`` stops with one line that names 127.0.0.1:port and each of
+    ``says``, after at most one connection attempt (no reconnect loop)."""
+    with Feed(source=source, workers=1) as feed:
+        with pytest.raises(FeedError) as info:
+            feed.run(duration=30)
+    msg = str(info.value)
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg, msg
+    for what in says:
+        assert what in msg, (what, msg)
+    assert feed.stats()["session"]["connect_errors"] <= 1
+
+
 def test_rediss_pubsub_and_stream(tmp_path: Path, tls: TLSFiles) -> None:
     need_module("hiredis", "redis")
     broker = start_redis_tls(tmp_path, tls)
@@ -66,29 +79,32 @@ def test_rediss_untrusted_certificate_is_fatal_and_one_line(tmp_path: Path,
     need_module("hiredis", "redis")
     broker = start_redis_tls(tmp_path, tls)
     try:
-        with Feed(source=f"rediss://127.0.0.1:{broker.port}/0?channel=feed", workers=1) as feed:
-            with pytest.raises(FeedError) as info:
-                feed.run(duration=30)
-        msg = str(info.value)
-        assert "\n" not in msg and "not trusted" in msg and "ca_file=" in msg
-        assert f"127.0.0.1:{broker.port}" in msg
-        assert feed.stats()["session"]["connect_errors"] <= 1  # no reconnect loop
+        assert_fails_at_once(f"rediss://127.0.0.1:{broker.port}/0?channel=feed", broker.port,
+                             "not trusted", "ca_file=")
     finally:
         broker.stop()
 
 
-def test_rediss_mutual_tls(tmp_path: Path, tls: TLSFiles) -> None:
-    need_module("hiredis", "redis")
-    broker = start_redis_tls(tmp_path, tls, client_certs=True)
+@pytest.mark.parametrize("scheme", ["rediss", "amqps"])
+def test_mutual_tls(tmp_path: Path, tls: TLSFiles, scheme: str) -> None:
+    """A broker that requires client certificates: with one the rows arrive; without one
+    the run ends at once with one line that says what to give."""
+    if scheme == "rediss":
+        need_module("hiredis", "redis")
+        broker = start_redis_tls(tmp_path, tls, client_certs=True)
+        src = f"rediss://127.0.0.1:{broker.port}/0?channel=feed&ca_file={tls.ca}"
+    else:
+        need_module("aio_pika", "rabbitmq")
+        broker = start_rabbitmq_tls(tmp_path, tls, client_certs=True)
+        src = f"amqps://guest:guest@127.0.0.1:{broker.port}/?queue=ff-mtls&ca_file={tls.ca}"
     try:
-        port = broker.port
-        url = (f"rediss://127.0.0.1:{port}/0?channel=feed&ca_file={tls.ca}"
-               f"&client_cert={tls.client}")
+        url = f"{src}&client_cert={tls.client}"
         with Feed(source=url, workers=1) as feed:
-            wait_for(lambda: feed_connected(feed), what="subscription over mutual TLS")
+            wait_for(lambda: feed_connected(feed), what=f"{scheme} consumer over mutual TLS")
             sent = publish(url, count=10000)
             stats = run(feed, sent["frames_sent"])
         assert_rows_match(stats, sent)
+        assert_fails_at_once(src, broker.port, "requires a client certificate", "client_cert=")
     finally:
         broker.stop()
 
@@ -127,37 +143,7 @@ def test_amqps_queue_and_untrusted_certificate(tmp_path: Path, tls: TLSFiles) ->
         s = stats["session"]
         assert s["control"] == sent["control_sent"] == 20
         assert s["acked"] == sent["frames_sent"] + sent["control_sent"], s
-        # untrusted: one line naming the endpoint and the way out, no reconnect loop
-        with Feed(source=f"{base}?queue=ff-tls", workers=1) as feed:
-            with pytest.raises(FeedError) as info:
-                feed.run(duration=30)
-        msg = str(info.value)
-        assert "\n" not in msg and "not trusted" in msg and "ca_file=" in msg, msg
-        assert f"127.0.0.1:{broker.port}" in msg
-        assert feed.stats()["session"]["connect_errors"] <= 1
-    finally:
-        broker.stop()
-
-
-def test_amqps_mutual_tls(tmp_path: Path, tls: TLSFiles) -> None:
-    need_module("aio_pika", "rabbitmq")
-    broker = start_rabbitmq_tls(tmp_path, tls, client_certs=True)
-    try:
-        src = (f"amqps://guest:guest@127.0.0.1:{broker.port}/?queue=ff-mtls&ca_file={tls.ca}"
-               f"&client_cert={tls.client}")
-        with Feed(source=src, workers=1) as feed:
-            wait_for(lambda: feed_connected(feed), what="consumer over mutual TLS")
-            sent = publish(src, count=10000)
-            stats = run(feed, sent["frames_sent"])
-        assert_rows_match(stats, sent)
-        # without one: a one-line error that says what to give, no reconnect loop
-        with Feed(source=src.split("&client_cert=")[0], workers=1) as feed:
-            with pytest.raises(FeedError) as info:
-                feed.run(duration=30)
-        msg = str(info.value)
-        assert "\n" not in msg and "requires a client certificate" in msg, msg
-        assert "client_cert=" in msg and f"127.0.0.1:{broker.port}" in msg
-        assert feed.stats()["session"]["connect_errors"] <= 1
+        assert_fails_at_once(f"{base}?queue=ff-tls", broker.port, "not trusted", "ca_file=")
     finally:
         broker.stop()
 
