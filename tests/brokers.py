@@ -220,8 +220,10 @@ def start_redis_tls(tmp_path: Path, tls: TLSFiles, *, client_certs: bool = False
                           "--daemonize", "no"], port, work)
 
 
-def start_nats_tls(tmp_path: Path, tls: TLSFiles) -> BrokerProcess:
-    """A ``nats-server`` that requires TLS (``tls://``), certificates from ``tls``."""
+def start_nats_tls(tmp_path: Path, tls: TLSFiles, *, client_certs: bool = False
+                   ) -> BrokerProcess:
+    """A ``nats-server`` that requires TLS (``tls://``), certificates from ``tls``;
+    ``client_certs``: it requires a client certificate from the same CA."""
     exe = shutil.which("nats-server") or ("/usr/sbin/nats-server"
                                           if os.path.exists("/usr/sbin/nats-server") else None)
     if exe is None:
@@ -229,8 +231,10 @@ def start_nats_tls(tmp_path: Path, tls: TLSFiles) -> BrokerProcess:
     port = free_port()
     work = tmp_path / "nats-tls"
     work.mkdir()
+    verify = ["--tlsverify", "--tlscacert", tls.ca] if client_certs else []
     return BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), "--tls",
-                          "--tlscert", tls.server_cert, "--tlskey", tls.server_key], port, work)
+                          "--tlscert", tls.server_cert, "--tlskey", tls.server_key, *verify],
+                         port, work)
 
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's, run as this user

@@ -85,14 +85,20 @@ def test_rediss_untrusted_certificate_is_fatal_and_one_line(tmp_path: Path,
         broker.stop()
 
 
-@pytest.mark.parametrize("scheme", ["rediss", "amqps"])
+@pytest.mark.parametrize("scheme", ["rediss", "rediss+stream", "tls", "amqps"])
 def test_mutual_tls(tmp_path: Path, tls: TLSFiles, scheme: str) -> None:
     """A broker that requires client certificates: with one the rows arrive; without one
     the run ends at once with one line that says what to give."""
-    if scheme == "rediss":
+    if scheme.startswith("rediss"):
         need_module("hiredis", "redis")
         broker = start_redis_tls(tmp_path, tls, client_certs=True)
-        src = f"rediss://127.0.0.1:{broker.port}/0?channel=feed&ca_file={tls.ca}"
+        src = f"{scheme}://127.0.0.1:{broker.port}/0?" + (
+            "channel=feed" if scheme == "rediss" else "stream=feed&group=g&start=0")
+        src += f"&ca_file={tls.ca}"
+    elif scheme == "tls":
+        need_module("nats", "nats")
+        broker = start_nats_tls(tmp_path, tls, client_certs=True)
+        src = f"tls://127.0.0.1:{broker.port}?subject=feed&ca_file={tls.ca}"
     else:
         need_module("aio_pika", "rabbitmq")
         broker = start_rabbitmq_tls(tmp_path, tls, client_certs=True)

@@ -66,7 +66,10 @@ class _Subscriber(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(exc)
         if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError("connection closed during subscribe"))
+            # keep why (a TLS alert: the server wants a client certificate) for the caller
+            err = ConnectionError("connection closed during subscribe")
+            err.__cause__ = exc
+            self.subscribed.set_exception(err)
 
     def data_received(self, data: bytes) -> None:
         # One receive time per socket read, as the WebSocket listener stamps frames.

@@ -57,7 +57,9 @@ class RespConnection(asyncio.Protocol):
         while self._waiting:
             f = self._waiting.popleft()
             if not f.done():
-                f.set_exception(ConnectionError(f"Redis connection lost ({exc or 'EOF'})"))
+                err = ConnectionError(f"Redis connection lost ({exc or 'EOF'})")
+                err.__cause__ = exc  # a TLS alert (no client certificate) is fatal, not retried
+                f.set_exception(err)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -76,7 +78,13 @@ class RespConnection(asyncio.Protocol):
         """Send one encoded command (:func:`resp_command`); the future gets its reply."""
         f: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.transport is None or self.transport.is_closing():
-            f.set_exception(ConnectionError("Redis connection closed"))
+            if self.transport is not None and not self.lost.done():
+                # closing, and connection_lost has not said why yet: it fails f with the cause
+                self._waiting.append(f)
+                return f
+            err = ConnectionError("Redis connection closed")
+            err.__cause__ = self.lost.result() if self.lost.done() else None
+            f.set_exception(err)
             return f
         self._waiting.append(f)
         self.transport.write(command)
