@@ -23,7 +23,7 @@ import warnings
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .net import FatalNetworkError, proxy_credentials, proxy_for, redact_url
+from .net import FatalNetworkError, proxy_auth_failure, proxy_credentials, proxy_for, redact_url
 from .tls import tls_failure
 
 __all__ = ["HTTPClient", "Response", "TransientHTTPError"]
@@ -139,6 +139,8 @@ class HTTPClient:
                                 client_cert=self._client_cert)
             if fatal is not None:
                 raise FatalNetworkError(fatal) from None
+            if proxy and (refused := proxy_auth_failure(exc, proxy)) is not None:
+                raise FatalNetworkError(refused) from None
             reason = _reason(exc, parts.hostname or "")
             if proxy and "407" in reason:
                 raise FatalNetworkError(

@@ -14,11 +14,11 @@ credentials.
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["PROXY_SCHEMES", "FatalNetworkError", "check_url", "proxy_credentials", "proxy_for",
-           "redact_url"]
+__all__ = ["PROXY_SCHEMES", "FatalNetworkError", "check_url", "exception_chain",
+           "proxy_auth_failure", "proxy_credentials", "proxy_for", "redact_url"]
 
 #: Proxy URL schemes fastfeed can use (for the login and the WebSocket alike).
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
@@ -29,6 +29,44 @@ class FatalNetworkError(ConnectionError):
     certificate, a refused client certificate, a proxy refusing our credentials, or no
     connection at all for ``connect_timeout`` seconds. The message is one line that says
     what to change."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps (cause, context, urllib3's ``reason``, args)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None),
+                    *[a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def proxy_auth_failure(exc: BaseException, proxy: str) -> str | None:
+    """The one-line error when a SOCKS5 proxy refused the user and password given, or
+    wants some and none were given (RFC 1929); None for anything else. PySocks (the
+    login's requests) raises ``SOCKS5AuthError``; python-socks (the WebSocket) a
+    ``ProxyError`` whose reply names the authentication. A proxy that only closes the
+    connection cannot be told from one that is down, and is retried."""
+    if not urlsplit(proxy).scheme.startswith("socks"):
+        return None  # an HTTP proxy says 407, handled by the caller
+    for e in exception_chain(exc):
+        name = type(e).__name__
+        text = str(e)
+        if name == "SOCKS5AuthError" or (name in ("ProxyError", "ReplyError")
+                                         and "authentication" in text.lower()):
+            user, _ = proxy_credentials(proxy)
+            if user is None:
+                return (f"proxy {redact_url(proxy)} wants a user and password (SOCKS5): "
+                        f"put user:password@ in --proxy")
+            return (f"proxy {redact_url(proxy)} refused the user and password (SOCKS5 "
+                    f"authentication failed): check user:password@ in --proxy")
+    return None
 
 
 def check_url(url: str, what: str, schemes: tuple[str, ...]) -> str:

@@ -33,7 +33,7 @@ from .auth import MAX_RETRY_AFTER_S, Authenticator, AuthError, CredentialsError,
 from .backoff import Backoff
 from .child import ChildProcess, serve
 from .config import ConfigError, Settings
-from .net import FatalNetworkError, proxy_for, redact_url
+from .net import FatalNetworkError, proxy_auth_failure, proxy_for, redact_url
 from .tls import tls_failure
 
 __all__ = ["COUNTERS", "FeedAuthError", "FeedSession", "SessionProcess", "run_session"]
@@ -380,6 +380,8 @@ class FeedSession:
                 raise FatalNetworkError(fatal) from None
             self.last_error = _describe(exc, self._host_port().rsplit(":", 1)[0])
             if proxy is not None:
+                if (refused := proxy_auth_failure(exc, proxy)) is not None:
+                    raise FatalNetworkError(refused) from None
                 if "407" in self.last_error:
                     raise FatalNetworkError(
                         f"proxy {redact_url(proxy)} refused the connection with 407 (proxy "

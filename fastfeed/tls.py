@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+
+from .net import exception_chain
 
 __all__ = ["client_context", "server_context", "tls_failure", "trust_source"]
 
@@ -76,22 +77,6 @@ def trust_source(ca_file: str | os.PathLike[str] | None) -> str:
     return f"the system trust store ({where})" if where else "the system trust store"
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it wraps (cause, context, urllib3's ``reason``, args)."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None),
-                    *[a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
 def tls_failure(exc: BaseException, where: str, *, ca_file: str | os.PathLike[str] | None,
                 client_cert: str | os.PathLike[str] | None = None) -> str | None:
     """The one-line error for a TLS failure retrying cannot fix, or None for anything else.
@@ -99,7 +84,7 @@ def tls_failure(exc: BaseException, where: str, *, ca_file: str | os.PathLike[st
     ``where``: the ``host:port`` that was connected to (named in the line, with the CA
     certificates that were used and the option that fixes it).
     """
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, ssl.SSLCertVerificationError):
             code = e.verify_code
             why = e.verify_message or e.reason or str(e)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -266,3 +268,46 @@ def test_bad_proxy_url_is_a_config_error(value, message):
 def test_proxy_password_never_in_settings_repr():
     s = load_settings({"host": "feed.example.com", "proxy": "http://u:topsecret@p:1"}, env={})
     assert "topsecret" not in repr(s)
+
+
+def test_socks5_wrong_password_fails_fast(sims, tmp_path):
+    """microsocks answers a wrong SOCKS5 password with the RFC 1929 failure status: a
+    one-line error at once, the password never shown (pproxy just closes, which cannot be
+    told from a proxy that is down)."""
+    exe = shutil.which("microsocks")
+    if exe is None:
+        pytest.skip("microsocks is not installed (apt-get install microsocks)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-i", "127.0.0.1", "-p", str(port), "-u", USER, "-P", PASSWORD],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "microsocks did not start"
+                time.sleep(0.05)
+        sim = sims(True, "--rate", "100")
+        good = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{port}"
+        cache = str(tmp_path / "token.json")
+        # the login (urllib3 + PySocks) meets the refusal first; with a token cached, the
+        # WebSocket (python-socks) does: both end at once
+        assert frames(stream(sim, tmp_path, "--proxy", good, "--count", "10",
+                             "--token-cache", cache)[0]) == 10
+        for token_cache in ((), ("--token-cache", cache)):
+            res, took = stream(sim, tmp_path, "--proxy", f"socks5://{USER}:wrong@127.0.0.1:{port}",
+                               "--count", "10", *token_cache)
+            line = last_line(res.stderr)
+            assert res.returncode == 1 and took < FAIL_FAST_S, (took, res.stderr[-2000:])
+            assert line.startswith("fastfeed: error: proxy socks5://feeduser:***@127.0.0.1:"), line
+            assert "refused the user and password" in line, line
+            assert "wrong" not in res.stderr and "s3cret" not in res.stderr
+        res, took = stream(sim, tmp_path, "--proxy", f"socks5://127.0.0.1:{port}", "--count", "10")
+        line = last_line(res.stderr)
+        assert res.returncode == 1 and took < FAIL_FAST_S, (took, res.stderr[-2000:])
+        assert "wants a user and password" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(10)
