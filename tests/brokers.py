@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from fastfeed import Feed, shm
+from fastfeed.feed import FeedError
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -169,17 +170,21 @@ def redis_everysec(tmp_path: Path) -> Iterator[BrokerProcess]:
     b.stop()
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+def start_nats(tmp_path: Path, *args: str, name: str = "nats") -> BrokerProcess:
+    """A ``nats-server`` on a free loopback port with ``args``, its files in tmp_path/name."""
     exe = shutil.which("nats-server") or ("/usr/sbin/nats-server"
                                           if os.path.exists("/usr/sbin/nats-server") else None)
     if exe is None:
         missing("nats-server", "nats-server")
     port = free_port()
-    work = tmp_path / "nats"
+    work = tmp_path / name
     work.mkdir()
-    b = BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(work)],
-                      port, work)
+    return BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), *args], port, work)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = start_nats(tmp_path, "-js", "-sd", str(tmp_path / "nats"))
     yield b
     b.stop()
 
@@ -224,17 +229,9 @@ def start_nats_tls(tmp_path: Path, tls: TLSFiles, *, client_certs: bool = False
                    ) -> BrokerProcess:
     """A ``nats-server`` that requires TLS (``tls://``), certificates from ``tls``;
     ``client_certs``: it requires a client certificate from the same CA."""
-    exe = shutil.which("nats-server") or ("/usr/sbin/nats-server"
-                                          if os.path.exists("/usr/sbin/nats-server") else None)
-    if exe is None:
-        missing("nats-server", "nats-server")
-    port = free_port()
-    work = tmp_path / "nats-tls"
-    work.mkdir()
     verify = ["--tlsverify", "--tlscacert", tls.ca] if client_certs else []
-    return BrokerProcess([exe, "-a", "127.0.0.1", "-p", str(port), "--tls",
-                          "--tlscert", tls.server_cert, "--tlskey", tls.server_key, *verify],
-                         port, work)
+    return start_nats(tmp_path, "--tls", "--tlscert", tls.server_cert, "--tlskey",
+                      tls.server_key, *verify, name="nats-tls")
 
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's, run as this user
@@ -310,6 +307,21 @@ def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def assert_fails_at_once(source: str, port: int | None, *says: str, retries: int = 1) -> str:
+    """A feed on ``source`` stops with one line that names 127.0.0.1:port (when given) and
+    each of ``says``, after at most ``retries`` failed connection attempts (no reconnect
+    loop); returns the line."""
+    with Feed(source=source, workers=1) as feed:
+        with pytest.raises(FeedError) as info:
+            feed.run(duration=30)
+    msg = str(info.value)
+    assert "\n" not in msg and (port is None or f"127.0.0.1:{port}" in msg), msg
+    for what in says:
+        assert what in msg, (what, msg)
+    assert feed.stats()["session"]["connect_errors"] <= retries
+    return msg
 
 
 def feed_connected(feed: object, n: int = 1) -> bool:

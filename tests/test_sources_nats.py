@@ -212,3 +212,17 @@ def test_core_restart_accounting(nats_server: BrokerProcess) -> None:
     assert c["broker_restarts"] == 1 and c["reconnects"] == 1 and c["evicted"] == 0, c
     assert sorted(reader.numbers()) == list(range(6000)) and c["ring_drops"] == 0, c
     reader.check_order()
+
+
+def test_wrong_credentials_are_a_fatal_one_line_error(tmp_path) -> None:
+    broker = brokers.start_nats(tmp_path, "--user", "feed", "--pass", "s3cret-pw")
+    try:
+        for creds in ("feed:wrong-pw@", ""):
+            msg = brokers.assert_fails_at_once(f"nats://{creds}127.0.0.1:{broker.port}?subject=x",
+                                               None, "NATS refused the credentials")
+            assert "wrong-pw" not in msg
+        with Feed(source=f"nats://feed:s3cret-pw@127.0.0.1:{broker.port}?subject=x",
+                  workers=1) as feed:
+            wait_for(lambda: feed_connected(feed), what="authenticated subscription")
+    finally:
+        broker.stop()

@@ -228,3 +228,10 @@ def test_reconnect_without_restart_is_not_a_restart(rabbitmq: str,
         lossless.wait_for(lambda: reader.count() >= 500, what="every frame")
     c = proc.counters()
     assert c["reconnects"] == 1 and c["broker_restarts"] == 0, c
+
+
+def test_wrong_credentials_are_a_fatal_one_line_error(rabbitmq: str) -> None:
+    for creds in ("guest:wrong-pw", "nobody:wrong-pw"):
+        src = rabbitmq.replace("guest:guest", creds, 1) + f"?queue={unique('ff-q')}"
+        msg = brokers.assert_fails_at_once(src, None, "RabbitMQ refused the credentials")
+        assert "wrong-pw" not in msg
