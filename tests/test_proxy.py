@@ -22,6 +22,7 @@ import pytest
 from fastfeed.config import ConfigError, load_settings
 from fastfeed.net import proxy_for, redact_url
 from fastfeed.sim.process import SimulatorProcess
+from tests.brokers import missing
 
 from .conftest import ROOT, SIM_CLIENT_ID, SIM_SCOPE, SIM_SECRET, SIM_TENANT
 
@@ -276,7 +277,7 @@ def test_socks5_wrong_password_fails_fast(sims, tmp_path):
     told from a proxy that is down)."""
     exe = shutil.which("microsocks")
     if exe is None:
-        pytest.skip("microsocks is not installed (apt-get install microsocks)")
+        missing("microsocks", "microsocks")
     port = free_port()
     proc = subprocess.Popen([exe, "-i", "127.0.0.1", "-p", str(port), "-u", USER, "-P", PASSWORD],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
