@@ -27,6 +27,7 @@ Ways to consume:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import math
@@ -420,7 +421,17 @@ class Feed:
             raise
         self._started_at = time.monotonic()
         self._last_rx = (0, self._started_at)
+        atexit.register(self._stop_at_exit)
         return self
+
+    def _stop_at_exit(self) -> None:
+        """The interpreter is exiting with this feed still running (no ``with``, no
+        :meth:`stop`): stop it now, without draining. Otherwise exit waits forever: the
+        children leave SIGTERM to their parent, and multiprocessing joins them at exit."""
+        log.warning("a Feed was still running at interpreter exit: stopping it now (use "
+                    "`with Feed(...)` or call feed.stop())")
+        self.hurry()
+        self.stop(timeout=5.0)
 
     def _spawn_network(self) -> Any:
         """Start the network process (or the pub/sub source); the supervisor calls it
@@ -471,6 +482,7 @@ class Feed:
         if self._stopped or self._pool is None:
             return
         self._stopped = True
+        atexit.unregister(self._stop_at_exit)
         self._stop_event.set()
         self._flush()
         self._release_current()

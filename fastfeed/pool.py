@@ -14,6 +14,7 @@ drains the rings before the workers exit.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing as mp
@@ -195,7 +196,16 @@ class WorkerPool:
         except BaseException:
             self.close()
             raise
+        atexit.register(self._close_at_exit)
         return self
+
+    def _close_at_exit(self) -> None:
+        """The interpreter is exiting with this pool still open: close it now. Otherwise
+        exit waits forever: workers leave SIGTERM to their parent, and multiprocessing
+        joins them at exit."""
+        log.warning("a WorkerPool was still open at interpreter exit: closing it now (use "
+                    "`with WorkerPool(...)` or call pool.close())")
+        self.close()
 
     def _create_segments(self) -> None:
         from fastfeed._decoder import BAR_DTYPE, QUOTE_DTYPE, TICK_DTYPE
@@ -344,6 +354,7 @@ class WorkerPool:
         """Stop the workers if needed (without draining) and remove every segment."""
         if self._closed:
             return
+        atexit.unregister(self._close_at_exit)
         if self._started and not self._stopping:
             self.stop(drain=False)
         self._closed = True

@@ -137,7 +137,7 @@ def _communicate(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate(timeout=10)
-        pytest.fail(f"fastfeed stream did not exit within {timeout:g} s; stderr: {err[-3000:]}")
+        pytest.fail(f"{p.args[:3]} did not exit within {timeout:g} s; stderr: {err[-3000:]}")
 
 
 # -- 1. fastfeed stream and signals -----------------------------------------------------------
@@ -261,6 +261,56 @@ def test_stream_stops_in_order_on_signals(tmp_path, reap, signals, to_group, cod
         # hurried: what was decoded was either handed over or counted as undelivered
         assert sum(s["delivered"][k] for k in ROWS) + s["undelivered"]["rows"] <= decoded, s
     assert "Traceback" not in err, err[-3000:]
+
+
+# A script that leaves a Feed (or a WorkerPool) running and ends, normally or by an uncaught
+# exception: exit must not wait forever on children that leave SIGTERM to their parent.
+_LEFT_RUNNING = """
+import json, sys, time
+from fastfeed import Feed, WorkerPool
+if __name__ == "__main__":
+    how, settings = sys.argv[1], json.loads(sys.argv[2])
+    if how == "pool":
+        pool = WorkerPool(2).start()
+        time.sleep(1.0)  # the workers are up
+    else:
+        feed = Feed(workers=2, **settings)
+        rows = 0
+        for b in feed:  # starts the feed; no `with`, no stop()
+            rows += b.rows
+            if rows > 100:
+                break
+        if how == "raise":
+            raise RuntimeError("a bug in the user's script")
+    print("leaving", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how, code", [("end", 0), ("raise", 1), ("pool", 0)])
+def test_a_script_that_never_stops_its_feed_still_exits(tmp_path, reap, how, code):
+    with SimulatorProcess("--rate", "2000") as sim:
+        settings = sim.settings_args(token_cache=str(tmp_path / "t.json"))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.Popen([sys.executable, "-c", _LEFT_RUNNING, how, json.dumps(settings)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             cwd=tmp_path, start_new_session=True)
+        reap(p)
+        out, err = _communicate(p, 60.0)
+    assert p.returncode == code, err[-3000:]
+    assert "leaving" in out or how == "raise", (out, err[-3000:])
+    what = "WorkerPool was still open" if how == "pool" else "Feed was still running"
+    assert f"a {what} at interpreter exit" in err, err[-3000:]
+    # nothing of it is left: no process in its group, no segment of its pid
+    wait_until(lambda: not _group_alive(p.pid), 10.0, f"the children of {p.pid} to go")
+    assert not segments_of(p.pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # -- 2. replay with a consumer slower than the source -------------------------------------------
