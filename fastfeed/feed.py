@@ -215,6 +215,10 @@ class Feed:
         wait up to ``wait_timeout_us``, then drop.
     idle_timeout: end iteration, :meth:`poll` and :meth:`run` with :class:`FeedIdleError`
         when nothing is received for this many seconds (None: wait for data forever).
+    drain_timeout: after :meth:`request_stop`, how many seconds the pipeline may go
+        without handing over a batch while it drains; past that (a worker stopped or
+        wedged, a source that does not end) the loop ends anyway, as after :meth:`hurry`,
+        with a warning, and what is still in flight is counted as undelivered.
     on_handler_error: a handler's exception is counted (``handler_errors``) and logged
         once with its traceback, then by count ("log", default); "raise" stops the feed
         with :class:`FeedError` on the first.
@@ -243,6 +247,7 @@ class Feed:
         wait_timeout_us: int = 5000,
         busy_poll: bool = False,
         idle_timeout: float | None = None,
+        drain_timeout: float = 30.0,
         on_handler_error: str = "log",
         max_symbols: int = 65536,
         network_cpus: Iterable[int] | None = None,
@@ -264,6 +269,8 @@ class Feed:
                              f"got {on_handler_error!r}")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be > 0 seconds (or None), got {idle_timeout!r}")
+        if not drain_timeout > 0:
+            raise ValueError(f"drain_timeout must be > 0 seconds, got {drain_timeout!r}")
         if capture is not None:
             os.makedirs(capture, exist_ok=True)
         if handler is not None and workers > 0:
@@ -295,6 +302,9 @@ class Feed:
         self.log_level = log_level
         self.full_policy = full_policy
         self.idle_timeout = idle_timeout
+        self.drain_timeout = drain_timeout
+        self._drain_by: float | None = None  # set by the stop request
+        self._drain_mark: tuple[int, int] = (-1, -1)  # progress while draining
         self._pool_options: dict[str, Any]
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
@@ -550,9 +560,10 @@ class Feed:
         self._undelivered["rows"] += b.rows
 
     def _end_source(self) -> None:
-        """Ask the source to stop (once); the pipeline then drains."""
+        """Ask the source to stop (once); the pipeline then drains, within drain_timeout."""
         if not self._source_ending:
             self._source_ending = True
+            self._drain_by = time.monotonic() + self.drain_timeout
             if self._session is not None:
                 self._session.request_stop()
 
@@ -653,12 +664,29 @@ class Feed:
         s, pool = self._session, self._pool
         if pool is None:
             return self._stopped
+        if self._drain_by is not None and not self._hurry and self._drain_stuck(pool):
+            log.warning("draining after the stop request made no progress for %g s (a worker "
+                        "or the source is stopped or stuck): ending without it; what is still "
+                        "in flight is counted as undelivered", self.drain_timeout)
+            self._hurry = True
+            return True
         if s is not None:
             done = getattr(s, "done", False)  # a finite source that wrote everything
             if not done and (not self._source_ending or s.is_alive()):
                 return False
         ctl = self._control
         return pool.idle() and (ctl is None or not ctl.pending())
+
+    def _drain_stuck(self, pool: WorkerPool) -> bool:
+        """Draining after a stop request, and nothing moved (no frame decoded, no batch
+        handed over) for drain_timeout seconds."""
+        mark = (pool.frames_handled(), self._delivered["batches"])
+        now = time.monotonic()
+        if mark != self._drain_mark:
+            self._drain_mark = mark
+            self._drain_by = now + self.drain_timeout
+            return False
+        return self._drain_by is not None and now > self._drain_by
 
     # -- consuming --------------------------------------------------------------------------
 

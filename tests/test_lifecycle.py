@@ -16,6 +16,7 @@ Every wait has a deadline; every test asserts something that could fail:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -311,6 +312,44 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_stopped_worker_cannot_hold_the_drain_forever(tmp_path, caplog):
+    """SIGSTOP one worker, then ask the feed to stop: its ring fills, the source waits on it,
+    nothing moves. The loop ends drain_timeout seconds after the last progress, with a
+    warning, and stop() leaves nothing behind."""
+    caplog.set_level(logging.WARNING, logger="fastfeed")
+    with SimulatorProcess("--rate", "20000") as sim:
+        feed = Feed(workers=2, drain_timeout=2.0, ring_capacity=1 << 16,
+                    **sim.settings_args(token_cache=str(tmp_path / "t.json")))
+        victim = None
+        try:
+            rows, give_up, t_stop = 0, time.monotonic() + 60, float("inf")
+            while time.monotonic() < t_stop:
+                assert time.monotonic() < give_up, f"only {rows} rows in 60 s"
+                b = feed.poll(timeout=0.05)
+                rows += b.rows if b is not None else 0
+                if rows > 2000 and victim is None:
+                    victim = next(p for p in feed._pool.pids() if p)
+                    os.kill(victim, signal.SIGSTOP)
+                    t_stop = time.monotonic() + 1.0  # let its ring fill
+            feed.request_stop()
+            t0 = time.monotonic()
+            guard = _deadline_guard(feed, 30.0)  # the test fails on `took`, not by hanging
+            for _ in feed:
+                pass
+            guard.cancel()
+            took = time.monotonic() - t0
+            pid = os.getpid()
+        finally:
+            feed.stop()
+            if victim is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGCONT)
+    assert 1.5 < took < 15, took
+    assert any("made no progress for 2 s" in r.getMessage() for r in caplog.records)
+    assert victim is not None and not alive(victim)
+    assert not segments_of(pid)
 
 
 # -- 2. replay with a consumer slower than the source -------------------------------------------
