@@ -46,6 +46,9 @@ __all__ = ["RedisStreamSource"]
 
 # Reads in flight at once: Redis serves the next batch while this process writes the last.
 _DEPTH = 2
+# An XACK the server has not confirmed by then: the connection is taken for dead (the entries
+# stay pending and come again, recognised as duplicates).
+_ACK_TIMEOUT = 30.0
 
 log = logging.getLogger("fastfeed.sources.redis")
 
@@ -154,7 +157,7 @@ class RedisStreamSource(Source):
             self.counts["redelivered"] += len(entries)
             ids, refused = await self._commit(entries, now_us(), fresh=False)
             if ids:
-                await self._ack(conn, ids)
+                await asyncio.wait_for(self._ack(conn, ids), _ACK_TIMEOUT)
             if refused:
                 await self.sleep(0.01)  # let the workers catch up, then start over
                 from_id = b"0"
@@ -192,7 +195,7 @@ class RedisStreamSource(Source):
                 if ids:
                     ack = self._ack(conn, ids)
                     if self.stopping or refused:
-                        await ack
+                        await asyncio.wait_for(ack, _ACK_TIMEOUT)
             if refused and not reads:
                 # Entries a ring refused stay pending: pause for the workers, then re-read
                 # the pending list.
@@ -319,7 +322,7 @@ class RedisStreamSource(Source):
                 log.info("reclaimed %d entries from idle consumers", len(entries))
                 ids, _ = await self._commit(entries, now_us(), fresh=False)
                 if ids:
-                    await self._ack(conn, ids)
+                    await asyncio.wait_for(self._ack(conn, ids), _ACK_TIMEOUT)
             if start == b"0-0" or self.stopping:
                 return
 
