@@ -188,8 +188,12 @@ class ParquetSink:
     def close(self) -> None:
         """Write what is queued, close the files; re-raise a writer error."""
         if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join(self.close_timeout)
+            deadline = time.monotonic() + self.close_timeout
+            try:  # a stuck writer with a full queue must not hold close() past its deadline
+                self._q.put(None, timeout=self.close_timeout)
+            except queue.Full:
+                pass
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 raise RuntimeError(f"parquet sink: the writer did not finish within "
                                    f"{self.close_timeout:g} s; files may be incomplete")
