@@ -7,7 +7,9 @@ process, rings, decoder workers) and checks the decoded rows against what was pu
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -451,3 +453,17 @@ def test_pubsub_feed_with_pause_policy_decodes_everything(redis_server: BrokerPr
     assert_rows_match(stats, sent)
     s = stats["session"]
     assert s["ring_drops"] == 0 and s["pauses"] >= 1 and s["backpressure_us"] > 0, s
+
+
+def test_publisher_gives_up_on_a_frozen_redis(redis_server: BrokerProcess) -> None:
+    """A Redis that takes the connection and then answers nothing (SIGSTOP): the publisher
+    ends with TimeoutError after send_timeout, instead of waiting forever."""
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not finish sending a batch within 2 s"):
+            publish(f"redis://127.0.0.1:{redis_server.port}/0?channel=feed", count=1000,
+                    send_timeout=2.0)
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)

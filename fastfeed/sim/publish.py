@@ -55,7 +55,7 @@ def publish(url: str, *, count: int | None, rate: float = 0.0, symbols: int = 10
             seed: int = 0, mix: tuple[float, float, float] = (0.7, 0.25, 0.05),
             malformed: float = 0.0, arrays: float = 0.0, status_every: int = 0,
             shards: int = 1, duration: float | None = None,
-            start_time: float | None = None) -> dict[str, Any]:
+            start_time: float | None = None, send_timeout: float = 60.0) -> dict[str, Any]:
     """Publish ``count`` data frames of the synthetic market into the broker at ``url``.
 
     Stops after ``count`` frames (None: no limit), after ``duration`` seconds, or on
@@ -64,12 +64,14 @@ def publish(url: str, *, count: int | None, rate: float = 0.0, symbols: int = 10
     ``mix``, ``malformed``, ``arrays``: as ``fastfeed sim`` (a malformed frame keeps its symbol,
     so a source routes it and the decoder counts an error). ``status_every`` > 0 publishes a
     status object (a control message) after every that many frames. ``shards``: the modulus
-    of ``{shard}`` in the destination. Returns the counts (see the module docstring).
+    of ``{shard}`` in the destination. ``send_timeout``: a broker that takes longer than
+    this to connect, or to take (and confirm) a batch, is taken for stuck: TimeoutError.
+    Returns the counts (see the module docstring).
     """
     coro = publish_async(url, count=count, rate=rate, symbols=symbols, seed=seed, mix=mix,
                          malformed=malformed, arrays=arrays, status_every=status_every,
                          shards=shards, duration=duration, start_time=start_time,
-                         handle_signals=True)
+                         handle_signals=True, send_timeout=send_timeout)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
@@ -82,7 +84,8 @@ async def publish_async(url: str, *, count: int | None, rate: float = 0.0, symbo
                         malformed: float = 0.0, arrays: float = 0.0, status_every: int = 0,
                         shards: int = 1, duration: float | None = None,
                         start_time: float | None = None,
-                        handle_signals: bool = False) -> dict[str, Any]:
+                        handle_signals: bool = False,
+                        send_timeout: float = 60.0) -> dict[str, Any]:
     """:func:`publish` on the running event loop (``handle_signals``: stop on SIGINT and
     SIGTERM, as the command does)."""
     if (count is not None and count < 0) or rate < 0 or shards < 1 or status_every < 0:
@@ -100,11 +103,12 @@ async def publish_async(url: str, *, count: int | None, rate: float = 0.0, symbo
     market = Market(symbols, seed=seed, mix=mix, malformed=malformed, arrays=arrays)
     t0_us = int(round((start_time if start_time is not None else time.time()) * 1e6))
     counts: dict[str, Any] = dict.fromkeys(("frames_sent", *KINDS, "bytes_sent"), 0)
-    await pub.open()
     started = time.monotonic()
-    deadline = None if duration is None else started + duration
-    limit = count if count is not None else float("inf")
     try:
+        await _bounded(pub.open(), stop, "the connection", send_timeout)  # stopped: no loop
+        started = time.monotonic()
+        deadline = None if duration is None else started + duration
+        limit = count if count is not None else float("inf")
         sent = 0
         since_status = 0
         while sent < limit and not stop.is_set():
@@ -130,18 +134,46 @@ async def publish_async(url: str, *, count: int | None, rate: float = 0.0, symbo
                         since_status = 0
                         payloads.append(_STATUS)
                         counts["control_sent"] += 1
-            await pub.send(payloads)
+            if not await _bounded(pub.send(payloads), stop, "sending a batch", send_timeout):
+                break  # stopped mid-batch: it is not counted as sent
             for kind, rows in zip(KINDS, block.rows(0, n), strict=True):
                 if kind != "control_sent":
                     counts[kind] += rows
             counts["frames_sent"] += n
             counts["bytes_sent"] += sum(len(p) for p in block.payloads)
             sent += n
-        await pub.flush()
+        await _bounded(pub.flush(), stop, "flushing", send_timeout)
     finally:
-        await pub.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(pub.close(), _CLOSE_TIMEOUT)
     counts["elapsed_s"] = round(time.monotonic() - started, 3)
     return counts
+
+
+_CLOSE_TIMEOUT = 10.0
+
+
+async def _bounded(step: Any, stop: asyncio.Event, what: str, timeout: float) -> bool:
+    """Await ``step`` within ``timeout`` seconds (a frozen Redis, a RabbitMQ whose memory
+    alarm blocks publishers), or until ``stop`` (a signal): True once done, False when
+    stopped first; TimeoutError naming ``what`` past the bound."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopped}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task in done:
+        task.result()  # its error, if any
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    if stop.is_set():
+        return False
+    raise TimeoutError(f"publishing: the broker did not finish {what} within {timeout:g} s "
+                       f"(is it stuck, or blocking publishers?)")
 
 
 def publish_command(args: Any, faults: Any) -> dict[str, Any]:
