@@ -172,7 +172,7 @@ async def _bounded(step: Any, stop: asyncio.Event, what: str, timeout: float) ->
         await task
     if stop.is_set():
         return False
-    raise TimeoutError(f"publishing: the broker did not finish {what} within {timeout:g} s "
+    raise TimeoutError(f"the broker did not finish {what} within {timeout:g} s "
                        f"(is it stuck, or blocking publishers?)")
 
 
