@@ -219,7 +219,7 @@ def test_wrong_credentials_are_a_fatal_one_line_error(tmp_path) -> None:
     try:
         for creds in ("feed:wrong-pw@", ""):
             msg = brokers.assert_fails_at_once(f"nats://{creds}127.0.0.1:{broker.port}?subject=x",
-                                               None, "NATS refused the credentials")
+                                               broker.port, "NATS at", "refused the credentials")
             assert "wrong-pw" not in msg
         with Feed(source=f"nats://feed:s3cret-pw@127.0.0.1:{broker.port}?subject=x",
                   workers=1) as feed:

@@ -233,5 +233,6 @@ def test_reconnect_without_restart_is_not_a_restart(rabbitmq: str,
 def test_wrong_credentials_are_a_fatal_one_line_error(rabbitmq: str) -> None:
     for creds in ("guest:wrong-pw", "nobody:wrong-pw"):
         src = rabbitmq.replace("guest:guest", creds, 1) + f"?queue={unique('ff-q')}"
-        msg = brokers.assert_fails_at_once(src, None, "RabbitMQ refused the credentials")
+        msg = brokers.assert_fails_at_once(
+            src, None, f"RabbitMQ at {SourceURL.parse(src).endpoint} refused the credentials")
         assert "wrong-pw" not in msg

@@ -74,7 +74,7 @@ async def connect_amqp(u: SourceURL) -> Any:
             ssl_context=tls_context(u),
             timeout=10, client_properties={"connection_name": u.str("name", "fastfeed")})
     except ProbableAuthenticationError as exc:
-        raise FatalSourceError(f"RabbitMQ refused the credentials: {u.scrub(str(exc))}") \
+        raise FatalSourceError(f"RabbitMQ at {u.endpoint} refused the credentials: {u.scrub(str(exc))}") \
             from None
 
 

@@ -70,6 +70,14 @@ class SourceURL:
                          for v in vs)
         return f"{self.scheme}://{netloc}{quote(self.path)}" + (f"?{query}" if query else "")
 
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` (every one of a multi-host URL), for error messages."""
+        if len(self.hosts) > 1:
+            return ",".join(self.hosts)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
     def scrub(self, text: str) -> str:
         """``text`` with the password (plain and percent-encoded) blanked out."""
         if self.password:
