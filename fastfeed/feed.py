@@ -303,8 +303,8 @@ class Feed:
         self.full_policy = full_policy
         self.idle_timeout = idle_timeout
         self.drain_timeout = drain_timeout
-        self._drain_by: float | None = None  # set by the stop request
-        self._drain_mark: tuple[int, int] = (-1, -1)  # progress while draining
+        self._drain_by = 0.0  # while draining: when no progress since ends it
+        self._drain_mark: tuple[int, int] = (-1, -1)  # the progress it was set at
         self._pool_options: dict[str, Any]
         self._pool_options = dict(ring_capacity=ring_capacity, full_policy=full_policy,
                                   wait_timeout_us=wait_timeout_us, busy_poll=busy_poll,
@@ -563,7 +563,6 @@ class Feed:
         """Ask the source to stop (once); the pipeline then drains, within drain_timeout."""
         if not self._source_ending:
             self._source_ending = True
-            self._drain_by = time.monotonic() + self.drain_timeout
             if self._session is not None:
                 self._session.request_stop()
 
@@ -664,7 +663,7 @@ class Feed:
         s, pool = self._session, self._pool
         if pool is None:
             return self._stopped
-        if self._drain_by is not None and not self._hurry and self._drain_stuck(pool):
+        if self._source_ending and not self._hurry and self._drain_stuck(pool):
             log.warning("draining after the stop request made no progress for %g s (a worker "
                         "or the source is stopped or stuck): ending without it; what is still "
                         "in flight is counted as undelivered", self.drain_timeout)
@@ -686,7 +685,7 @@ class Feed:
             self._drain_mark = mark
             self._drain_by = now + self.drain_timeout
             return False
-        return self._drain_by is not None and now > self._drain_by
+        return now > self._drain_by
 
     # -- consuming --------------------------------------------------------------------------
 

@@ -56,6 +56,12 @@ _RETRY_S = 0.0005
 class FatalSourceError(Exception):
     """A failure retrying cannot fix (refused credentials, missing client library, bad setup)."""
 
+    @classmethod
+    def credentials(cls, broker: str, u: SourceURL, reply: str) -> FatalSourceError:
+        """The broker at ``u`` refused the credentials; ``reply`` is what it said (the
+        password is blanked out of it)."""
+        return cls(f"{broker} at {u.endpoint} refused the credentials: {u.scrub(reply)}")
+
 
 def symbol_of(payload: bytes) -> bytes | None:
     """The frame's symbol code: the first string value of a ``"c"`` key, as the WebSocket

@@ -85,8 +85,7 @@ async def connect_nats(u: SourceURL, *, allow_reconnect: bool = False, **options
     except Exception as exc:
         text = str(exc).lower()
         if "authorization" in text or "authentication" in text:
-            raise FatalSourceError(f"NATS at {u.endpoint} refused the credentials: {u.scrub(str(exc))}") \
-                from None
+            raise FatalSourceError.credentials("NATS", u, str(exc)) from None
         raise
 
 
@@ -289,8 +288,7 @@ class NatsSource(Source):
             await asyncio.wait_for(asyncio.shield(proto.ready), 10.0)
         except ConnectionError as exc:
             if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
-                raise FatalSourceError(f"NATS at {u.endpoint} refused the credentials: {u.scrub(str(exc))}") \
-                    from None
+                raise FatalSourceError.credentials("NATS", u, str(exc)) from None
             raise
         self.connected()
         assert proto.transport is not None

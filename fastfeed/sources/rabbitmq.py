@@ -74,8 +74,7 @@ async def connect_amqp(u: SourceURL) -> Any:
             ssl_context=tls_context(u),
             timeout=10, client_properties={"connection_name": u.str("name", "fastfeed")})
     except ProbableAuthenticationError as exc:
-        raise FatalSourceError(f"RabbitMQ at {u.endpoint} refused the credentials: {u.scrub(str(exc))}") \
-            from None
+        raise FatalSourceError.credentials("RabbitMQ", u, str(exc)) from None
 
 
 async def declare(channel: Any, u: SourceURL, *, bind: bool = True) -> tuple[Any, Any]:

@@ -168,8 +168,7 @@ class RedisPubSubSource(Source):
         except ConnectionError:
             err = proto.error or b""
             if err.startswith(_AUTH_ERRORS):
-                raise FatalSourceError(f"Redis at {u.endpoint} refused the credentials: {u.scrub(err.decode())}") \
-                    from None
+                raise FatalSourceError.credentials("Redis", u, err.decode()) from None
             if err.startswith((b"ERR unknown command", b"ERR Unknown")):
                 raise FatalSourceError(f"this Redis server cannot do it: {err.decode()[:200]}") \
                     from None

@@ -108,8 +108,7 @@ class RedisStreamSource(Source):
         except RespError as exc:
             text = str(exc)
             if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid")):
-                raise FatalSourceError(f"Redis at {u.endpoint} refused the credentials: {u.scrub(text)}") \
-                    from None
+                raise FatalSourceError.credentials("Redis", u, text) from None
             raise
         try:
             await conn.call("XGROUP", "CREATE", self.stream, self.group, self.start, "MKSTREAM")

@@ -59,10 +59,7 @@ class SourceURL:
     @property
     def redacted(self) -> str:
         """The URL with the password replaced by ``***`` (what may be logged)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        netloc = host if self.port is None else f"{host}:{self.port}"
-        if len(self.hosts) > 1:
-            netloc = ",".join(self.hosts)
+        netloc = self.endpoint
         if self.username is not None or self.password is not None:
             user = quote(self.username or "", safe="")
             netloc = f"{user}{':***' if self.password is not None else ''}@{netloc}"
