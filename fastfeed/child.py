@@ -84,6 +84,7 @@ class ChildProcess:
                                  args=(target, os.getpid(), log, self._extras, *args,
                                        self._counters, self._stop, send, log_level))
         self._send = send
+        self._log = log
         self.error: str | None = None
         self.finished = False
 
@@ -96,6 +97,8 @@ class ChildProcess:
         """Start the process; returns self."""
         self._proc.start()
         self._send.close()
+        if self._log is not None:
+            self._log.started()
         return self
 
     @property

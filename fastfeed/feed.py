@@ -380,7 +380,7 @@ class Feed:
         try:
             self._pool = WorkerPool(self.workers, handler=self.handler,
                                     output=self.output and not self.inline,
-                                    supervisor=self._sup, log=self._relay.config(),
+                                    supervisor=self._sup, log=self._relay,
                                     **self._pool_options).start()
             if self.replay is not None:
                 # Ids by first appearance in the capture, before any worker decodes: the

@@ -1,35 +1,98 @@
 """Logging across processes: every child logs into the parent's own handlers.
 
-Child processes (the network process, the workers) put their log records on one
-multiprocessing queue; a thread in the parent hands each record to the parent's logger of the
-same name, so the parent's configuration (handlers, format, level, filters) applies to every
-line, whichever process wrote it. ``%(processName)s`` tells them apart (``fastfeed-session``,
-``fastfeed-pool0-w1``, ...). The children log at the level the parent's ``fastfeed`` logger
-has when the feed starts, so ``-v`` (or ``logging.getLogger("fastfeed").setLevel(...)``)
-reaches every process.
+Each child process (the network process, each worker, each restart of one) writes its log
+records to a pipe of its own; a thread in the parent waits on all of them and hands each record
+to the parent's logger of the same name, so the parent's configuration (handlers, format,
+level, filters) applies to every line, whichever process wrote it. ``%(processName)s`` tells
+them apart (``fastfeed-session``, ``fastfeed-pool0-w1``, ...). The children log at the level
+the parent's ``fastfeed`` logger has when the feed starts, so ``-v`` (or
+``logging.getLogger("fastfeed").setLevel(...)``) reaches every process.
+
+A pipe per child, not one queue for all: children that share a channel share its write lock,
+and one killed while holding it (in the middle of a record larger than the pipe's buffer)
+would silence every other child for good, and leave the reader waiting for the rest of the
+record. With a pipe each, a child killed mid-record costs only its own unsent lines: the
+reader meets the end of that pipe in the middle of a record, says so in one warning, and goes
+on with the others.
+
+In a child a log call never waits on the parent: the record is queued in memory and a thread
+writes it; at exit what is still queued is sent, for at most :data:`FLUSH_AT_EXIT_S`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import logging.handlers
+import os
+import queue
 import threading
+import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
-__all__ = ["FORMAT", "ChildLogging", "LogRelay", "configure_child_logging"]
+__all__ = ["FORMAT", "FLUSH_AT_EXIT_S", "ChildLogging", "LogRelay", "configure_child_logging"]
 
 #: The format the CLI uses; the process name is in every line.
 FORMAT = "%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"
 
+#: How long a child's exit waits for its queued records to reach the parent.
+FLUSH_AT_EXIT_S = 2.0
+
+log = logging.getLogger("fastfeed.logs")
+
 
 @dataclass(frozen=True)
 class ChildLogging:
-    """What a child needs to log into the parent: the queue and the level."""
+    """What one child needs to log into the parent: the write end of its own pipe, and the
+    level. Made by :meth:`LogRelay.config` for each process start, never shared."""
 
-    queue: Any
+    conn: Any
     level: int
+
+    def started(self) -> None:
+        """In the parent, once the child has started (and holds its own copy): close the
+        parent's copy, so that the child's end is the end of the pipe for the reader."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class _PipeHandler(logging.handlers.QueueHandler):
+    """In a child: records are queued in memory (a log call never blocks) and written to the
+    child's pipe by a thread; what is queued at exit is sent within FLUSH_AT_EXIT_S."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(queue.SimpleQueue())
+        self._conn = conn
+        self._writer = threading.Thread(target=self._write_all, name="fastfeed-log-writer",
+                                        daemon=True)
+        self._writer.start()
+        atexit.register(self.flush_at_exit)
+
+    def _write_all(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                return
+            try:
+                self._conn.send(record)  # pickled whole first: a failure writes nothing
+            except (OSError, ValueError):
+                return  # the parent is gone
+            except Exception:
+                # something of the record's own (an `extra=` value) does not pickle: send its
+                # text, which is what the parent's handlers format anyway
+                with contextlib.suppress(OSError, ValueError):
+                    self._conn.send(logging.makeLogRecord({
+                        k: getattr(record, k) for k in (
+                            "name", "levelno", "levelname", "msg", "pathname", "lineno",
+                            "funcName", "created", "msecs", "relativeCreated", "process",
+                            "processName", "thread", "threadName")}))
+
+    def flush_at_exit(self) -> None:
+        self.queue.put(None)
+        self._writer.join(FLUSH_AT_EXIT_S)
 
 
 def configure_child_logging(cfg: ChildLogging | None) -> None:
@@ -39,41 +102,97 @@ def configure_child_logging(cfg: ChildLogging | None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(logging.handlers.QueueHandler(cfg.queue))
+    root.addHandler(_PipeHandler(cfg.conn))
     root.setLevel(cfg.level)
 
 
 class LogRelay:
-    """In the parent: the queue the children log to, and the thread that empties it."""
+    """In the parent: the read ends of the children's pipes, and the thread that empties them.
+
+    ``cut`` counts the children whose records broke off in the middle of one (each also
+    logged as a warning from ``fastfeed.logs``)."""
 
     def __init__(self, ctx: Any, level: int | None = None) -> None:
         if level is None:
             level = logging.getLogger("fastfeed").getEffectiveLevel()
         self.level = level
-        self._queue = ctx.Queue()
+        self.cut = 0
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._readers: dict[Any, str] = {}  # read end -> the child it is from, once known
+        self._closing: float | None = None  # the deadline close() set
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="fastfeed-log-relay", daemon=True)
         self._thread.start()
 
     def config(self) -> ChildLogging:
-        return ChildLogging(self._queue, self.level)
+        """A pipe for one child to be started (call :meth:`ChildLogging.started` once it is)."""
+        r, w = self._ctx.Pipe(duplex=False)
+        with self._lock:
+            self._readers[r] = "a child process"
+        self._wake()
+        return ChildLogging(w, self.level)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: it is awake already
+            os.write(self._wake_w, b"\0")
+
+    def _drop(self, r: Any) -> None:
+        with self._lock:
+            self._readers.pop(r, None)
+        with contextlib.suppress(OSError):
+            r.close()
 
     def _run(self) -> None:
         while True:
-            try:
-                record = self._queue.get()
-            except (EOFError, OSError):
+            with self._lock:
+                readers = list(self._readers)
+                deadline = self._closing
+            if deadline is not None and (not readers or time.monotonic() >= deadline):
+                for r in readers:
+                    self._drop(r)
                 return
-            if record is None:
-                return
-            logger = logging.getLogger(record.name)
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
+            for r in wait_ready([*readers, self._wake_r], timeout=0.2):
+                if r == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                self._receive(r)
+
+    def _receive(self, r: Any) -> None:
+        try:
+            record = r.recv()
+        except EOFError:  # the child ended between records
+            self._drop(r)
+            return
+        except OSError as e:  # the pipe ended in the middle of a record: the child was killed
+            who = self._readers.get(r, "a child process")
+            self._drop(r)
+            self.cut += 1
+            log.warning("the log records of %s broke off in the middle of one (%s): it was "
+                        "killed while writing; what it had not sent is lost", who, e)
+            return
+        except Exception as e:  # read whole, but it does not unpickle here
+            log.warning("a log record from %s could not be read: %r",
+                        self._readers.get(r, "a child process"), e)
+            return
+        with self._lock:
+            if r in self._readers:
+                self._readers[r] = f"{record.processName} (pid {record.process})"
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
     def close(self, timeout: float = 2.0) -> None:
-        """Hand over what is queued, then stop the thread (bounded)."""
-        with contextlib.suppress(Exception):
-            self._queue.put(None)
-        self._thread.join(timeout)
-        with contextlib.suppress(Exception):
-            self._queue.close()
-            self._queue.cancel_join_thread()
+        """Hand over what the children sent until each of their pipes ends (they have
+        exited), for at most ``timeout`` seconds; then stop the thread."""
+        with self._lock:
+            if self._closing is None:
+                self._closing = time.monotonic() + timeout
+        self._wake()
+        self._thread.join(timeout + 1.0)
+        if not self._thread.is_alive():  # else a handler holds it: leave it what it uses
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)

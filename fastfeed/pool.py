@@ -15,6 +15,7 @@ drains the rings before the workers exit.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -31,7 +32,7 @@ from fastfeed import shm
 from fastfeed._ring import HEADER_SIZE as RING_HEADER
 from fastfeed._ring import Doorbell, Ring
 from fastfeed.batch import Batch
-from fastfeed.logs import ChildLogging
+from fastfeed.logs import LogRelay
 from fastfeed.output import OutputReader
 from fastfeed.state import (
     BELL_OFFSET,
@@ -120,7 +121,7 @@ class WorkerPool:
         cpus: set[int] | None = None,
         on_handler_error: str = "log",
         supervisor: Supervisor | None = None,
-        log: ChildLogging | None = None,
+        log: LogRelay | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -250,16 +251,21 @@ class WorkerPool:
                 symbol_capacity=self.symbol_capacity, small_capacity=self.small_capacity,
                 batch_size=self.batch_size, busy_poll=self.busy_poll, handler=self.handler,
                 parent_pid=os.getpid(), fault=self._fault, capture_dir=self.capture_dir,
-                on_handler_error=self.on_handler_error, log=self._log))
+                on_handler_error=self.on_handler_error))
 
     def _spawner(self, i: int) -> Any:
         def spawn() -> Any:
             assert self._state is not None
             if self._state[W0 + i, F_STATE] != 0:
                 self._state[W0 + i, F_RESTARTS] += 1  # a life after the first
-            p = self._ctx.Process(target=worker_main, args=(self._specs[i],),
+            # a log pipe of its own for each start (see fastfeed.logs)
+            cfg = self._log.config() if self._log is not None else None
+            p = self._ctx.Process(target=worker_main,
+                                  args=(dataclasses.replace(self._specs[i], log=cfg),),
                                   name=f"fastfeed-{self.name}-w{i}", daemon=True)
             p.start()
+            if cfg is not None:
+                cfg.started()
             self._state[W0 + i, F_STATE] = S_RUNNING
             if self.cpus is not None:
                 set_affinity(p.pid, self.cpus, "worker_cpus")
