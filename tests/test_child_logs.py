@@ -98,3 +98,43 @@ def test_a_child_killed_mid_record_does_not_silence_the_others(tmp_path, caplog)
            if r.name == "fastfeed.logs" and "broke off in the middle" in r.getMessage()]
     assert len(cut) == 1 and f"pid {victim}" in cut[0], [r.getMessage()[:200] for r in caplog.records]
     assert not segments_of(pid)
+
+
+def _log_then_exit(cfg) -> None:
+    """In a spawned child: one plain record, one whose `extra=` value does not pickle, then
+    a normal exit (the queued records are flushed at exit)."""
+    from fastfeed.logs import configure_child_logging
+
+    configure_child_logging(cfg)
+    lg = logging.getLogger("tests.child")
+    lg.warning("plain line from %d", os.getpid())
+    lg.warning("line with a lock in it", extra={"lock": threading.Lock()})
+
+
+def test_records_reach_the_parent_even_when_they_do_not_pickle(caplog):
+    import multiprocessing as mp
+
+    from fastfeed.logs import LogRelay
+
+    caplog.set_level(logging.WARNING)
+    ctx = mp.get_context("spawn")
+    relay = LogRelay(ctx, logging.WARNING)
+    try:
+        cfg = relay.config()
+        p = ctx.Process(target=_log_then_exit, args=(cfg,), name="fastfeed-test-child")
+        p.start()
+        cfg.started()
+        p.join(30)
+        assert p.exitcode == 0
+        wait_until(lambda: len([r for r in caplog.records if r.name == "tests.child"]) == 2, 10,
+                   lambda: f"two records (got {[r.getMessage() for r in caplog.records]})")
+        # the child's pipe ended cleanly: no warning, and the relay let go of it
+        wait_until(lambda: not relay._readers, 5, "the relay to drop the ended pipe")
+    finally:
+        relay.close()
+    got = [r for r in caplog.records if r.name == "tests.child"]
+    assert got[0].getMessage() == f"plain line from {p.pid}"
+    assert got[1].getMessage() == "line with a lock in it"
+    assert {r.processName for r in got} == {"fastfeed-test-child"}
+    assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
+    assert relay.cut == 0
