@@ -99,6 +99,9 @@ def declare_queue(base: str, queue: str, exchange: str) -> None:
     asyncio.run(run())
 
 
+BACKLOG = 12_000
+
+
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl not available")
 def test_broker_restart_loses_nothing(rabbitmq: str, names: tuple[str, str]) -> None:
     """stop_app/start_app while the source is draining a backlog: it reconnects, and every
@@ -106,7 +109,9 @@ def test_broker_restart_loses_nothing(rabbitmq: str, names: tuple[str, str]) -> 
     committed is recognised by its message id and not decoded twice)."""
     queue, exchange = names
     declare_queue(rabbitmq, queue, exchange)
-    first = publish(url(rabbitmq, exchange=exchange), count=5000)
+    # A backlog well beyond what drains while stop_app runs (about 2000 here), so that the
+    # restart always comes with messages still queued, however fast the box is that day.
+    first = publish(url(rabbitmq, exchange=exchange), count=BACKLOG)
     # prefetch=1: one message in flight, acknowledged one by one: a slow, steady drain.
     src = url(rabbitmq, queue=queue, exchange=exchange, prefetch=1)
     with Feed(source=src, workers=1) as feed:
@@ -116,14 +121,15 @@ def test_broker_restart_loses_nothing(rabbitmq: str, names: tuple[str, str]) -> 
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=60)
         wait_for(lambda: feed_connected(feed, 2), what="reconnect", timeout=60)
         second = publish(url(rabbitmq, exchange=exchange), count=1000, seed=2)
-        wait_for(lambda: feed.frames_decoded() >= 6000, what="every message", timeout=90)
+        wait_for(lambda: feed.frames_decoded() >= BACKLOG + 1000, what="every message",
+                 timeout=120)
         time.sleep(0.3)
         stats = feed.stats()
     s = stats["session"]
-    assert at_restart < 5000, "the restart must come while messages were still queued"
+    assert at_restart < BACKLOG, "the restart must come while messages were still queued"
     assert s["reconnects"] >= 1 and s["disconnects"] >= 1, s
     assert stats["ticks"] == first["ticks"] + second["ticks"], s
-    assert stats["frames"] == 6000 and stats["errors"] == 0
+    assert stats["frames"] == BACKLOG + 1000 and stats["errors"] == 0
     assert queue_depth(rabbitmq, queue) == 0
 
 
