@@ -15,8 +15,12 @@ record. With a pipe each, a child killed mid-record costs only its own unsent li
 reader meets the end of that pipe in the middle of a record, says so in one warning, and goes
 on with the others.
 
-In a child a log call never waits on the parent: the record is queued in memory and a thread
-writes it; at exit what is still queued is sent, for at most :data:`FLUSH_AT_EXIT_S`.
+In a child a log call never waits on the parent: the record is queued in memory (at most
+:data:`MAX_QUEUED` records and :data:`MAX_QUEUED_BYTES` of text; more are dropped, counted,
+and the count sent as a warning) and a thread writes it; at exit what is still queued is
+sent, for at most :data:`FLUSH_AT_EXIT_S`. The parent reads each pipe
+without waiting for the rest of a record, so a child stopped in the middle of one (SIGSTOP,
+a debugger) holds back no other child's records.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import pickle
 import queue
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +46,11 @@ FORMAT = "%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"
 
 #: How long a child's exit waits for its queued records to reach the parent.
 FLUSH_AT_EXIT_S = 2.0
+
+#: Records a child keeps queued for the parent at most; more are dropped and counted, and
+#: the count is sent as a warning once the queue moves again.
+MAX_QUEUED = 10_000
+MAX_QUEUED_BYTES = 64 << 20
 
 log = logging.getLogger("fastfeed.logs")
 
@@ -59,6 +70,16 @@ class ChildLogging:
             self.conn.close()
 
 
+#: Each record on a pipe: its pickle's length, then the pickle.
+_HEADER = struct.Struct("<Q")
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class _PipeHandler(logging.handlers.QueueHandler):
     """In a child: records are queued in memory (a log call never blocks) and written to the
     child's pipe by a thread; what is queued at exit is sent within FLUSH_AT_EXIT_S."""
@@ -66,29 +87,55 @@ class _PipeHandler(logging.handlers.QueueHandler):
     def __init__(self, conn: Any) -> None:
         super().__init__(queue.SimpleQueue())
         self._conn = conn
+        self.dropped = 0  # records not queued: the queue held its most already
+        self._told = 0
+        # bytes of text queued, and written: each counter has one thread that writes it
+        self._in_bytes = self._out_bytes = 0
         self._writer = threading.Thread(target=self._write_all, name="fastfeed-log-writer",
                                         daemon=True)
         self._writer.start()
         atexit.register(self.flush_at_exit)
 
+    def enqueue(self, record: logging.LogRecord) -> None:
+        # a parent that does not read must not make the child's memory grow without end
+        if (self.queue.qsize() >= MAX_QUEUED
+                or self._in_bytes - self._out_bytes >= MAX_QUEUED_BYTES):
+            self.dropped += 1
+        else:
+            self._in_bytes += len(record.msg)
+            self.queue.put(record)
+
     def _write_all(self) -> None:
-        while True:
-            record = self.queue.get()
-            if record is None:
-                return
-            try:
-                self._conn.send(record)  # pickled whole first: a failure writes nothing
-            except (OSError, ValueError):
-                return  # the parent is gone
-            except Exception:
-                # something of the record's own (an `extra=` value) does not pickle: send its
-                # text, which is what the parent's handlers format anyway
-                with contextlib.suppress(OSError, ValueError):
-                    self._conn.send(logging.makeLogRecord({
-                        k: getattr(record, k) for k in (
-                            "name", "levelno", "levelname", "msg", "pathname", "lineno",
-                            "funcName", "created", "msecs", "relativeCreated", "process",
-                            "processName", "thread", "threadName")}))
+        fd = self._conn.fileno()
+        try:
+            while True:
+                record = self.queue.get()
+                if self.dropped > self._told:  # ahead of what comes next, the exit included
+                    n, self._told = self.dropped - self._told, self.dropped
+                    self._send(fd, logging.makeLogRecord({
+                        "name": "fastfeed.logs", "levelno": logging.WARNING,
+                        "levelname": "WARNING",
+                        "msg": f"{n} log record(s) of this process were dropped: the parent "
+                               f"did not read them as fast as they came"}))
+                if record is None:
+                    return
+                self._out_bytes += len(record.msg)
+                self._send(fd, record)
+        except OSError:
+            return  # the parent is gone
+
+    @staticmethod
+    def _send(fd: int, record: logging.LogRecord) -> None:
+        try:
+            data = pickle.dumps(record)
+        except Exception:
+            # something of the record's own (an `extra=` value) does not pickle: send its
+            # text, which is what the parent's handlers format anyway
+            data = pickle.dumps(logging.makeLogRecord({k: getattr(record, k) for k in (
+                "name", "levelno", "levelname", "msg", "pathname", "lineno", "funcName",
+                "created", "msecs", "relativeCreated", "process", "processName", "thread",
+                "threadName")}))
+        _write_fully(fd, _HEADER.pack(len(data)) + data)
 
     def flush_at_exit(self) -> None:
         self.queue.put(None)
@@ -120,6 +167,7 @@ class LogRelay:
         self._ctx = ctx
         self._lock = threading.Lock()
         self._readers: dict[Any, str] = {}  # read end -> the child it is from, once known
+        self._pending: dict[Any, bytearray] = {}  # read end -> the start of a record
         self._closing: float | None = None  # the deadline close() set
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -141,6 +189,7 @@ class LogRelay:
     def _drop(self, r: Any) -> None:
         with self._lock:
             self._readers.pop(r, None)
+            self._pending.pop(r, None)
         with contextlib.suppress(OSError):
             r.close()
 
@@ -161,28 +210,47 @@ class LogRelay:
                 self._receive(r)
 
     def _receive(self, r: Any) -> None:
+        """Read what this pipe holds now, without waiting for the rest of a record (a child
+        stopped mid-record must not hold the others' records back), and hand over every
+        record that is whole."""
         try:
-            record = r.recv()
-        except EOFError:  # the child ended between records
+            fd = r.fileno()
+            if r not in self._pending:
+                os.set_blocking(fd, False)
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        buf = self._pending.setdefault(r, bytearray())
+        if not chunk:  # the child ended: every copy of the write end is closed
+            if buf:
+                who = self._readers.get(r, "a child process")
+                self.cut += 1
+                log.warning("the log records of %s broke off in the middle of one (%d bytes "
+                            "of it came): it was killed while writing; what it had not sent "
+                            "is lost", who, len(buf))
             self._drop(r)
             return
-        except OSError as e:  # the pipe ended in the middle of a record: the child was killed
-            who = self._readers.get(r, "a child process")
-            self._drop(r)
-            self.cut += 1
-            log.warning("the log records of %s broke off in the middle of one (%s): it was "
-                        "killed while writing; what it had not sent is lost", who, e)
-            return
-        except Exception as e:  # read whole, but it does not unpickle here
-            log.warning("a log record from %s could not be read: %r",
-                        self._readers.get(r, "a child process"), e)
-            return
-        with self._lock:
-            if r in self._readers:
-                self._readers[r] = f"{record.processName} (pid {record.process})"
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+        buf += chunk
+        while len(buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf)
+            if len(buf) < _HEADER.size + n:
+                return
+            data = bytes(buf[_HEADER.size:_HEADER.size + n])
+            del buf[:_HEADER.size + n]
+            try:
+                record = pickle.loads(data)
+            except Exception as e:  # whole, but it does not unpickle here
+                log.warning("a log record from %s could not be read: %r",
+                            self._readers.get(r, "a child process"), e)
+                continue
+            with self._lock:
+                if r in self._readers:
+                    self._readers[r] = f"{record.processName} (pid {record.process})"
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
 
     def close(self, timeout: float = 2.0) -> None:
         """Hand over what the children sent until each of their pipes ends (they have

@@ -1,5 +1,6 @@
-"""Log records from the children (network process, workers) reach the parent's handlers, and
-one child killed in the middle of writing a record costs nothing but that child's unsent lines.
+"""Log records from the children (network process, workers) reach the parent's handlers; one
+child killed or stopped in the middle of writing a record costs nothing but that child's unsent
+lines, and a parent that does not read costs a child counted records, not memory.
 
 The hazard: children that share one log channel share its write lock. A child SIGKILLed while
 it holds that lock (mid-record: a record larger than a pipe's buffer is written in pieces)
@@ -11,6 +12,7 @@ worker that sent it is killed while blocked in the middle of its next, 1 MB reco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -138,3 +140,162 @@ def test_records_reach_the_parent_even_when_they_do_not_pickle(caplog):
     assert {r.processName for r in got} == {"fastfeed-test-child"}
     assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
     assert relay.cut == 0
+
+
+def _big_records(cfg) -> None:
+    """In a spawned child: 1 MB records without end, one after the other."""
+    from fastfeed.logs import configure_child_logging
+
+    configure_child_logging(cfg)
+    lg = logging.getLogger("tests.big")
+    while True:
+        lg.warning("big %s", PAD)
+
+
+def _small_records(cfg) -> None:
+    """In a spawned child: a short numbered record every 20 ms, without end."""
+    from fastfeed.logs import configure_child_logging
+
+    configure_child_logging(cfg)
+    lg = logging.getLogger("tests.small")
+    for i in range(10**9):
+        lg.warning("small %d", i)
+        time.sleep(0.02)
+
+
+class Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += 1
+
+
+def test_a_child_stopped_mid_record_holds_no_one_back(caplog):
+    """SIGSTOP a child while a record of it is half in its pipe: the other child's records
+    go on arriving (the parent never waits for the rest of a record); SIGKILL it then: one
+    warning, with how much of the record came."""
+    import multiprocessing as mp
+
+    from fastfeed.logs import LogRelay
+
+    caplog.set_level(logging.WARNING)
+    big, small = Count(), Count()
+    loggers = [(logging.getLogger("tests.big"), big), (logging.getLogger("tests.small"), small)]
+    for lg, h in loggers:
+        lg.addHandler(h)
+        lg.propagate = False  # 1 MB records stay out of caplog
+    ctx = mp.get_context("spawn")
+    relay = LogRelay(ctx, logging.WARNING)
+    procs = []
+    try:
+        for target in (_big_records, _small_records):
+            cfg = relay.config()
+            p = ctx.Process(target=target, args=(cfg,), daemon=True)
+            p.start()
+            cfg.started()
+            procs.append(p)
+        stopper, other = procs
+        wait_until(lambda: big.n >= 2 and small.n >= 2, 30, "records from both children")
+
+        def half_read() -> bool:
+            return any(buf for r, buf in relay._pending.items()
+                       if relay._readers.get(r, "").endswith(f"(pid {stopper.pid})"))
+
+        for _ in range(50):  # stop it with a record half sent (not between two records)
+            os.kill(stopper.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # the parent reads what is in the pipe
+            if half_read():
+                break
+            os.kill(stopper.pid, signal.SIGCONT)
+            time.sleep(0.01)
+        assert half_read(), "never caught the child in the middle of a record"
+        before = small.n
+        wait_until(lambda: small.n >= before + 20, 10,
+                   lambda: f"the other child's records (got {small.n - before})")
+        os.kill(stopper.pid, signal.SIGKILL)
+        stopper.join(10)
+        wait_until(lambda: relay.cut == 1, 10, "the cut record to be noticed")
+        before = small.n
+        wait_until(lambda: small.n >= before + 10, 10, "the other child's records after it")
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        relay.close()
+        for lg, h in loggers:
+            lg.removeHandler(h)
+            lg.propagate = True
+    cut = [r.getMessage() for r in caplog.records
+           if r.name == "fastfeed.logs" and "broke off" in r.getMessage()]
+    assert len(cut) == 1 and f"pid {stopper.pid}" in cut[0] and "bytes of it came" in cut[0], cut
+
+
+def _many_records(cfg, n) -> None:
+    """In a spawned child: n short records as fast as it can, then a normal exit."""
+    from fastfeed.logs import configure_child_logging
+
+    configure_child_logging(cfg)
+    lg = logging.getLogger("tests.many")
+    for i in range(n):
+        lg.warning("many %d", i)
+
+
+def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
+    """The parent's handler holds the first record; the child logs MAX_QUEUED + 5000 more:
+    what does not fit its queue is dropped, and once the parent reads again a warning says
+    how many; every record that was kept arrives, in order."""
+    import multiprocessing as mp
+
+    from fastfeed.logs import MAX_QUEUED, LogRelay
+
+    caplog.set_level(logging.WARNING)
+    hold = HoldMany()
+    lg = logging.getLogger("tests.many")
+    lg.addHandler(hold)
+    lg.propagate = False
+    ctx = mp.get_context("spawn")
+    relay = LogRelay(ctx, logging.WARNING)
+    n = MAX_QUEUED + 5000
+    try:
+        cfg = relay.config()
+        p = ctx.Process(target=_many_records, args=(cfg, n), daemon=True)
+        p.start()
+        cfg.started()
+        wait_until(hold.held.is_set, 30, "the first record")
+        time.sleep(1.0)  # the child logs everything meanwhile (in ~0.3 s), then waits to exit
+        hold.let_go.set()
+        p.join(30)
+        assert p.exitcode == 0
+        wait_until(lambda: [r for r in caplog.records if "were dropped" in r.getMessage()], 10,
+                   "the warning with the count")
+        wait_until(lambda: not relay._readers, 10, "the child's pipe to end")
+    finally:
+        hold.let_go.set()
+        relay.close()
+        lg.removeHandler(hold)
+        lg.propagate = True
+    dropped = [r.getMessage() for r in caplog.records if "were dropped" in r.getMessage()]
+    assert len(dropped) == 1, dropped
+    lost = int(dropped[0].split()[0])
+    got = hold.numbers
+    assert 0 < lost < n and len(got) + lost == n, (len(got), lost)
+    assert got == sorted(got) and got[0] == 0
+
+
+class HoldMany(logging.Handler):
+    """Holds on the first record until let go; keeps the numbers of all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = threading.Event()
+        self.let_go = threading.Event()
+        self.numbers: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.numbers.append(int(record.getMessage().split()[1]))
+        if not self.held.is_set():
+            self.held.set()
+            self.let_go.wait(30)
