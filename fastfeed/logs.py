@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
-__all__ = ["FORMAT", "FLUSH_AT_EXIT_S", "ChildLogging", "LogRelay", "configure_child_logging"]
+__all__ = ["FLUSH_AT_EXIT_S", "FORMAT", "MAX_QUEUED", "MAX_QUEUED_BYTES", "ChildLogging", "LogRelay",
+           "configure_child_logging"]
 
 #: The format the CLI uses; the process name is in every line.
 FORMAT = "%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"
