@@ -295,8 +295,10 @@ def test_socks5_wrong_password_fails_fast(sims, tmp_path):
         cache = str(tmp_path / "token.json")
         # the login (urllib3 + PySocks) meets the refusal first; with a token cached, the
         # WebSocket (python-socks) does: both end at once
+        # (>= : the simulator runs on, and --count ends the run once 10 are accounted for,
+        # with what came in the same read)
         assert frames(stream(sim, tmp_path, "--proxy", good, "--count", "10",
-                             "--token-cache", cache)[0]) == 10
+                             "--token-cache", cache)[0]) >= 10
         for token_cache in ((), ("--token-cache", cache)):
             res, took = stream(sim, tmp_path, "--proxy", f"socks5://{USER}:wrong@127.0.0.1:{port}",
                                "--count", "10", *token_cache)
