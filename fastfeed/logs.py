@@ -55,6 +55,8 @@ MAX_QUEUED_BYTES = 64 << 20
 
 log = logging.getLogger("fastfeed.logs")
 
+_SOMEONE = "a child process"  # a pipe's child until its first record names it
+
 
 @dataclass(frozen=True)
 class ChildLogging:
@@ -178,8 +180,10 @@ class LogRelay:
     def config(self) -> ChildLogging:
         """A pipe for one child to be started (call :meth:`ChildLogging.started` once it is)."""
         r, w = self._ctx.Pipe(duplex=False)
+        os.set_blocking(r.fileno(), False)  # see _receive
         with self._lock:
-            self._readers[r] = "a child process"
+            self._readers[r] = _SOMEONE
+            self._pending[r] = bytearray()
         self._wake()
         return ChildLogging(w, self.level)
 
@@ -215,18 +219,15 @@ class LogRelay:
         stopped mid-record must not hold the others' records back), and hand over every
         record that is whole."""
         try:
-            fd = r.fileno()
-            if r not in self._pending:
-                os.set_blocking(fd, False)
-            chunk = os.read(fd, 1 << 20)
+            chunk = os.read(r.fileno(), 1 << 20)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
-        buf = self._pending.setdefault(r, bytearray())
+        buf = self._pending[r]
         if not chunk:  # the child ended: every copy of the write end is closed
             if buf:
-                who = self._readers.get(r, "a child process")
+                who = self._readers[r]
                 self.cut += 1
                 log.warning("the log records of %s broke off in the middle of one (%d bytes "
                             "of it came): it was killed while writing; what it had not sent "
@@ -243,12 +244,10 @@ class LogRelay:
             try:
                 record = pickle.loads(data)
             except Exception as e:  # whole, but it does not unpickle here
-                log.warning("a log record from %s could not be read: %r",
-                            self._readers.get(r, "a child process"), e)
+                log.warning("a log record from %s could not be read: %r", self._readers[r], e)
                 continue
             with self._lock:
-                if r in self._readers:
-                    self._readers[r] = f"{record.processName} (pid {record.process})"
+                self._readers[r] = f"{record.processName} (pid {record.process})"
             logger = logging.getLogger(record.name)
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)

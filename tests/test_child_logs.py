@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing as mp
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import threading
 import time
 
 from fastfeed.feed import Feed
+from fastfeed.logs import MAX_QUEUED, LogRelay, configure_child_logging
 from fastfeed.sim.process import SimulatorProcess
 from tests.feedcheck import settings_for
 from tests.test_lifecycle import alive, segments_of, wait_until
@@ -38,30 +40,51 @@ def chatty_handler(worker: int, batch) -> None:
         logging.getLogger("tests.chatty").warning("worker %d pid %d %s", worker, os.getpid(), PAD)
 
 
-class HoldFirst(logging.Handler):
-    """Holds the first record it sees until released (the parent's reader waits in it)."""
+class Hold(logging.Handler):
+    """Holds the first record it takes until let go (the parent's reader waits in it), and
+    keeps ``key(message)`` of each record it takes, with when; a record whose key is None is
+    passed by."""
 
-    def __init__(self) -> None:
+    def __init__(self, key) -> None:
         super().__init__()
+        self.key = key
         self.held = threading.Event()
         self.let_go = threading.Event()
-        self.pid: int | None = None
-        self.seen: list[tuple[int, float]] = []  # (pid, when)
+        self.seen: list[tuple[int, float]] = []  # (key, when)
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = re.match(r"worker \d+ pid (\d+)", record.getMessage())
-        if m is None:
+        k = self.key(record.getMessage())
+        if k is None:
             return
-        self.seen.append((int(m.group(1)), time.monotonic()))
+        self.seen.append((k, time.monotonic()))
         if not self.held.is_set():
-            self.pid = int(m.group(1))
             self.held.set()
             self.let_go.wait(30)
 
 
+def worker_pid(message: str) -> int | None:
+    m = re.match(r"worker \d+ pid (\d+)", message)
+    return int(m.group(1)) if m else None
+
+
+def start_child(relay: LogRelay, target, *args, **kwargs) -> mp.process.BaseProcess:
+    """A spawned process that logs through a pipe of its own from ``relay``."""
+    cfg = relay.config()
+    p = mp.get_context("spawn").Process(target=target, args=(cfg, *args), **kwargs)
+    p.start()
+    cfg.started()
+    return p
+
+
+def child_logger(cfg, name: str) -> logging.Logger:
+    """In a spawned child: its logging sent to the parent; the logger ``name``."""
+    configure_child_logging(cfg)
+    return logging.getLogger(name)
+
+
 def test_a_child_killed_mid_record_does_not_silence_the_others(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    hold = HoldFirst()
+    hold = Hold(worker_pid)
     chatty = logging.getLogger("tests.chatty")
     chatty.addHandler(hold)
     try:
@@ -72,7 +95,7 @@ def test_a_child_killed_mid_record_does_not_silence_the_others(tmp_path, caplog)
             try:
                 wait_until(hold.held.is_set, 30, "a first record from a worker")
                 time.sleep(1.0)  # every channel fills; the victim blocks mid-record
-                victim = hold.pid
+                victim = hold.seen[0][0]
                 assert victim in feed._pool.pids()
                 os.kill(victim, signal.SIGKILL)
                 wait_until(lambda: not alive(victim), 10, f"worker {victim} to die")
@@ -105,27 +128,16 @@ def test_a_child_killed_mid_record_does_not_silence_the_others(tmp_path, caplog)
 def _log_then_exit(cfg) -> None:
     """In a spawned child: one plain record, one whose `extra=` value does not pickle, then
     a normal exit (the queued records are flushed at exit)."""
-    from fastfeed.logs import configure_child_logging
-
-    configure_child_logging(cfg)
-    lg = logging.getLogger("tests.child")
+    lg = child_logger(cfg, "tests.child")
     lg.warning("plain line from %d", os.getpid())
     lg.warning("line with a lock in it", extra={"lock": threading.Lock()})
 
 
 def test_records_reach_the_parent_even_when_they_do_not_pickle(caplog):
-    import multiprocessing as mp
-
-    from fastfeed.logs import LogRelay
-
     caplog.set_level(logging.WARNING)
-    ctx = mp.get_context("spawn")
-    relay = LogRelay(ctx, logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
     try:
-        cfg = relay.config()
-        p = ctx.Process(target=_log_then_exit, args=(cfg,), name="fastfeed-test-child")
-        p.start()
-        cfg.started()
+        p = start_child(relay, _log_then_exit, name="fastfeed-test-child")
         p.join(30)
         assert p.exitcode == 0
         wait_until(lambda: len([r for r in caplog.records if r.name == "tests.child"]) == 2, 10,
@@ -144,20 +156,14 @@ def test_records_reach_the_parent_even_when_they_do_not_pickle(caplog):
 
 def _big_records(cfg) -> None:
     """In a spawned child: 1 MB records without end, one after the other."""
-    from fastfeed.logs import configure_child_logging
-
-    configure_child_logging(cfg)
-    lg = logging.getLogger("tests.big")
+    lg = child_logger(cfg, "tests.big")
     while True:
         lg.warning("big %s", PAD)
 
 
 def _small_records(cfg) -> None:
     """In a spawned child: a short numbered record every 20 ms, without end."""
-    from fastfeed.logs import configure_child_logging
-
-    configure_child_logging(cfg)
-    lg = logging.getLogger("tests.small")
+    lg = child_logger(cfg, "tests.small")
     for i in range(10**9):
         lg.warning("small %d", i)
         time.sleep(0.02)
@@ -176,26 +182,17 @@ def test_a_child_stopped_mid_record_holds_no_one_back(caplog):
     """SIGSTOP a child while a record of it is half in its pipe: the other child's records
     go on arriving (the parent never waits for the rest of a record); SIGKILL it then: one
     warning, with how much of the record came."""
-    import multiprocessing as mp
-
-    from fastfeed.logs import LogRelay
-
     caplog.set_level(logging.WARNING)
     big, small = Count(), Count()
     loggers = [(logging.getLogger("tests.big"), big), (logging.getLogger("tests.small"), small)]
     for lg, h in loggers:
         lg.addHandler(h)
         lg.propagate = False  # 1 MB records stay out of caplog
-    ctx = mp.get_context("spawn")
-    relay = LogRelay(ctx, logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
     procs = []
     try:
         for target in (_big_records, _small_records):
-            cfg = relay.config()
-            p = ctx.Process(target=target, args=(cfg,), daemon=True)
-            p.start()
-            cfg.started()
-            procs.append(p)
+            procs.append(start_child(relay, target, daemon=True))
         stopper, other = procs
         wait_until(lambda: big.n >= 2 and small.n >= 2, 30, "records from both children")
 
@@ -235,10 +232,7 @@ def test_a_child_stopped_mid_record_holds_no_one_back(caplog):
 
 def _many_records(cfg, n) -> None:
     """In a spawned child: n short records as fast as it can, then a normal exit."""
-    from fastfeed.logs import configure_child_logging
-
-    configure_child_logging(cfg)
-    lg = logging.getLogger("tests.many")
+    lg = child_logger(cfg, "tests.many")
     for i in range(n):
         lg.warning("many %d", i)
 
@@ -247,23 +241,15 @@ def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
     """The parent's handler holds the first record; the child logs MAX_QUEUED + 5000 more:
     what does not fit its queue is dropped, and once the parent reads again a warning says
     how many; every record that was kept arrives, in order."""
-    import multiprocessing as mp
-
-    from fastfeed.logs import MAX_QUEUED, LogRelay
-
     caplog.set_level(logging.WARNING)
-    hold = HoldMany()
+    hold = Hold(lambda message: int(message.split()[1]))
     lg = logging.getLogger("tests.many")
     lg.addHandler(hold)
     lg.propagate = False
-    ctx = mp.get_context("spawn")
-    relay = LogRelay(ctx, logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
     n = MAX_QUEUED + 5000
     try:
-        cfg = relay.config()
-        p = ctx.Process(target=_many_records, args=(cfg, n), daemon=True)
-        p.start()
-        cfg.started()
+        p = start_child(relay, _many_records, n, daemon=True)
         wait_until(hold.held.is_set, 30, "the first record")
         time.sleep(1.0)  # the child logs everything meanwhile (in ~0.3 s), then waits to exit
         hold.let_go.set()
@@ -280,22 +266,7 @@ def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
     dropped = [r.getMessage() for r in caplog.records if "were dropped" in r.getMessage()]
     assert len(dropped) == 1, dropped
     lost = int(dropped[0].split()[0])
-    got = hold.numbers
+    got = [k for k, _ in hold.seen]
     assert 0 < lost < n and len(got) + lost == n, (len(got), lost)
     assert got == sorted(got) and got[0] == 0
 
-
-class HoldMany(logging.Handler):
-    """Holds on the first record until let go; keeps the numbers of all."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held = threading.Event()
-        self.let_go = threading.Event()
-        self.numbers: list[int] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.numbers.append(int(record.getMessage().split()[1]))
-        if not self.held.is_set():
-            self.held.set()
-            self.let_go.wait(30)
