@@ -22,7 +22,9 @@ elsewhere hits all of them alike), by:
 - ``msgspec`` decoding each message to a Struct (decode only: no arrays).
 
 The table gives ns per message (medians) and the ratios: how many times fewer ns fastfeed
-takes than each of the others, and how its time on a layout compares with compact.  A second
+takes than each of the others, and how its time on a layout compares with compact (and, for
+scale, msgspec's on the same layout against its own compact: what a layout costs a decoder
+that dispatches on keys).  A second
 table gives bytes per second of ``decode_region`` against a plain ``memchr`` + ``memcpy`` pass
 over the same frames (benchmarks/_loops.pyx, built by ``setup.py build_ext --inplace``): the
 distance to the memory limit.  Benchmarks on a shared 2-core machine are noisy: compare ratios
@@ -279,18 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.messages} messages per corpus, median of {args.repeat} rounds\n")
     names = [n for n, _ in contenders]
     head = "| kind | layout | B/msg | " + " | ".join(f"{n} ns/msg" for n in names)
-    head += " | vs. orjson + arrays | vs. msgspec | vs. compact |" if "msgspec" in names else \
-        " | vs. orjson + arrays | vs. compact |"
+    head += " | vs. orjson + arrays | vs. msgspec | vs. compact | msgspec vs. its compact |" \
+        if "msgspec" in names else " | vs. orjson + arrays | vs. compact |"
     print(head)
     print("|---|---|" + "---:|" * (head.count("|") - 3))
-    compact = {r["kind"]: r["fastfeed"] for r in results if r["layout"] == "compact"}
+    compact = {(r["kind"], n): r[n] for r in results if r["layout"] == "compact" for n in names}
     for r in results:
         cells = [r["kind"], r["layout"], f'{r["bytes_per_msg"]:.0f}'] + [f"{r[n]:.0f}" for n in names]
         cells.append(f'{r["orjson + arrays"] / r["fastfeed"]:.1f}x')
         if "msgspec" in names:
             cells.append(f'{r["msgspec"] / r["fastfeed"]:.1f}x')
-        base = compact.get(r["kind"])
-        cells.append(f'{r["fastfeed"] / base:.2f}x' if base else "-")
+        for n in ("fastfeed", "msgspec") if "msgspec" in names else ("fastfeed",):
+            base = compact.get((r["kind"], n))
+            cells.append(f"{r[n] / base:.2f}x" if base else "-")
         print("| " + " | ".join(cells) + " |")
     if passes:
         print("\nBytes per second over the mixed corpus laid end to end in one buffer (`decode_region`, "

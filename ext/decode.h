@@ -1014,14 +1014,14 @@ static const uint32_t ff_key2_tab[1024] = {
 /* The compact form of a key we read, `"k":` or `"kk":`, by the same index of its first two
  * bytes (a one-character key's second byte is the closing quote, whose index no two-character
  * key of ours shares): the bytes after the opening quote that must match, with a mask of
- * how many, and the field id + 1 (0: no key here). */
+ * how many, and the field id + 1 (0: no key here); the key's length follows from its bytes. */
 typedef struct {
     uint32_t pat, mask;
-    uint8_t f, len;
+    uint8_t f;
 } ff_keyfast;
-#define FF_KF1(a, fid) [FF_K2_AT(a, '"')] = {(unsigned)(a) | ('"' << 8) | (':' << 16), 0xFFFFFFu, (fid) + 1, 4}
+#define FF_KF1(a, fid) [FF_K2_AT(a, '"')] = {(unsigned)(a) | ('"' << 8) | (':' << 16), 0xFFFFFFu, (fid) + 1}
 #define FF_KF2(a, b, fid) \
-    [FF_K2_AT(a, b)] = {(unsigned)(a) | ((unsigned)(b) << 8) | ('"' << 16) | ((unsigned)':' << 24), 0xFFFFFFFFu, (fid) + 1, 5}
+    [FF_K2_AT(a, b)] = {(unsigned)(a) | ((unsigned)(b) << 8) | ('"' << 16) | ((unsigned)':' << 24), 0xFFFFFFFFu, (fid) + 1}
 static const ff_keyfast ff_keyfast_msg[1024] = {
     FF_KF1('c', F_C), FF_KF1('t', F_T), FF_KF1('p', F_P), FF_KF1('v', F_V), FF_KF1('a', F_A),
     FF_KF1('b', F_B), FF_KF1('s', F_S), FF_KF2('l', 't', F_LT), FF_KF2('l', 'p', F_LP),
@@ -1060,7 +1060,10 @@ static inline __attribute__((always_inline)) int ff_member_key(ff_dec *d, int ba
          * a bar object's one-character keys measured no faster this way) */
         const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
         if (!bar && FF_LIKELY(kf->f && ((uint32_t)(w >> 8) & kf->mask) == kf->pat)) {
-            d->p = p + kf->len;
+            /* the key's length from the bytes already in w (a one-character key's second byte
+             * is its closing quote), not from the table: the next value's position then waits
+             * on one load, not two (keys in any order: 4-7% a frame) */
+            d->p = p + 4 + (c1 != '"');
             ff_ws(d);
             return kf->f - 1;
         }
