@@ -73,7 +73,8 @@ class ChildLogging:
             self.conn.close()
 
 
-#: Each record on a pipe: its pickle's length, then the pickle.
+#: Each record on a pipe: its pickle's length, then the pickle. A length of 0 is the end mark,
+#: the child's last write at exit: what it had queued was all sent.
 _HEADER = struct.Struct("<Q")
 
 
@@ -121,6 +122,7 @@ class _PipeHandler(logging.handlers.QueueHandler):
                         "msg": f"{n} log record(s) of this process were dropped: the parent "
                                f"did not read them as fast as they came"}))
                 if record is None:
+                    _write_fully(fd, _HEADER.pack(0))  # the end mark: everything was sent
                     return
                 self._out_bytes += len(record.msg)
                 self._send(fd, record)
@@ -159,18 +161,22 @@ def configure_child_logging(cfg: ChildLogging | None) -> None:
 class LogRelay:
     """In the parent: the read ends of the children's pipes, and the thread that empties them.
 
-    ``cut`` counts the children whose records broke off in the middle of one (each also
-    logged as a warning from ``fastfeed.logs``)."""
+    ``cut`` counts the children whose records broke off in the middle of one, ``unended``
+    those whose pipe ended between records but without the end mark a child sends last at
+    exit (killed, or its exit did not wait for the parent to read its last records): each
+    is also logged as a warning from ``fastfeed.logs``."""
 
     def __init__(self, ctx: Any, level: int | None = None) -> None:
         if level is None:
             level = logging.getLogger("fastfeed").getEffectiveLevel()
         self.level = level
         self.cut = 0
+        self.unended = 0
         self._ctx = ctx
         self._lock = threading.Lock()
         self._readers: dict[Any, str] = {}  # read end -> the child it is from, once known
         self._pending: dict[Any, bytearray] = {}  # read end -> the start of a record
+        self._ended: set[Any] = set()  # read ends whose end mark came
         self._closing: float | None = None  # the deadline close() set
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -195,6 +201,7 @@ class LogRelay:
         with self._lock:
             self._readers.pop(r, None)
             self._pending.pop(r, None)
+            self._ended.discard(r)
         with contextlib.suppress(OSError):
             r.close()
 
@@ -232,11 +239,21 @@ class LogRelay:
                 log.warning("the log records of %s broke off in the middle of one (%d bytes "
                             "of it came): it was killed while writing; what it had not sent "
                             "is lost", who, len(buf))
+            elif r not in self._ended:
+                self.unended += 1
+                log.warning("the log records of %s ended without the mark a process sends "
+                            "last at exit: it was killed, or exited before the parent read its "
+                            "last records (it waits %.0f s); any it had not sent are lost",
+                            self._readers[r], FLUSH_AT_EXIT_S)
             self._drop(r)
             return
         buf += chunk
         while len(buf) >= _HEADER.size:
             (n,) = _HEADER.unpack_from(buf)
+            if n == 0:
+                del buf[:_HEADER.size]
+                self._ended.add(r)
+                continue
             if len(buf) < _HEADER.size + n:
                 return
             data = bytes(buf[_HEADER.size:_HEADER.size + n])

@@ -270,3 +270,59 @@ def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
     assert 0 < lost < n and len(got) + lost == n, (len(got), lost)
     assert got == sorted(got) and got[0] == 0
 
+
+
+def _one_then_sleep(cfg) -> None:
+    """In a spawned child: one record, then nothing until it is killed."""
+    child_logger(cfg, "tests.one").warning("one from %d", os.getpid())
+    time.sleep(60)
+
+
+def test_a_child_killed_between_records_is_told(caplog):
+    """A pipe that ends between two records but without the end mark a child writes last at
+    exit: the child was killed (what it had queued and not sent is lost): one warning."""
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    try:
+        p = start_child(relay, _one_then_sleep, daemon=True)
+        wait_until(lambda: [r for r in caplog.records if r.name == "tests.one"], 30, "its record")
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        wait_until(lambda: relay.unended == 1, 10, "the end without a mark to be noticed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        relay.close()
+    told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
+    assert len(told) == 1 and f"pid {p.pid}" in told[0] and "without the mark" in told[0], told
+    assert relay.cut == 0
+
+
+def test_records_a_child_could_not_send_before_its_exit_are_told(caplog):
+    """The parent's handler holds the first record, so the child's pipe fills; the child logs
+    on and exits normally, and its exit waits FLUSH_AT_EXIT_S for the parent, in vain. Once
+    the parent reads again, the records that did reach the pipe arrive, and one warning says
+    that the rest were lost (before, that loss was silent)."""
+    caplog.set_level(logging.WARNING)
+    hold = Hold(lambda message: int(message.split()[1]))
+    lg = logging.getLogger("tests.many")
+    lg.addHandler(hold)
+    lg.propagate = False
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    n = 5000  # small records: far more than a pipe holds, far fewer than MAX_QUEUED
+    try:
+        p = start_child(relay, _many_records, n, daemon=True)
+        wait_until(hold.held.is_set, 30, "the first record")
+        p.join(30)  # its exit gives up on the queued records after FLUSH_AT_EXIT_S
+        assert p.exitcode == 0
+        hold.let_go.set()
+        wait_until(lambda: relay.unended == 1, 10, "the end without a mark to be noticed")
+    finally:
+        hold.let_go.set()
+        relay.close()
+        lg.removeHandler(hold)
+        lg.propagate = True
+    got = [k for k, _ in hold.seen]
+    assert 0 < len(got) < n and got == list(range(len(got))), (len(got), got[:3], got[-3:])
+    told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
+    assert len(told) == 1 and f"pid {p.pid}" in told[0] and "without the mark" in told[0], told
