@@ -237,18 +237,31 @@ def _many_records(cfg, n) -> None:
         lg.warning("many %d", i)
 
 
-def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
-    """The parent's handler holds the first record; the child logs MAX_QUEUED + 5000 more:
-    what does not fit its queue is dropped, and once the parent reads again a warning says
-    how many; every record that was kept arrives, in order."""
-    caplog.set_level(logging.WARNING)
+@contextlib.contextmanager
+def holding_many():
+    """A relay, and a Hold on "tests.many" that holds its first record (kept out of caplog);
+    the hold is let go and the relay closed on the way out."""
     hold = Hold(lambda message: int(message.split()[1]))
     lg = logging.getLogger("tests.many")
     lg.addHandler(hold)
     lg.propagate = False
     relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
-    n = MAX_QUEUED + 5000
     try:
+        yield hold, relay
+    finally:
+        hold.let_go.set()
+        relay.close()
+        lg.removeHandler(hold)
+        lg.propagate = True
+
+
+def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
+    """The parent's handler holds the first record; the child logs MAX_QUEUED + 5000 more:
+    what does not fit its queue is dropped, and once the parent reads again a warning says
+    how many; every record that was kept arrives, in order."""
+    caplog.set_level(logging.WARNING)
+    n = MAX_QUEUED + 5000
+    with holding_many() as (hold, relay):
         p = start_child(relay, _many_records, n, daemon=True)
         wait_until(hold.held.is_set, 30, "the first record")
         time.sleep(1.0)  # the child logs everything meanwhile (in ~0.3 s), then waits to exit
@@ -258,11 +271,6 @@ def test_a_parent_that_does_not_read_costs_counted_records_not_memory(caplog):
         wait_until(lambda: [r for r in caplog.records if "were dropped" in r.getMessage()], 10,
                    "the warning with the count")
         wait_until(lambda: not relay._readers, 10, "the child's pipe to end")
-    finally:
-        hold.let_go.set()
-        relay.close()
-        lg.removeHandler(hold)
-        lg.propagate = True
     dropped = [r.getMessage() for r in caplog.records if "were dropped" in r.getMessage()]
     assert len(dropped) == 1, dropped
     lost = int(dropped[0].split()[0])
@@ -304,24 +312,14 @@ def test_records_a_child_could_not_send_before_its_exit_are_told(caplog):
     the parent reads again, the records that did reach the pipe arrive, and one warning says
     that the rest were lost (before, that loss was silent)."""
     caplog.set_level(logging.WARNING)
-    hold = Hold(lambda message: int(message.split()[1]))
-    lg = logging.getLogger("tests.many")
-    lg.addHandler(hold)
-    lg.propagate = False
-    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
     n = 5000  # small records: far more than a pipe holds, far fewer than MAX_QUEUED
-    try:
+    with holding_many() as (hold, relay):
         p = start_child(relay, _many_records, n, daemon=True)
         wait_until(hold.held.is_set, 30, "the first record")
         p.join(30)  # its exit gives up on the queued records after FLUSH_AT_EXIT_S
         assert p.exitcode == 0
         hold.let_go.set()
         wait_until(lambda: relay.unended == 1, 10, "the end without a mark to be noticed")
-    finally:
-        hold.let_go.set()
-        relay.close()
-        lg.removeHandler(hold)
-        lg.propagate = True
     got = [k for k, _ in hold.seen]
     assert 0 < len(got) < n and got == list(range(len(got))), (len(got), got[:3], got[-3:])
     told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
