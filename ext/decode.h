@@ -401,8 +401,11 @@ typedef struct {
     ff_lastcode last_code[FF_NROLES]; /* by role (FF_ROLE_STATUS, FF_ROLE_BAR_TYPE; not symbols) */
     uint32_t lit_hits, lit_misses; /* in this frame: learned bytes matched, general parses */
     uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
+    uint64_t flat_total;           /* frames ff_message_flat decoded (tests: it ran) */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
+    /* ff_message_flat: the frame's bytes, then zeros (never written past byte 128) */
+    uint8_t flatbuf[192]; /* (the decoder lives inside a Python object: no alignment beyond 16) */
     char err[200];
 } ff_dec;
 
@@ -1246,13 +1249,14 @@ static int ff_series_array(ff_dec *d, ff_obj *o, size_t bars_start, int depth);
 /* The value of field f, read as the table says; d->p at its first byte, which the caller
  * checked is in the frame.  depth: containers open around the value. */
 static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, int f, int depth,
-                                                          size_t bars_start)
+                                                          size_t bars_start, int padded)
 {
     int type = ff_field_type[f];
     if (FF_LIKELY(type >= FT_F64)) {
         if (FF_UNLIKELY(type == FT_SERIES)) return ff_series_array(d, o, bars_start, depth);
         const uint8_t *after;
-        if (FF_LIKELY(ff_scan_decimal(d->p, d->end, d->start, &o->num[f], &after))) {
+        if (FF_LIKELY(padded ? ff_scan_decimal_in(d->p, d->end, d->start, &o->num[f], &after, 1)
+                             : ff_scan_decimal(d->p, d->end, d->start, &o->num[f], &after))) {
             d->p = after;
             if (FF_UNLIKELY(o->bad)) o->bad &= ~FF_BIT(f); /* a repeated key: the last wins */
             return 0;
@@ -1265,7 +1269,7 @@ static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, 
         /* symbol codes are plain ASCII: run to the closing quote here, eight bytes a step;
          * escapes, control bytes and UTF-8 go through ff_string */
         const uint8_t *p = d->p + 1, *e = d->end;
-        while (e - p >= 8) {
+        while (padded || e - p >= 8) {
             uint64_t stops = ff_str_stops(ff_load8(p));
             if (stops) {
                 p += __builtin_ctzll(stops) >> 3;
@@ -1699,7 +1703,7 @@ static inline __attribute__((always_inline)) int ff_members(ff_dec *d, ff_obj *o
         if (FF_UNLIKELY(f == -2)) return -1;
         if (FF_UNLIKELY(d->p >= d->end)) return ff_fail(d, d->p, "expected a value");
         if (FF_LIKELY(f >= 0)) {
-            if (ff_field(d, o, f, depth + 1, bars_start) < 0) return -1;
+            if (ff_field(d, o, f, depth + 1, bars_start, 0) < 0) return -1;
             o->seen |= FF_BIT(f);
             slot = f;
         } else {
@@ -1803,6 +1807,8 @@ static inline int32_t ff_lookup_field(ff_dec *d, int role, const ff_obj *o, int 
 
 /* One message object; d->p at '{'; depth: containers open around it (0 for a frame that
  * is one object, 1 in an array frame).  Classified at its end by the keys it held. */
+static int ff_message_end(ff_dec *d, ff_obj *op, const uint8_t *obj_start, size_t bars_start);
+
 static int ff_message(ff_dec *d, int depth)
 {
     assert(d->p < d->end && *d->p == '{');
@@ -1812,8 +1818,14 @@ static int ff_message(ff_dec *d, int depth)
     size_t bars_start = d->bars.len;
 
     if (ff_members_of(d, &o, 0, depth, bars_start) < 0) return -1;
+    return ff_message_end(d, &o, obj_start, bars_start);
+}
 
-    uint32_t seen = o.seen, used;
+/* The message whose members are in *op: classified by the keys it held, its row made. */
+static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_obj *op, const uint8_t *obj_start,
+                                                                size_t bars_start)
+{
+    uint32_t seen = op->seen, used;
     int kind; /* 1 series, 2 tick, 3 quote, 0 control */
     if (seen & FF_SERIES_KEYS) kind = 1, used = FF_SERIES_USED;
     else if (seen & FF_BIT(F_P)) kind = 2, used = FF_TICK_USED;
@@ -1824,24 +1836,24 @@ static int ff_message(ff_dec *d, int depth)
         d->ncontrol++;
         return 0;
     }
-    uint32_t bad = o.bad & used; /* a key of another kind is never judged */
-    if (FF_UNLIKELY(!(seen & FF_BIT(F_C)) || (o.str[F_C].s == NULL && !(bad & FF_BIT(F_C))))) {
+    uint32_t bad = op->bad & used; /* a key of another kind is never judged */
+    if (FF_UNLIKELY(!(seen & FF_BIT(F_C)) || (op->str[F_C].s == NULL && !(bad & FF_BIT(F_C))))) {
         return ff_fail_msg(d, obj_start, "data message without a string `c` (symbol code)");
     }
-    if (FF_UNLIKELY(bad)) return ff_type_error(d, &o, bad);
+    if (FF_UNLIKELY(bad)) return ff_type_error(d, op, bad);
 
     /* Timestamps first: the only conversions that can fail (outside int64). */
     int64_t ts, ts2 = FF_NAT;
     if (kind == 2) {
-        if (ff_ts_field(d, &o, F_T, 6, &ts, "t") < 0) return -1;
+        if (ff_ts_field(d, op, F_T, 6, &ts, "t") < 0) return -1;
     } else if (kind == 3) {
-        if (ff_ts_field(d, &o, F_LT, 6, &ts, "lt") < 0) return -1;
-    } else if (ff_ts_field(d, &o, F_BE, 6, &ts, "be") < 0 || ff_ts_field(d, &o, F_LU, 3, &ts2, "lu") < 0) {
+        if (ff_ts_field(d, op, F_LT, 6, &ts, "lt") < 0) return -1;
+    } else if (ff_ts_field(d, op, F_BE, 6, &ts, "be") < 0 || ff_ts_field(d, op, F_LU, 3, &ts2, "lu") < 0) {
         return -1;
     }
 
     /* Codes new to their table get placeholders (< 0) here, ids when the frame ends. */
-    int32_t sym = ff_lookup_field(d, FF_ROLE_SYM, &o, F_C);
+    int32_t sym = ff_lookup_field(d, FF_ROLE_SYM, op, F_C);
     if (sym == FF_LOOKUP_ERR) return -1;
     if (kind == 2) {
         ff_tick *r = (ff_tick *)ff_vec_push(&d->ticks);
@@ -1849,15 +1861,15 @@ static int ff_message(ff_dec *d, int depth)
         r->sym = sym;
         r->_pad = 0;
         r->ts = ts;
-        r->price = ff_conv_double(d, &o.num[F_P]); /* p is there: it made the message a tick */
-        r->volume = FF_F64(d, o, F_V);
+        r->price = ff_conv_double(d, &op->num[F_P]); /* p is there: it made the message a tick */
+        r->volume = FF_F64(d, *op, F_V);
         r->recv_ts = d->recv_ts;
         if (FF_UNLIKELY(sym < 0) && ff_fix_add(d, sym, FF_FIX_TICK_SYM, d->ticks.len - 1, 1) < 0)
             return ff_fail_msg(d, obj_start, "out of memory");
     } else if (kind == 3) {
         int32_t st = 0;
-        if ((seen & FF_BIT(F_SS)) && o.str[F_SS].s &&
-            (st = ff_lookup_field(d, FF_ROLE_STATUS, &o, F_SS)) == FF_LOOKUP_ERR)
+        if ((seen & FF_BIT(F_SS)) && op->str[F_SS].s &&
+            (st = ff_lookup_field(d, FF_ROLE_STATUS, op, F_SS)) == FF_LOOKUP_ERR)
             return -1;
         ff_quote *r = (ff_quote *)ff_vec_push(&d->quotes);
         if (FF_UNLIKELY(!r)) return ff_fail_msg(d, obj_start, "out of memory");
@@ -1865,20 +1877,20 @@ static int ff_message(ff_dec *d, int depth)
         r->status = (uint8_t)(st < 0 ? 0 : st);
         r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
         r->ts = ts;
-        r->last = FF_F64(d, o, F_LP);
-        r->volume = FF_F64(d, o, F_V);
-        r->bid = FF_F64(d, o, F_B);
-        r->ask = FF_F64(d, o, F_A);
-        r->bid_size = FF_F64(d, o, F_BS);
-        r->ask_size = FF_F64(d, o, F_AS);
+        r->last = FF_F64(d, *op, F_LP);
+        r->volume = FF_F64(d, *op, F_V);
+        r->bid = FF_F64(d, *op, F_B);
+        r->ask = FF_F64(d, *op, F_A);
+        r->bid_size = FF_F64(d, *op, F_BS);
+        r->ask_size = FF_F64(d, *op, F_AS);
         r->recv_ts = d->recv_ts;
         if ((sym < 0 && ff_fix_add(d, sym, FF_FIX_QUOTE_SYM, d->quotes.len - 1, 1) < 0) ||
             (st < 0 && ff_fix_add(d, st, FF_FIX_QUOTE_STATUS, d->quotes.len - 1, 1) < 0))
             return ff_fail_msg(d, obj_start, "out of memory");
     } else {
         int32_t bt = 0;
-        if ((seen & FF_BIT(F_BT)) && o.str[F_BT].s &&
-            (bt = ff_lookup_field(d, FF_ROLE_BAR_TYPE, &o, F_BT)) == FF_LOOKUP_ERR)
+        if ((seen & FF_BIT(F_BT)) && op->str[F_BT].s &&
+            (bt = ff_lookup_field(d, FF_ROLE_BAR_TYPE, op, F_BT)) == FF_LOOKUP_ERR)
             return -1;
         ff_finish_bars(d, bars_start, sym, (int16_t)(bt < 0 ? 0 : bt), ts, ts2);
         if ((sym < 0 || bt < 0) && ff_fix_bars(d, sym, bt, bars_start) < 0)
@@ -1886,6 +1898,113 @@ static int ff_message(ff_dec *d, int depth)
     }
     return 0;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FF_HAVE_FLAT 1
+
+/* A frame of 16..128 bytes that is one message object with keys in no fixed order, read in
+ * two steps so that the order never steers a branch.  AVX-512 (chosen at run time): the
+ * frame in two masked 64-byte loads (bytes past its end are neither read nor faulted on:
+ * masked off, they load as zero), one compare per class of byte for the whole frame.
+ * First where each member's key and value lie: members run from one separator (`,` `}`)
+ * outside strings to the next, so no value is parsed to find the next member.  Then the
+ * values, read by ff_field in the fields' own order (a symbol, a timestamp, then prices:
+ * the same branches in the same order every message), from a copy of the frame followed
+ * by zeros, so that no read asks where in the frame it is.  1: not this path's shape
+ * (nested values, whitespace, escapes, UTF-8, keys we skip or repeat, a value that does not
+ * end at its separator): no row was made, and the caller reads the frame the general way. */
+__attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat(ff_dec *d, int *rc)
+{
+    const uint8_t *p = d->start;
+    size_t n = (size_t)(d->end - p);
+    assert(n >= 16 && n <= 128);
+    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
+    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
+    __m512i v0 = _mm512_maskz_loadu_epi8(k0, p), v1 = _mm512_maskz_loadu_epi8(k1, p + 64);
+    uint8_t *buf = d->flatbuf;
+    _mm512_storeu_si512((void *)buf, v0);
+    _mm512_storeu_si512((void *)(buf + 64), v1);
+    const __m512i comma = _mm512_set1_epi8(','), close = _mm512_set1_epi8('}');
+    const __m512i open = _mm512_set1_epi8('{'), lbr = _mm512_set1_epi8('['), two = _mm512_set1_epi8(2);
+    const __m512i bang = _mm512_set1_epi8('!');
+#define FF_ODD(v) (_mm512_cmpeq_epi8_mask(v, open) | _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, lbr), two) | \
+                   _mm512_cmplt_epi8_mask(v, bang))
+    uint64_t e0 = _mm512_cmpeq_epi8_mask(v0, close), e1 = _mm512_cmpeq_epi8_mask(v1, close);
+    uint64_t s0 = _mm512_cmpeq_epi8_mask(v0, comma) | e0, s1 = _mm512_cmpeq_epi8_mask(v1, comma) | e1;
+    uint64_t o0 = FF_ODD(v0) & k0, o1 = FF_ODD(v1) & k1;
+#undef FF_ODD
+    /* `{` at byte 0 only (the caller saw it), `}` at the last byte only */
+    if (o0 != 1 || o1 || (n > 64 ? e0 || e1 != 1ULL << (n - 65) : e0 != 1ULL << (n - 1))) return 1;
+    /* A separator inside a string (`"c":"A,B"`) is taken for one here, and the members come
+     * out wrong; no string is told apart first, because each is checked: a key must be
+     * exactly `"k":` or `"kk":` of ours, and a string value must end at its separator, or
+     * the frame goes the general way. */
+
+    uint32_t seen = 0;
+    uint8_t vs[F_N], ve[F_N]; /* where each field's value starts and ends */
+    unsigned prev = 0;        /* the `{` or `,` before the member */
+    for (int half = 0; half < 2; half++) {
+        uint64_t m = half ? s1 : s0;
+        for (; m; m &= m - 1) {
+            unsigned s = 64 * (unsigned)half + (unsigned)_tzcnt_u64(m), k = prev + 1;
+            /* the frame's own bytes (not the copy, whose stores may still be in flight) */
+            uint64_t w = FF_LIKELY(k + 8 <= n) ? ff_load8(p + k) : ff_load8(buf + k);
+            unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16);
+            const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
+            unsigned v = k + 4 + (c1 != '"');
+            int f = kf->f - 1;
+            if (FF_UNLIKELY((uint8_t)w != '"' || !kf->f || ((uint32_t)(w >> 8) & kf->mask) != kf->pat ||
+                            v >= s || (seen & FF_BIT(f))))
+                return 1;
+            seen |= FF_BIT(f);
+            vs[f] = (uint8_t)v;
+            ve[f] = (uint8_t)s;
+            prev = s;
+        }
+    }
+    if (prev != n - 1) return 1; /* the last separator is the object's `}` */
+
+    ff_obj o;
+    o.seen = seen;
+    o.bad = 0;
+    size_t bars_start = d->bars.len;
+    const uint8_t *start = d->start, *end = d->end;
+    d->start = buf; /* positions in errors are the same: the copy starts where the frame does */
+    d->end = buf + n;
+    int bad = 0;
+    for (uint32_t m = seen; m; m &= m - 1) {
+        int f = __builtin_ctz(m);
+        d->p = buf + vs[f];
+        if (ff_field(d, &o, f, 1, bars_start, 1) < 0 || d->p != buf + ve[f]) {
+            bad = 1;
+            break;
+        }
+    }
+    if (bad) {
+        d->start = start;
+        d->end = end;
+        return 1;
+    }
+    d->p = d->end;
+    d->flat_total++;
+    *rc = ff_message_end(d, &o, buf, bars_start);
+    d->start = start; /* (a code's text is copied when it is new to its table) */
+    d->p = d->end = end;
+    return 0;
+}
+
+static int ff_flat_ok = -1; /* the CPU has AVX-512 BW and VL and BMI2: set at the first frame */
+static int ff_flat_check(void)
+{
+    ff_flat_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("bmi2");
+    return ff_flat_ok;
+}
+#define FF_FLAT_OK() (FF_LIKELY(ff_flat_ok >= 0) ? ff_flat_ok : ff_flat_check())
+#else
+#define FF_FLAT_OK() 0
+#endif
 
 /* One frame.  0: decoded (rows appended, and d->ncontrol counting the control messages
  * it held); -1: d->err says why (d->table_full when a table had no room), no row of this
@@ -1915,8 +2034,11 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
             d->bank = &d->banks[idx];
         }
         B = d->bank;
-        d->learn = (B->poor & 15) != 15 || (++B->nframes & 15) == 0;
-        d->lits_on = d->learn || B->hits != 0;
+        int poor = (B->poor & 15) == 15;
+        d->learn = !poor || (++B->nframes & 15) == 0;
+        /* a poor bank whose last frame matched a few learned bytes (a shuffled frame that
+         * happens to begin with `{"c":"`) tries them again, unless the flat path can take it */
+        d->lits_on = d->learn || (B->hits != 0 && !(poor && FF_FLAT_OK()));
     } else {
         d->learn = d->lits_on = 0;
     }
@@ -1926,6 +2048,14 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     if (d->p >= d->end) {
         rc = ff_fail(d, d->p, "empty frame");
     } else if (*d->p == '{') {
+#if defined(FF_HAVE_FLAT)
+        if (!d->lits_on && n >= 16 && n <= 128 && d->p == p && FF_FLAT_OK()) {
+            if (ff_message_flat(d, &rc)) {
+                d->p = p;
+                rc = ff_message(d, 0);
+            }
+        } else
+#endif
         rc = ff_message(d, 0);
     } else if (*d->p == '[') {
         /* An array of messages; each element that is not a message object is a control

@@ -78,6 +78,7 @@ cdef extern from "decode.h":
         void *pend_index
         void *fix
         uint64_t lit_hits_total
+        uint64_t flat_total
         char err[200]
     int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
 
@@ -549,6 +550,13 @@ cdef class Decoder:
         """Members whose key was matched by learned bytes, over all frames so far: how tests
         know that the learned path ran (ext/decode.h, ff_lit)."""
         return self.d.lit_hits_total
+
+    @property
+    def _flat_frames(self) -> int:
+        """Frames decoded by the structure-first path for keys in any order, over all frames
+        so far (ext/decode.h, ff_message_flat; 0 on a CPU without AVX-512): how tests know
+        that it ran."""
+        return self.d.flat_total
 
     def decode_buffer(self, data, recv_ts=None) -> Batch:
         """Decode newline-delimited JSON (one frame per line; blank lines skipped).

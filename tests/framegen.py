@@ -310,8 +310,10 @@ def _reorder(v: dict, kind: str, orders: dict) -> dict:
 def stream(kind: str, layout: str, n: int, seed: int = 0) -> list[bytes]:
     """``n`` valid frames of one message kind (``mixed``: ticks, quotes and series in
     turn) that all share one layout: ``compact``, ``spaced`` (``", "`` and ``": "``),
-    ``pretty`` (indent 2) or ``reordered`` (compact, every object's keys in one fixed
-    shuffled order).  The same (kind, seed) gives the same messages in every layout."""
+    ``pretty`` (indent 2), ``reordered`` (compact, every object's keys in one fixed
+    shuffled order) or ``shuffled`` (compact, every object's keys shuffled anew in every
+    message: no order for the decoder to learn).  The same (kind, seed) gives the same
+    messages in every layout."""
     r = random.Random(seed)
     shuffler = random.Random(seed + 7)
     orders = {k: shuffler.sample(keys, len(keys)) for k, keys in _KEYS.items()}
@@ -320,13 +322,15 @@ def stream(kind: str, layout: str, n: int, seed: int = 0) -> list[bytes]:
     for i in range(n):
         k = kinds[i % len(kinds)]
         v = _stream_message(r, k)
-        if layout == "reordered":
+        if layout == "shuffled":
+            orders = {k: shuffler.sample(keys, len(keys)) for k, keys in _KEYS.items()}
+        if layout in ("reordered", "shuffled"):
             v = _reorder(v, k, orders)
         if layout == "pretty":
             text = json.dumps(v, indent=2)
         elif layout == "spaced":
             text = json.dumps(v, separators=(", ", ": "))
-        elif layout in ("compact", "reordered"):
+        elif layout in ("compact", "reordered", "shuffled"):
             text = json.dumps(v, separators=(",", ":"))
         else:
             raise ValueError(layout)

@@ -92,11 +92,19 @@ def _reference(data: bytes) -> dict | None:
         return None
 
 
+FLAT = [0, 0]  # inputs so far; frames of decoders before DEC that the structure-first path took
+
+
 def _decoder() -> Decoder:
     """DEC, or a fresh one when a table of it is nearly full: a frame that needs a new code
     in a full table fails, where the reference (no tables) accepts it."""
     global DEC
+    FLAT[0] += 1
+    if FLAT[0] % 50_000 == 0:  # the run shows that the AVX-512 path, where there is one, ran
+        print(f"fuzz_guard: {FLAT[0]} inputs, {FLAT[1] + DEC._flat_frames} frames through "
+              "the structure-first path (ff_message_flat)", file=sys.stderr, flush=True)
     if len(DEC.statuses) > 200 or len(DEC.bar_types) > 4000 or len(DEC.symbols) > 60000:
+        FLAT[1] += DEC._flat_frames
         DEC = Decoder(error_store=0)
     return DEC
 
