@@ -2019,7 +2019,8 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->table_full = 0;
     /* Learning costs a call per general parse: worth it while the learned bytes mostly match
      * (a steady stream, or one that just changed layout), not where keys come in any order;
-     * there one frame in 16 learns, enough to notice when the stream settles.  Decided per
+     * there one frame in 16 learns, enough to notice when the stream settles (one in 64
+     * where ff_message_flat takes the others: a learning frame costs it 15-20 ns).  Decided per
      * bank, by the last four frames that took it: one odd frame (keys in another order) that
      * unlearned some bytes must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
@@ -2035,7 +2036,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         }
         B = d->bank;
         int poor = (B->poor & 15) == 15;
-        d->learn = !poor || (++B->nframes & 15) == 0;
+        d->learn = !poor || (++B->nframes & (FF_FLAT_OK() ? 63 : 15)) == 0;
         /* a poor bank whose last frame matched a few learned bytes (a shuffled frame that
          * happens to begin with `{"c":"`) tries them again, unless the flat path can take it */
         d->lits_on = d->learn || (B->hits != 0 && !(poor && FF_FLAT_OK()));
