@@ -20,7 +20,9 @@
  * from a load that ends at `end`), and a function that reads *p either checks p < end
  * itself or says that its caller did (asserted in debug builds).
  * tests/test_decoder_bounds.py and tests/fuzz/fuzz_guard.py hold frames against a
- * PROT_NONE page to prove it.
+ * PROT_NONE page to prove it.  (ff_message_flat, on CPUs with AVX-512, loads a frame with
+ * masked loads, which neither read nor fault on the bytes masked off past its end, into a
+ * zero-padded copy of its own.)
  */
 #ifndef FF_DECODE_H
 #define FF_DECODE_H
@@ -1247,7 +1249,9 @@ static __attribute__((noinline)) int ff_field_num_slow(ff_dec *d, ff_obj *o, int
 static int ff_series_array(ff_dec *d, ff_obj *o, size_t bars_start, int depth);
 
 /* The value of field f, read as the table says; d->p at its first byte, which the caller
- * checked is in the frame.  depth: containers open around the value. */
+ * checked is in the frame.  depth: containers open around the value.  padded: the frame is
+ * ff_message_flat's copy, followed by 64 zero bytes, so its number and string fast paths
+ * read with no check of where they are. */
 static inline __attribute__((always_inline)) int ff_field(ff_dec *d, ff_obj *o, int f, int depth,
                                                           size_t bars_start, int padded)
 {
@@ -1903,15 +1907,17 @@ static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_ob
 #include <immintrin.h>
 #define FF_HAVE_FLAT 1
 
-/* A frame of 16..128 bytes that is one message object with keys in no fixed order, read in
- * two steps so that the order never steers a branch.  AVX-512 (chosen at run time): the
- * frame in two masked 64-byte loads (bytes past its end are neither read nor faulted on:
- * masked off, they load as zero), one compare per class of byte for the whole frame.
- * First where each member's key and value lie: members run from one separator (`,` `}`)
- * outside strings to the next, so no value is parsed to find the next member.  Then the
- * values, read by ff_field in the fields' own order (a symbol, a timestamp, then prices:
- * the same branches in the same order every message), from a copy of the frame followed
- * by zeros, so that no read asks where in the frame it is.  1: not this path's shape
+/* A frame of 16..128 bytes that is one flat message object whose keys come in no fixed
+ * order (a bank whose learned bytes keep missing), read in two steps so that the order never
+ * steers a branch: with keys in any order, each message's order is information a branching
+ * parser must discover one mispredicted branch at a time (4.6 bits a tick, 15.3 a quote).
+ * AVX-512 (chosen at run time): the frame in two masked 64-byte loads (bytes past its end are
+ * neither read nor faulted on: masked off, they load as zero), one compare per class of byte
+ * for the whole frame.  First where each member's key and value lie: a member runs from one
+ * separator (`,`, or the closing `}`) to the next, so no value is parsed to find the next
+ * member.  Then the values, read by ff_field in the fields' own order (a symbol, a timestamp,
+ * then prices: the same branches in the same order every message), from a copy of the frame
+ * followed by zeros, so that no read asks where in the frame it is.  1: not this path's shape
  * (nested values, whitespace, escapes, UTF-8, keys we skip or repeat, a value that does not
  * end at its separator): no row was made, and the caller reads the frame the general way. */
 __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat(ff_dec *d, int *rc)
@@ -1948,8 +1954,7 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
         uint64_t m = half ? s1 : s0;
         for (; m; m &= m - 1) {
             unsigned s = 64 * (unsigned)half + (unsigned)_tzcnt_u64(m), k = prev + 1;
-            /* the frame's own bytes (not the copy, whose stores may still be in flight) */
-            uint64_t w = FF_LIKELY(k + 8 <= n) ? ff_load8(p + k) : ff_load8(buf + k);
+            uint64_t w = ff_load8(buf + k); /* k < 128: in the copy, zeros past the frame */
             unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16);
             const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
             unsigned v = k + 4 + (c1 != '"');
