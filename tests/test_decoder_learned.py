@@ -51,11 +51,25 @@ def _rows(dec: Decoder, arr) -> list[tuple]:
     return out
 
 
-def fresh_outcome(frame) -> tuple:
-    dec = Decoder(**CFG)
+def outcome_of(dec: Decoder, frame) -> tuple:
+    """What ``dec`` makes of ``frame``: errors, rows by value, control messages (counted and
+    kept)."""
+    c0 = dec.control_total
     b = dec.decode([frame], recv_ts=0)
     return ([e for _, e in b.errors], _rows(dec, b.ticks), _rows(dec, b.quotes),
-            _rows(dec, b.bars), dec.control_total, [bytes(c) for c in b.control])
+            _rows(dec, b.bars), dec.control_total - c0, [bytes(c) for c in b.control])
+
+
+def fresh_outcome(frame) -> tuple:
+    return outcome_of(Decoder(**CFG), frame)
+
+
+def trained_decoder(train: list[bytes]) -> Decoder:
+    """A Decoder that has seen ``train`` twice (all of it valid market data)."""
+    dec = Decoder(**TRAINED_CFG)
+    b = dec.decode(train * 2, recv_ts=0)
+    assert not b.errors and not b.control, b.errors
+    return dec
 
 
 class Trained:
@@ -64,9 +78,7 @@ class Trained:
 
     def __init__(self, train: list[bytes]) -> None:
         self.train = train
-        self.dec = Decoder(**TRAINED_CFG)
-        b = self.dec.decode(train * 2, recv_ts=0)
-        assert not b.errors and not b.control, b.errors
+        self.dec = trained_decoder(train)
         self.hit = self.tried = 0
         after = fresh_outcome(train[0])
         assert not after[0]
@@ -79,12 +91,10 @@ class Trained:
         dec = self.dec
         b = dec.decode(self.train, recv_ts=0)
         assert not b.errors and not b.control, b.errors
-        c0, h0 = dec.control_total, dec._learned_hits
-        b = dec.decode([frame], recv_ts=0)
+        h0 = dec._learned_hits
+        out = outcome_of(dec, frame)
         self.hit += dec._learned_hits > h0
         self.tried += 1
-        out = ([e for _, e in b.errors], _rows(dec, b.ticks), _rows(dec, b.quotes),
-               _rows(dec, b.bars), dec.control_total - c0, [bytes(c) for c in b.control])
         after = dec.decode([self.train[0]], recv_ts=0)
         assert not after.errors
         assert tuple(_rows(dec, a) for a in (after.ticks, after.quotes, after.bars)) == self.after
@@ -144,13 +154,18 @@ def random_edits(frame: bytes, r: random.Random) -> bytes:
     return bytes(b)
 
 
-def _check(trained: Trained, mutants) -> int:
+def assert_as_fresh(trained, mutants) -> None:
+    """Each mutant's outcome on ``trained`` is the one a fresh Decoder gives."""
     bad = []
     for m in mutants:
         got, want = trained.outcome(m), fresh_outcome(m)
         if got != want:
             bad.append((bytes(m), got, want))
     assert not bad, f"{len(bad)} mismatches; first: {bad[0]}"
+
+
+def _check(trained: Trained, mutants) -> int:
+    assert_as_fresh(trained, mutants)
     # Most mutants stay in the bank their stream trained (same length in 16-byte steps, same
     # first bytes): the learned path, not only the general parse, decided them.
     assert trained.hit * 2 > trained.tried, (trained.hit, trained.tried)

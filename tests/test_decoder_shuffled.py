@@ -25,9 +25,12 @@ from .test_decoder_learned import (
     TRAIN,
     TRAINED_CFG,
     _rows,
+    assert_as_fresh,
     fresh_outcome,
     near_misses,
+    outcome_of,
     random_edits,
+    trained_decoder,
 )
 
 
@@ -48,21 +51,18 @@ class Shuffled:
 
     def __init__(self, train: list[bytes]) -> None:
         self.train = train
-        self.dec = Decoder(**TRAINED_CFG)
-        b = self.dec.decode(train * 2, recv_ts=0)
-        assert not b.errors and not b.control, b.errors
+        self.dec = trained_decoder(train)
         self.flat = self.tried = 0
 
     def outcome(self, frame) -> tuple:
         dec = self.dec
         b = dec.decode(self.train[:20], recv_ts=0)  # the bank stays one of shuffled frames
         assert not b.errors, b.errors
-        c0, f0 = dec.control_total, dec._flat_frames
-        b = dec.decode([frame], recv_ts=0)
+        f0 = dec._flat_frames
+        out = outcome_of(dec, frame)
         self.flat += dec._flat_frames > f0
         self.tried += 1
-        return ([e for _, e in b.errors], _rows(dec, b.ticks), _rows(dec, b.quotes),
-                _rows(dec, b.bars), dec.control_total - c0, [bytes(c) for c in b.control])
+        return out
 
 
 def _trained(kind: str, salt: str) -> tuple[list[bytes], Shuffled, random.Random]:
@@ -72,12 +72,7 @@ def _trained(kind: str, salt: str) -> tuple[list[bytes], Shuffled, random.Random
 
 
 def _check(trained: Shuffled, mutants, min_flat: float) -> int:
-    bad = []
-    for m in mutants:
-        got, want = trained.outcome(m), fresh_outcome(m)
-        if got != want:
-            bad.append((bytes(m), got, want))
-    assert not bad, f"{len(bad)} mismatches; first: {bad[0]}"
+    assert_as_fresh(trained, mutants)
     if HAS_FLAT:  # the path under test decided a share of them, not only the general parse
         assert trained.flat >= min_flat * trained.tried, (trained.flat, trained.tried)
     return len(mutants)
