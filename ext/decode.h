@@ -1041,6 +1041,18 @@ static inline int ff_key2_msg(unsigned k)
     return (e >> 8) == k ? (int)(e & 0xFF) - 1 : -1;
 }
 
+/* The message key in w (8 bytes from its opening quote, which the caller checked) if it is
+ * a compact `"k":` or `"kk":` of ours: its field id, and in *len how many bytes up to its
+ * value (from the bytes in w, not the table: the next value's position then waits on one
+ * load, not two; keys in any order: 4-7% a frame).  -1: any other key, or not compact. */
+static inline __attribute__((always_inline)) int ff_key_compact(uint64_t w, unsigned *len)
+{
+    unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16);
+    const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
+    *len = 4 + (c1 != '"'); /* a one-character key's second byte is its closing quote */
+    return kf->f && ((uint32_t)(w >> 8) & kf->mask) == kf->pat ? kf->f - 1 : -1;
+}
+
 /* Key text (unescaped) to field id, -1 for keys we skip.  `bar` selects the bar object's keys. */
 static inline int ff_key(const char *k, uint32_t n, int bar)
 {
@@ -1063,14 +1075,12 @@ static inline __attribute__((always_inline)) int ff_member_key(ff_dec *d, int ba
         unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16), c2 = (uint8_t)(w >> 24);
         /* compact: `"k":` or `"kk":`, one lookup and one masked compare (message keys only:
          * a bar object's one-character keys measured no faster this way) */
-        const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
-        if (!bar && FF_LIKELY(kf->f && ((uint32_t)(w >> 8) & kf->mask) == kf->pat)) {
-            /* the key's length from the bytes already in w (a one-character key's second byte
-             * is its closing quote), not from the table: the next value's position then waits
-             * on one load, not two (keys in any order: 4-7% a frame) */
-            d->p = p + 4 + (c1 != '"');
+        unsigned len;
+        int fc = bar ? -1 : ff_key_compact(w, &len);
+        if (FF_LIKELY(fc >= 0)) {
+            d->p = p + len;
             ff_ws(d);
-            return kf->f - 1;
+            return fc;
         }
         /* "k" or "kk" that is one of ours, told apart with no branch on which (keys come
          * in any order); any other key takes the string parser below */
@@ -1955,13 +1965,10 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
         for (; m; m &= m - 1) {
             unsigned s = 64 * (unsigned)half + (unsigned)_tzcnt_u64(m), k = prev + 1;
             uint64_t w = ff_load8(buf + k); /* k < 128: in the copy, zeros past the frame */
-            unsigned c0 = (uint8_t)(w >> 8), c1 = (uint8_t)(w >> 16);
-            const ff_keyfast *kf = &ff_keyfast_msg[FF_K2_AT(c0, c1)];
-            unsigned v = k + 4 + (c1 != '"');
-            int f = kf->f - 1;
-            if (FF_UNLIKELY((uint8_t)w != '"' || !kf->f || ((uint32_t)(w >> 8) & kf->mask) != kf->pat ||
-                            v >= s || (seen & FF_BIT(f))))
-                return 1;
+            unsigned len;
+            int f = ff_key_compact(w, &len);
+            unsigned v = k + len;
+            if (FF_UNLIKELY((uint8_t)w != '"' || f < 0 || v >= s || (seen & FF_BIT(f)))) return 1;
             seen |= FF_BIT(f);
             vs[f] = (uint8_t)v;
             ve[f] = (uint8_t)s;
@@ -1977,26 +1984,20 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     const uint8_t *start = d->start, *end = d->end;
     d->start = buf; /* positions in errors are the same: the copy starts where the frame does */
     d->end = buf + n;
-    int bad = 0;
-    for (uint32_t m = seen; m; m &= m - 1) {
+    int ok = 1;
+    for (uint32_t m = seen; ok && m; m &= m - 1) {
         int f = __builtin_ctz(m);
         d->p = buf + vs[f];
-        if (ff_field(d, &o, f, 1, bars_start, 1) < 0 || d->p != buf + ve[f]) {
-            bad = 1;
-            break;
-        }
+        ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
     }
-    if (bad) {
-        d->start = start;
-        d->end = end;
-        return 1;
+    if (ok) {
+        d->p = d->end;
+        d->flat_total++;
+        *rc = ff_message_end(d, &o, buf, bars_start);
     }
-    d->p = d->end;
-    d->flat_total++;
-    *rc = ff_message_end(d, &o, buf, bars_start);
     d->start = start; /* (a code's text is copied when it is new to its table) */
     d->p = d->end = end;
-    return 0;
+    return !ok;
 }
 
 static int ff_flat_ok = -1; /* the CPU has AVX-512 BW and VL and BMI2: set at the first frame */
