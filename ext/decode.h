@@ -366,13 +366,20 @@ typedef struct {
  * the provider's first key `c` (a pretty-printed or reordered frame does not).  Which bank a
  * frame takes never changes what it decodes to, only how often the learned bytes match. */
 #define FF_LIT_BANKS 64 /* 16 lengths x 4 classes of first bytes */
+enum { FF_FLAT_TOOK = 1, FF_FLAT_REFUSED = 2 };
 typedef struct {
     ff_lit lit[2][FF_LIT_SLOTS]; /* [message or bar object][slot] */
     uint32_t hits;               /* learned bytes matched in the last frame that took this bank */
     uint32_t nframes;
     uint8_t poor;                /* one bit per frame, the last in bit 0: matched no more than
                                   * not (zero, a new bank's, reads as four good frames) */
-    uint8_t _pad[7];
+    uint8_t flat;                /* what ff_message_flat or ff_series_flat last did with a frame
+                                  * of this bank: FF_FLAT_TOOK it (flat_same: with its keys in the
+                                  * same order as the frames before it), FF_FLAT_REFUSED it, or
+                                  * 0 (none tried yet) */
+    uint8_t flat_same;
+    uint8_t _pad[5];
+    uint64_t flat_sig;           /* (its keys' order) */
 } ff_litbank;
 
 typedef struct {
@@ -404,10 +411,11 @@ typedef struct {
     uint32_t lit_hits, lit_misses; /* in this frame: learned bytes matched, general parses */
     uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
     uint64_t flat_total;           /* frames ff_message_flat decoded (tests: it ran) */
+    uint64_t flat_sig;             /* the order of the keys of the frame it decoded */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
-    /* ff_message_flat: the frame's bytes, then zeros (never written past byte 128) */
-    uint8_t flatbuf[192]; /* (the decoder lives inside a Python object: no alignment beyond 16) */
+    /* ff_message_flat, ff_series_flat: the frame's bytes, then zeros (never written past byte 256) */
+    uint8_t flatbuf[320]; /* (the decoder lives inside a Python object: no alignment beyond 16) */
     char err[200];
 } ff_dec;
 
@@ -1734,23 +1742,18 @@ static inline __attribute__((always_inline)) int ff_members_of(ff_dec *d, ff_obj
     return d->lits_on ? ff_members(d, o, bar, depth, bars_start, 1) : ff_members(d, o, bar, depth, bars_start, 0);
 }
 
-/* One bar of a series' `s` array; d->p at '{'; depth: containers open around it.  Appends
- * a row whose message-level fields are filled in when the enclosing message ends. */
-static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
+/* The row of one bar whose members are in *o (ff_bar_obj, ff_series_flat): a bad field is
+ * reported through the message's `s` bit (so that a later `s` key, last wins, can still
+ * clear it) and makes no row.  -1: out of memory. */
+static inline __attribute__((always_inline)) int ff_bar_row(ff_dec *d, ff_obj *msg, ff_obj *o)
 {
-    assert(d->p < d->end && *d->p == '{');
-    ff_obj o;
-    o.seen = o.bad = 0;
-    if (ff_members_of(d, &o, 1, depth, 0) < 0) return -1;
     int64_t t = FF_NAT;
-    if (FF_LIKELY(!o.bad) && (o.seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o.num[F_T], 6, &t) < 0)
-        ff_mark_bad(&o, F_T, (size_t)(o.num[F_T].text - d->start)); /* outside int64 */
-    if (FF_UNLIKELY(o.bad)) {
-        /* Report the bar's own field, but through the message's `s` bit so that a
-         * later `s` key (last wins) can still clear it. */
-        int f = __builtin_ctz(o.bad);
+    if (FF_LIKELY(!o->bad) && (o->seen & FF_BIT(F_T)) && ff_conv_fixed(d, &o->num[F_T], 6, &t) < 0)
+        ff_mark_bad(o, F_T, (size_t)(o->num[F_T].text - d->start)); /* outside int64 */
+    if (FF_UNLIKELY(o->bad)) {
+        int f = __builtin_ctz(o->bad);
         if (!(msg->bad & FF_BIT(F_S))) {
-            msg->badpos[F_S] = o.badpos[f];
+            msg->badpos[F_S] = o->badpos[f];
             d->bar_bad_field = f;
         }
         msg->bad |= FF_BIT(F_S);
@@ -1759,12 +1762,23 @@ static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
     ff_bar *row = (ff_bar *)ff_vec_push(&d->bars);
     if (!row) return ff_fail_msg(d, d->p, "out of memory");
     row->ts = t;
-    row->open = FF_F64(d, o, F_O);
-    row->high = FF_F64(d, o, F_H);
-    row->low = FF_F64(d, o, F_L);
-    row->close = FF_F64(d, o, F_CL);
-    row->volume = FF_F64(d, o, F_V);
+    row->open = FF_F64(d, *o, F_O);
+    row->high = FF_F64(d, *o, F_H);
+    row->low = FF_F64(d, *o, F_L);
+    row->close = FF_F64(d, *o, F_CL);
+    row->volume = FF_F64(d, *o, F_V);
     return 0;
+}
+
+/* One bar of a series' `s` array; d->p at '{'; depth: containers open around it.  Appends
+ * a row whose message-level fields are filled in when the enclosing message ends. */
+static int ff_bar_obj(ff_dec *d, ff_obj *msg, int depth)
+{
+    assert(d->p < d->end && *d->p == '{');
+    ff_obj o;
+    o.seen = o.bad = 0;
+    if (ff_members_of(d, &o, 1, depth, 0) < 0) return -1;
+    return ff_bar_row(d, msg, &o);
 }
 
 /* The `s` value; d->p at its first byte; depth: containers open around it. */
@@ -1917,6 +1931,11 @@ static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_ob
 #include <immintrin.h>
 #define FF_HAVE_FLAT 1
 
+/* The order of a flat frame's keys so far, with key f next: two frames with the same keys in
+ * the same order have the same bytes between their values (both compact), which the general
+ * path would learn.  (A collision costs speed, never a wrong row.) */
+#define FF_SIG(sig, f) ((sig) << 5 ^ (sig) >> 59 ^ (uint64_t)((f) + 1))
+
 /* A frame of 16..128 bytes that is one flat message object whose keys come in no fixed
  * order (a bank whose learned bytes keep missing), read in two steps so that the order never
  * steers a branch: with keys in any order, each message's order is information a branching
@@ -1958,6 +1977,7 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
      * the frame goes the general way. */
 
     uint32_t seen = 0;
+    uint64_t sig = 0;
     uint8_t vs[F_N], ve[F_N]; /* where each field's value starts and ends */
     unsigned prev = 0;        /* the `{` or `,` before the member */
     for (int half = 0; half < 2; half++) {
@@ -1970,6 +1990,7 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
             unsigned v = k + len;
             if (FF_UNLIKELY((uint8_t)w != '"' || f < 0 || v >= s || (seen & FF_BIT(f)))) return 1;
             seen |= FF_BIT(f);
+            sig = FF_SIG(sig, f);
             vs[f] = (uint8_t)v;
             ve[f] = (uint8_t)s;
             prev = s;
@@ -1993,12 +2014,187 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     if (ok) {
         d->p = d->end;
         d->flat_total++;
+        d->flat_sig = sig;
         *rc = ff_message_end(d, &o, buf, bars_start);
     }
     d->start = start; /* (a code's text is copied when it is new to its table) */
     d->p = d->end = end;
     return !ok;
 }
+
+/* The bars of a series' `s` array in ff_series_flat's copy: every bar a flat object of the
+ * six bar keys (`"k":` then the value, which must end at its separator), bars separated by
+ * a lone `,`.  sp[j..je): the `,` and `}` inside the array, in order; op: its bars' `{`, nb
+ * of them; b: where the `]` is.  Each bar's values are read in the fields' own order, as in
+ * ff_message_flat.  1: not this shape (the caller drops the rows made). */
+#define FF_FLAT_TARGET __attribute__((target("avx512bw,avx512vl,avx512vbmi2,bmi,bmi2")))
+FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint8_t *sp, unsigned j, unsigned je,
+                                              const uint8_t *op, unsigned nb, unsigned b, uint64_t *sig)
+{
+    const uint8_t *buf = d->start;
+    for (unsigned bi = 0;; bi++) {
+        unsigned prev = op[bi]; /* the bar's `{`: its place checked by the caller or below */
+        uint32_t seen = 0;
+        uint8_t vs[F_NBAR], ve[F_NBAR];
+        for (;; j++) {
+            if (FF_UNLIKELY(j >= je)) return 1;
+            unsigned s = sp[j], k = prev + 1;
+            uint32_t w = (uint32_t)ff_load8(buf + k); /* `"k":` */
+            int f = ff_key1_bar[(uint8_t)(w >> 8)] - 1;
+            if (FF_UNLIKELY((w & 0xFFFF00FFu) != ('"' | '"' << 16 | (unsigned)':' << 24) || f < 0 ||
+                            k + 4 >= s || (seen & FF_BIT(f))))
+                return 1;
+            seen |= FF_BIT(f);
+            *sig = FF_SIG(*sig, f);
+            vs[f] = (uint8_t)(k + 4);
+            ve[f] = (uint8_t)s;
+            prev = s;
+            if (buf[s] == '}') break;
+        }
+        j++;
+        ff_obj o;
+        o.seen = seen;
+        o.bad = 0;
+        for (uint32_t m = seen; m; m &= m - 1) {
+            int f = __builtin_ctz(m);
+            d->p = buf + vs[f];
+            if (ff_field(d, &o, f, 3, 0, 1) < 0 || d->p != buf + ve[f]) return 1;
+        }
+        if (ff_bar_row(d, msg, &o) < 0) return 1; /* out of memory: the general path says so */
+        if (bi + 1 == nb) return prev + 1 != b || j != je; /* the last bar's `}`, then `]` */
+        /* `},{` between bars: the `,` is the next separator, the `{` the next bar's */
+        if (FF_UNLIKELY(j >= je || sp[j] != prev + 1 || buf[prev + 1] != ',' || op[bi + 1] != prev + 2)) return 1;
+        j++;
+    }
+}
+
+/* ff_message_flat for a frame of 16..256 bytes that may hold one array, the `s` of a series
+ * message whose bars are flat objects: a bar is ~145 bytes, and its eleven keys, shuffled,
+ * cost a branching parser 1.5x the compact frame.  Needs AVX-512 VBMI2 (vpcompressb) besides:
+ * the positions of the separators (`,` `}`) and of the few other structural bytes (`{` `[`
+ * `]`; whitespace, escapes and UTF-8 are refused) are compressed into two lists, so that
+ * walking them never branches on which 64-byte word holds the next (that moves with every
+ * symbol's length).  nw: 64-byte words the frame takes (3 or 4).  1: not this shape, no row
+ * made. */
+FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w(ff_dec *d, int *rc, const unsigned nw)
+{
+    const uint8_t *p = d->start;
+    unsigned n = (unsigned)(d->end - p);
+    uint8_t *buf = d->flatbuf;
+    const __m512i comma = _mm512_set1_epi8(','), close = _mm512_set1_epi8('}'), open = _mm512_set1_epi8('{');
+    const __m512i lbr = _mm512_set1_epi8('['), two = _mm512_set1_epi8(2), bang = _mm512_set1_epi8('!');
+    const __m512i iota = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46,
+                                         45, 44, 43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, 28,
+                                         27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
+                                         9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    uint8_t sp[256 + 64], op[256 + 64]; /* positions of the separators, of the odd bytes */
+    unsigned ns = 0, no = 0;
+    uint64_t seps[4];
+    for (unsigned i = 0; i < nw; i++) {
+        unsigned lo = 64 * i;
+        uint64_t k = n >= lo + 64 ? ~0ULL : n > lo ? _bzhi_u64(~0ULL, n - lo) : 0;
+        __m512i v = _mm512_maskz_loadu_epi8(k, p + lo);
+        _mm512_storeu_si512((void *)(buf + lo), v);
+        uint64_t sep = _mm512_cmpeq_epi8_mask(v, comma) | _mm512_cmpeq_epi8_mask(v, close);
+        /* `{`, `[` `\` `]`, and whitespace, controls and UTF-8 (signed: below `!`) */
+        uint64_t odd = (_mm512_cmpeq_epi8_mask(v, open) | _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, lbr), two) |
+                        _mm512_cmplt_epi8_mask(v, bang)) & k;
+        __m512i at = _mm512_add_epi8(iota, _mm512_set1_epi8((char)lo));
+        _mm512_storeu_si512((void *)(sp + ns), _mm512_maskz_compress_epi8(sep, at));
+        _mm512_storeu_si512((void *)(op + no), _mm512_maskz_compress_epi8(odd, at));
+        ns += (unsigned)_mm_popcnt_u64(sep);
+        no += (unsigned)_mm_popcnt_u64(odd);
+        seps[i] = sep;
+    }
+    /* The odd bytes: the message's `{` at 0, and either nothing else (a flat message) or `[`,
+     * its bars' `{` and `]` (a series), told apart by their bytes. */
+    unsigned a = n, b = n, nb = no - 3, ia = ns, ib = ns;
+    if (no > 1) {
+        a = op[1];
+        b = op[no - 1];
+        if (FF_UNLIKELY(no < 4 || buf[a] != '[' || buf[b] != ']' || op[2] != a + 1)) return 1;
+        for (unsigned j = 2; j < no - 1; j++)
+            if (FF_UNLIKELY(buf[op[j]] != '{')) return 1;
+        /* the separators inside the array are sp[ia..ib): how many come before `[` and `]` */
+        ia = ib = 0;
+        for (unsigned i = 0; i < nw; i++) {
+            unsigned lo = 64 * i, ta = a > lo ? a - lo : 0, tb = b > lo ? b - lo : 0;
+            ia += (unsigned)_mm_popcnt_u64(_bzhi_u64(seps[i], ta > 64 ? 64 : ta));
+            ib += (unsigned)_mm_popcnt_u64(_bzhi_u64(seps[i], tb > 64 ? 64 : tb));
+        }
+    }
+    if (FF_UNLIKELY(op[0] != 0 || ns == 0 || sp[ns - 1] != n - 1)) return 1;
+
+    uint32_t seen = 0;
+    uint64_t sig = 0;
+    uint8_t vs[F_N], ve[F_N];
+    unsigned prev = 0;
+    for (unsigned j = 0; j < ns; j++) {
+        j += j == ia ? ib - ia : 0; /* over the array: the `s` member's separator is sp[ib] */
+        unsigned s = sp[j], k = prev + 1;
+        uint64_t w = ff_load8(buf + k); /* k < 256: in the copy, zeros past the frame */
+        unsigned len;
+        int f = ff_key_compact(w, &len);
+        unsigned v = k + len;
+        /* a `}` only at the end (one in a string would end the object early) */
+        if (FF_UNLIKELY((uint8_t)w != '"' || f < 0 || v >= s || (seen & FF_BIT(f)) ||
+                        (buf[s] == '}') != (j == ns - 1)))
+            return 1;
+        seen |= FF_BIT(f);
+        sig = FF_SIG(sig, f);
+        vs[f] = (uint8_t)v;
+        ve[f] = (uint8_t)s;
+        prev = s;
+    }
+    /* the array is the value of `s`, all of it */
+    if (no > 1 && (!(seen & FF_BIT(F_S)) || vs[F_S] != a || ve[F_S] != b + 1)) return 1;
+
+    ff_obj o;
+    o.seen = seen;
+    o.bad = 0;
+    size_t bars_start = d->bars.len;
+    const uint8_t *start = d->start, *end = d->end;
+    d->start = buf;
+    d->end = buf + n;
+    int ok = 1;
+    for (uint32_t m = seen; ok && m; m &= m - 1) {
+        int f = __builtin_ctz(m);
+        if (f == F_S && no > 1) {
+            ok = ff_bars_flat(d, &o, sp, ia, ib, op + 2, nb, b, &sig) == 0;
+        } else {
+            d->p = buf + vs[f];
+            ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
+        }
+    }
+    if (ok) {
+        d->p = d->end;
+        d->flat_total++;
+        d->flat_sig = sig;
+        *rc = ff_message_end(d, &o, buf, bars_start);
+    } else {
+        d->bars.len = bars_start;
+    }
+    d->start = start;
+    d->p = d->end = end;
+    return !ok;
+}
+
+FF_FLAT_TARGET static int ff_series_flat(ff_dec *d, int *rc)
+{
+    size_t n = (size_t)(d->end - d->start);
+    assert(n >= 16 && n <= 256);
+    if (n <= 128) return n <= 64 ? ff_series_flat_w(d, rc, 1) : ff_series_flat_w(d, rc, 2);
+    return n <= 192 ? ff_series_flat_w(d, rc, 3) : ff_series_flat_w(d, rc, 4);
+}
+
+static int ff_series_flat_ok = -1; /* ... and VBMI2 */
+static int ff_series_flat_check(void)
+{
+    ff_series_flat_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
+    return ff_series_flat_ok;
+}
+#define FF_SERIES_FLAT_OK() (FF_LIKELY(ff_series_flat_ok >= 0) ? ff_series_flat_ok : ff_series_flat_check())
 
 static int ff_flat_ok = -1; /* the CPU has AVX-512 BW and VL and BMI2: set at the first frame */
 static int ff_flat_check(void)
@@ -2010,6 +2206,7 @@ static int ff_flat_check(void)
 #define FF_FLAT_OK() (FF_LIKELY(ff_flat_ok >= 0) ? ff_flat_ok : ff_flat_check())
 #else
 #define FF_FLAT_OK() 0
+#define FF_SERIES_FLAT_OK() 0
 #endif
 
 /* One frame.  0: decoded (rows appended, and d->ncontrol counting the control messages
@@ -2044,25 +2241,50 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         }
         B = d->bank;
         int poor = (B->poor & 15) == 15;
-        d->learn = !poor || (++B->nframes & 15) == 0;
+        /* Where the flat paths take the frames, their keys' order tells when the stream
+         * settles (the same order three frames running), and learning is only the backstop. */
+        if (!poor) {
+            d->learn = 1;
+        } else if (B->flat == FF_FLAT_TOOK) {
+            d->learn = B->flat_same >= 2 || (++B->nframes & 63) == 0;
+            /* each flat frame of the same order again makes the next frame learn */
+            if (B->flat_same >= 2) B->flat_same = 1;
+        } else {
+            d->learn = (++B->nframes & 15) == 0;
+        }
         /* A poor bank whose last frame matched learned bytes tries them again: the stream may
-         * be settling.  Where the flat path can take the frame instead, one match is not
-         * enough (a shuffled frame that begins with `{"c":"` matches the object's start). */
-        d->lits_on = d->learn || B->hits > (unsigned)(poor && FF_FLAT_OK());
+         * be settling.  Not where a flat path can take the frame instead: there the keys'
+         * order says so, and matches say little (every frame of a stream whose keys are
+         * shuffled after a fixed first one matches the object's start, and its bars' too). */
+        int flat_able = p[0] == '{' && (n <= 128 ? FF_FLAT_OK() : n <= 256 && FF_SERIES_FLAT_OK());
+        d->lits_on = d->learn || (B->hits > 0 && (!flat_able || B->flat == FF_FLAT_REFUSED));
     } else {
         d->learn = d->lits_on = 0;
     }
     d->lit_hits = d->lit_misses = 0;
     ff_ws(d);
-    int rc;
+    int rc, flat = 0; /* FF_FLAT_TOOK, FF_FLAT_REFUSED, or 0: not tried */
     if (d->p >= d->end) {
         rc = ff_fail(d, d->p, "empty frame");
     } else if (*d->p == '{') {
 #if defined(FF_HAVE_FLAT)
         if (!d->lits_on && n >= 16 && n <= 128 && d->p == p && FF_FLAT_OK()) {
-            if (ff_message_flat(d, &rc)) {
+            /* a short series (it holds `[`): ff_series_flat's shape */
+            if (ff_message_flat(d, &rc) &&
+                (!memchr(p, '[', n) || !FF_SERIES_FLAT_OK() || ff_series_flat(d, &rc))) {
                 d->p = p;
                 rc = ff_message(d, 0);
+                flat = FF_FLAT_REFUSED;
+            } else {
+                flat = FF_FLAT_TOOK;
+            }
+        } else if (!d->lits_on && n > 128 && n <= 256 && d->p == p && FF_SERIES_FLAT_OK()) {
+            if (ff_series_flat(d, &rc)) {
+                d->p = p;
+                rc = ff_message(d, 0);
+                flat = FF_FLAT_REFUSED;
+            } else {
+                flat = FF_FLAT_TOOK;
             }
         } else
 #endif
@@ -2114,6 +2336,11 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     if (B) {
         B->hits = d->lit_hits;
         B->poor = (uint8_t)(B->poor << 1 | (d->lit_hits <= d->lit_misses));
+        if (flat) B->flat = (uint8_t)flat;
+        if (flat == FF_FLAT_TOOK) {
+            B->flat_same = d->flat_sig == B->flat_sig ? (uint8_t)(B->flat_same + (B->flat_same < 255)) : 0;
+            B->flat_sig = d->flat_sig;
+        }
     }
     if (FF_UNLIKELY(d->npend)) {
         /* codes new to the tables go in only now that the whole frame is known good */
