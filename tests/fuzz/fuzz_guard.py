@@ -61,6 +61,7 @@ MAX_LEN = 1 << 16  # longer inputs are cut here
 NPREFIX = 64       # prefixes decoded per input
 
 DEC = Decoder(error_store=0)
+FLATDEC = Decoder(error_store=0)  # primed before each input: see _primers
 # Errors for the decoder's documented limits (a code over 65535 bytes, a full table).
 LIMITS = ("code too long", "table full")
 GUARD = guardpage.GuardedRegion(MAX_LEN)
@@ -92,21 +93,52 @@ def _reference(data: bytes) -> dict | None:
         return None
 
 
-FLAT = [0, 0]  # inputs so far; frames of decoders before DEC that the structure-first path took
+FLAT = [0, 0, 0]  # inputs so far; frames of decoders before DEC the flat paths took; inputs
+                  # they took on FLATDEC
+
+
+def _full(dec: Decoder) -> bool:
+    return len(dec.statuses) > 200 or len(dec.bar_types) > 4000 or len(dec.symbols) > 60000
 
 
 def _decoder() -> Decoder:
     """DEC, or a fresh one when a table of it is nearly full: a frame that needs a new code
-    in a full table fails, where the reference (no tables) accepts it."""
-    global DEC
+    in a full table fails, where the reference (no tables) accepts it (FLATDEC likewise)."""
+    global DEC, FLATDEC
     FLAT[0] += 1
-    if FLAT[0] % 50_000 == 0:  # the run shows that the AVX-512 path, where there is one, ran
+    if FLAT[0] % 50_000 == 0:  # the run shows that the AVX-512 paths, where there are, ran
         print(f"fuzz_guard: {FLAT[0]} inputs, {FLAT[1] + DEC._flat_frames} frames through "
-              "the structure-first path (ff_message_flat)", file=sys.stderr, flush=True)
-    if len(DEC.statuses) > 200 or len(DEC.bar_types) > 4000 or len(DEC.symbols) > 60000:
+              "the structure-first paths (ff_message_flat, ff_series_flat), "
+              f"{FLAT[2]} inputs through them on the primed decoder",
+              file=sys.stderr, flush=True)
+    if _full(DEC):
         FLAT[1] += DEC._flat_frames
         DEC = Decoder(error_store=0)
+    if _full(FLATDEC):
+        FLATDEC = Decoder(error_store=0)
     return DEC
+
+
+_ORDERS = {True: [("c", "t", "p", "v"), ("c", "v", "t", "p"), ("c", "p", "v", "t"), ("c", "t", "v", "p")],
+           False: [("t", "c", "p", "v"), ("v", "p", "c", "t"), ("p", "t", "v", "c"), ("t", "v", "c", "p")]}
+_PRIMERS: dict = {}
+
+
+def _primers(data: bytes) -> list[bytes]:
+    """Four valid ticks as long as data, beginning with `c` where data's third byte is one
+    (the decoder's bank for data goes by its length and first bytes), in four key orders;
+    none for data the structure-first paths never see (under 26 or over 256 bytes, or not
+    beginning with `{`)."""
+    n = len(data)
+    if not 26 <= n <= 256 or data[:1] != b"{":
+        return []
+    key = (n, data[2:3] == b"c")
+    if key not in _PRIMERS:
+        vals = {"t": "1", "p": "2", "v": "3"}
+        sym = "X" * (n - 26)
+        _PRIMERS[key] = [("{" + ",".join(f'"{k}":' + (f'"{sym}"' if k == "c" else vals[k]) for k in order)
+                          + "}").encode() for order in _ORDERS[key[1]]]
+    return _PRIMERS[key]
 
 
 def one_input(data: bytes) -> None:
@@ -130,6 +162,20 @@ def one_input(data: bytes) -> None:
         assert ncontrol == ref["ncontrol"], (data, ncontrol)
         assert (len(batch.ticks), len(batch.quotes), len(batch.bars)) == (
             len(ref["ticks"]), len(ref["quotes"]), len(ref["bars"])), data
+    primers = _primers(data)
+    if primers:  # the same input on a decoder whose bank for it leaves it to the flat paths
+        FLATDEC.decode(primers, recv_ts=0)
+        f0 = FLATDEC._flat_frames
+        flat = FLATDEC.decode([view], recv_ts=0)
+        FLAT[2] += FLATDEC._flat_frames - f0
+        assert bool(flat.errors) == got_error, (data, flat.errors, batch.errors)
+        if got_error and not any(lim in batch.errors[0][1] for lim in LIMITS):
+            assert flat.errors[0][1] == batch.errors[0][1], (data, flat.errors, batch.errors)
+        for a, b in ((flat.ticks, batch.ticks), (flat.quotes, batch.quotes), (flat.bars, batch.bars)):
+            assert len(a) == len(b), data
+            for name in a.dtype.names:  # ids aside: the two decoders' tables differ
+                if name not in ("sym", "status", "bar_type"):
+                    assert a[name].tobytes() == b[name].tobytes(), (data, name)
     again = dec.decode_region(GUARD.region, [off], [n], [0])
     assert bool(again.errors) == got_error, data
     assert (len(again.ticks), len(again.quotes), len(again.bars)) == (
