@@ -414,7 +414,8 @@ typedef struct {
     uint64_t flat_sig;             /* the order of the keys of the frame it decoded */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
-    /* ff_message_flat, ff_series_flat: the frame's bytes, then zeros (never written past byte 256) */
+    /* ff_message_flat, ff_series_flat: the frame's bytes, then at least 64 zeros (the copy's
+     * number and string reads stop at a zero; nothing writes past byte 256) */
     uint8_t flatbuf[320]; /* (the decoder lives inside a Python object: no alignment beyond 16) */
     char err[200];
 } ff_dec;
@@ -1960,6 +1961,8 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     uint8_t *buf = d->flatbuf;
     _mm512_storeu_si512((void *)buf, v0);
     _mm512_storeu_si512((void *)(buf + 64), v1);
+    /* and 64 zeros past byte 128: ff_series_flat may have left a longer frame's bytes there */
+    _mm512_storeu_si512((void *)(buf + 128), _mm512_setzero_si512());
     const __m512i comma = _mm512_set1_epi8(','), close = _mm512_set1_epi8('}');
     const __m512i open = _mm512_set1_epi8('{'), lbr = _mm512_set1_epi8('['), two = _mm512_set1_epi8(2);
     const __m512i bang = _mm512_set1_epi8('!');
@@ -2106,6 +2109,8 @@ FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w
         no += (unsigned)_mm_popcnt_u64(odd);
         seps[i] = sep;
     }
+    /* 64 zeros past the words (a longer frame's bytes may be there); past 256, never written */
+    if (nw < 4) _mm512_storeu_si512((void *)(buf + 64 * nw), _mm512_setzero_si512());
     /* The odd bytes: the message's `{` at 0, and either nothing else (a flat message) or `[`,
      * its bars' `{` and `]` (a series), told apart by their bytes. */
     unsigned a = n, b = n, nb = no - 3, ia = ns, ib = ns;
