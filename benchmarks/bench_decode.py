@@ -13,10 +13,12 @@ A seeded corpus per kind over 400 symbols: ticks (~60 B), quotes (~104 B), one-b
 
 and, for the mix, ``realistic``: a quarter of the frames spaced, a tenth reordered.
 
-Decoded in one run, contenders in turn within each round (so that a burst of load from
-elsewhere hits all of them alike), by:
+Decoded in one run, by each contender in turn on a fifth of every corpus before the next
+fifth (so that a burst of load from elsewhere, or a slower minute on a shared machine, hits
+every contender and every layout alike), by:
 
-- fastfeed's ``Decoder.decode`` (JSON to NumPy rows, exact timestamps);
+- fastfeed's ``Decoder.decode`` (JSON to NumPy rows, exact timestamps), one decoder per
+  corpus (a stream);
 - ``orjson.loads`` + filling the same structured arrays row by row (what a user would write
   without fastfeed);
 - ``msgspec`` decoding each message to a Struct (decode only: no arrays).
@@ -78,12 +80,16 @@ def corpus(n: int, mix: tuple[float, float, float], seed: int = 1) -> list[bytes
     return out
 
 
-_DECODER = Decoder()  # configure once, decode many: how the API is meant to be used
+def make_fastfeed():
+    """One Decoder per stream, configured once and decoding many: how the API is meant to be
+    used (a feed's worker keeps one decoder for its stream)."""
+    dec = Decoder()
 
+    def fastfeed_decode(frames: list[bytes]) -> int:
+        b = dec.decode(frames, recv_ts=0)
+        return len(b.ticks) + len(b.quotes) + len(b.bars)
 
-def fastfeed_decode(frames: list[bytes]) -> int:
-    b = _DECODER.decode(frames, recv_ts=0)
-    return len(b.ticks) + len(b.quotes) + len(b.bars)
+    return fastfeed_decode
 
 
 def orjson_fill(frames: list[bytes]) -> int:
@@ -188,21 +194,30 @@ def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
     return [one(f, layout) for f in frames]
 
 
-def time_all(cases: dict[str, list[bytes]], contenders: list, repeat: int) -> dict[tuple[str, str], float]:
-    """Median seconds per (case, contender) over ``repeat`` rounds.  Every contender on every
-    case runs once within each round, so that a burst of load from elsewhere on a shared
-    machine hits all of them alike: both the ratios between contenders and those between
-    layouts hold."""
-    for frames in cases.values():
-        for _, fn in contenders:
-            fn(frames[:2000])  # warm up caches and lazy imports
-    times: dict[tuple[str, str], list[float]] = {(c, n): [] for c in cases for n, _ in contenders}
+def time_all(cases: dict[str, list[bytes]], contenders: list, repeat: int,
+             chunks: int = 5) -> dict[tuple[str, str], float]:
+    """Median seconds per (case, contender) over ``repeat`` rounds.  ``contenders``: (name,
+    factory) pairs; each case gets its own instance (a stream, its own decoder), run once
+    over the whole case first to warm up.  A round takes every case in ``chunks`` slices
+    and runs slice i of every case by every contender before slice i + 1, so that a burst
+    of load from elsewhere on a shared machine, or a slower minute, hits all of them alike:
+    both the ratios between contenders and those between layouts hold."""
+    fns = {(c, n): make() for c in cases for n, make in contenders}
+    for (case, _), fn in fns.items():
+        fn(cases[case])  # warm up caches, lazy imports, and the decoder's learned bytes
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        for case, frames in cases.items():
-            for name, fn in contenders:
-                t0 = time.perf_counter()
-                fn(frames)
-                times[case, name].append(time.perf_counter() - t0)
+        total = dict.fromkeys(fns, 0.0)
+        for i in range(chunks):
+            for case, frames in cases.items():
+                part = frames[len(frames) * i // chunks:len(frames) * (i + 1) // chunks]
+                for name, _ in contenders:
+                    fn = fns[case, name]
+                    t0 = time.perf_counter()
+                    fn(part)
+                    total[case, name] += time.perf_counter() - t0
+        for k, t in total.items():
+            times[k].append(t)
     return {k: statistics.median(ts) for k, ts in times.items()}
 
 
@@ -241,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     args = ap.parse_args(argv)
 
-    contenders = [("fastfeed", fastfeed_decode), ("orjson + arrays", orjson_fill)]
+    contenders = [("fastfeed", make_fastfeed), ("orjson + arrays", lambda: orjson_fill)]
     try:
-        contenders.append(("msgspec", make_msgspec()))
+        make_msgspec()
+        contenders.append(("msgspec", make_msgspec))
     except ImportError:
         print("msgspec not installed: skipped", file=sys.stderr)
 
