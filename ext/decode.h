@@ -2072,12 +2072,12 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
 }
 
 /* ff_message_flat for a frame of 16..256 bytes that may hold one array, the `s` of a series
- * message whose bars are flat objects: a bar is ~145 bytes, and its eleven keys, shuffled,
- * cost a branching parser 1.5x the compact frame.  Needs AVX-512 VBMI2 (vpcompressb) besides:
+ * message whose bars are flat objects: a series of one bar is ~145 bytes, and its eleven
+ * keys, shuffled, cost a branching parser 1.5x the compact frame.  Needs AVX-512 VBMI2 (vpcompressb) besides:
  * the positions of the separators (`,` `}`) and of the few other structural bytes (`{` `[`
  * `]`; whitespace, escapes and UTF-8 are refused) are compressed into two lists, so that
  * walking them never branches on which 64-byte word holds the next (that moves with every
- * symbol's length).  nw: 64-byte words the frame takes (3 or 4).  1: not this shape, no row
+ * symbol's length).  nw: 64-byte words the frame takes (1 to 4).  1: not this shape, no row
  * made. */
 FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w(ff_dec *d, int *rc, const unsigned nw)
 {
