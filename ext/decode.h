@@ -2226,13 +2226,14 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
     d->ncontrol = 0;
     d->table_full = 0;
     /* Learning costs a call per general parse: worth it while the learned bytes mostly match
-     * (a steady stream, or one that just changed layout), not where keys come in any order;
-     * there one frame in 16 learns, enough to notice when the stream settles (where
-     * ff_message_flat takes the others, one in 64 was 4% faster on shuffled frames, but a
-     * mixed stream whose compact bank had gone poor then took 4x as long to get its learned
-     * bytes back: 5% slower on the realistic mix).  Decided per
-     * bank, by the last four frames that took it: one odd frame (keys in another order) that
-     * unlearned some bytes must not stop the frames after it from learning them back. */
+     * (a steady stream, or one that just changed layout), not where keys come in any order.
+     * There, where the flat paths take the frames, a frame learns when the same key order
+     * came three frames running (and one in 256, as a backstop); elsewhere one in 16 learns,
+     * enough to notice when the stream settles.  (One in 64 for all, before the keys' order
+     * was known, left a mixed stream's compact bank that had gone poor 4x as long without its
+     * learned bytes: 5% slower on the realistic mix.)  Decided per bank, by the last four
+     * frames that took it: one odd frame (keys in another order) that unlearned some bytes
+     * must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
     if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes: their 16-byte loads
                                * (ff_load16_upto) would reach outside the frame */
@@ -2246,12 +2247,10 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         }
         B = d->bank;
         int poor = (B->poor & 15) == 15;
-        /* Where the flat paths take the frames, their keys' order tells when the stream
-         * settles (the same order three frames running), and learning is only the backstop. */
         if (!poor) {
             d->learn = 1;
         } else if (B->flat == FF_FLAT_TOOK) {
-            d->learn = B->flat_same >= 2 || (++B->nframes & 63) == 0;
+            d->learn = B->flat_same >= 2 || (++B->nframes & 255) == 0;
             /* each flat frame of the same order again makes the next frame learn */
             if (B->flat_same >= 2) B->flat_same = 1;
         } else {
