@@ -163,7 +163,9 @@ class LogRelay:
 
     ``cut`` counts the children whose records broke off in the middle of one, ``unended``
     those whose pipe ended between records but without the end mark a child sends last at
-    exit (killed, or its exit did not wait for the parent to read its last records): each
+    exit (killed, or its exit did not wait for the parent to read its last records), and
+    ``abandoned`` those whose pipe was still open, without the end mark, when :meth:`close`
+    gave up waiting (a child still running past the stop: what it logs later is lost): each
     is also logged as a warning from ``fastfeed.logs``."""
 
     def __init__(self, ctx: Any, level: int | None = None) -> None:
@@ -172,6 +174,7 @@ class LogRelay:
         self.level = level
         self.cut = 0
         self.unended = 0
+        self.abandoned = 0
         self._ctx = ctx
         self._lock = threading.Lock()
         self._readers: dict[Any, str] = {}  # read end -> the child it is from, once known
@@ -212,7 +215,7 @@ class LogRelay:
                 deadline = self._closing
             if deadline is not None and (not readers or time.monotonic() >= deadline):
                 for r in readers:
-                    self._drop(r)
+                    self._abandon(r)
                 return
             for r in wait_ready([*readers, self._wake_r], timeout=0.2):
                 if r == self._wake_r:
@@ -220,6 +223,21 @@ class LogRelay:
                         os.read(self._wake_r, 4096)
                     continue
                 self._receive(r)
+
+    def _abandon(self, r: Any) -> None:
+        """close() stops waiting for this pipe: hand over what it holds now, and say so if
+        its child had not sent the end mark (it is still running, or hung)."""
+        self._receive(r)
+        with self._lock:
+            if r not in self._readers:  # it ended just now, and _receive told what it had to
+                return
+            who, pending, ended = self._readers[r], len(self._pending[r]), r in self._ended
+        if not ended:
+            self.abandoned += 1
+            log.warning("stopped reading the log records of %s, still running at the stop "
+                        "(%d bytes of a record pending): what it logs from now on is lost",
+                        who, pending)
+        self._drop(r)
 
     def _receive(self, r: Any) -> None:
         """Read what this pipe holds now, without waiting for the rest of a record (a child

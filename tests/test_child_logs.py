@@ -324,3 +324,34 @@ def test_records_a_child_could_not_send_before_its_exit_are_told(caplog):
     assert 0 < len(got) < n and got == list(range(len(got))), (len(got), got[:3], got[-3:])
     told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
     assert len(told) == 1 and f"pid {p.pid}" in told[0] and "without the mark" in told[0], told
+
+
+def test_a_child_still_running_when_the_relay_stops_is_told(caplog):
+    """close() waits for the children's pipes to end for at most its timeout: a child still
+    running then (past the stop) has its pipe abandoned, with one warning that what it logs
+    from then on is lost (before, silently). Its records sent before the stop arrive."""
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    p = start_child(relay, _one_then_sleep, daemon=True)
+    try:
+        wait_until(lambda: [r for r in caplog.records if r.name == "tests.one"], 30, "its record")
+        t0 = time.monotonic()
+        relay.close(timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        assert relay.abandoned == 1 and relay.unended == 0 and relay.cut == 0
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+    told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
+    assert len(told) == 1 and f"pid {p.pid}" in told[0] and "still running" in told[0], told
+
+
+def test_children_that_exited_before_the_stop_are_not_told_abandoned(caplog):
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    p = start_child(relay, _log_then_exit, daemon=True)
+    p.join(30)
+    assert p.exitcode == 0
+    relay.close(timeout=5)
+    assert relay.abandoned == 0 and relay.unended == 0
+    assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
