@@ -2038,6 +2038,7 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
     for (unsigned bi = 0;; bi++) {
         unsigned prev = op[bi]; /* the bar's `{`: its place checked by the caller or below */
         uint32_t seen = 0;
+        unsigned nm = 0;
         uint8_t vs[F_NBAR], ve[F_NBAR];
         for (;; j++) {
             if (FF_UNLIKELY(j >= je)) return 1;
@@ -2045,9 +2046,10 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
             uint32_t w = (uint32_t)ff_load8(buf + k); /* `"k":` */
             int f = ff_key1_bar[(uint8_t)(w >> 8)] - 1;
             if (FF_UNLIKELY((w & 0xFFFF00FFu) != ('"' | '"' << 16 | (unsigned)':' << 24) || f < 0 ||
-                            k + 4 >= s || (seen & FF_BIT(f))))
+                            k + 4 >= s))
                 return 1;
             seen |= FF_BIT(f);
+            nm++;
             *sig = FF_SIG(*sig, f);
             vs[f] = (uint8_t)(k + 4);
             ve[f] = (uint8_t)s;
@@ -2055,6 +2057,7 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
             if (buf[s] == '}') break;
         }
         j++;
+        if (FF_UNLIKELY(nm != (unsigned)__builtin_popcount(seen))) return 1;
         ff_obj o;
         o.seen = seen;
         o.bad = 0;
@@ -2133,7 +2136,7 @@ FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w
     uint32_t seen = 0;
     uint64_t sig = 0;
     uint8_t vs[F_N], ve[F_N];
-    unsigned prev = 0;
+    unsigned prev = 0, nm = 0;
     for (unsigned j = 0; j < ns; j++) {
         j += j == ia ? ib - ia : 0; /* over the array: the `s` member's separator is sp[ib] */
         unsigned s = sp[j], k = prev + 1;
@@ -2142,15 +2145,16 @@ FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w
         int f = ff_key_compact(w, &len);
         unsigned v = k + len;
         /* a `}` only at the end (one in a string would end the object early) */
-        if (FF_UNLIKELY((uint8_t)w != '"' || f < 0 || v >= s || (seen & FF_BIT(f)) ||
-                        (buf[s] == '}') != (j == ns - 1)))
+        if (FF_UNLIKELY((uint8_t)w != '"' || f < 0 || v >= s || (buf[s] == '}') != (j == ns - 1)))
             return 1;
         seen |= FF_BIT(f);
+        nm++;
         sig = FF_SIG(sig, f);
         vs[f] = (uint8_t)v;
         ve[f] = (uint8_t)s;
         prev = s;
     }
+    if (FF_UNLIKELY(nm != (unsigned)__builtin_popcount(seen))) return 1; /* a key repeated */
     /* the array is the value of `s`, all of it */
     if (no > 1 && (!(seen & FF_BIT(F_S)) || vs[F_S] != a || ve[F_S] != b + 1)) return 1;
 
