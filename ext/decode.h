@@ -1937,6 +1937,102 @@ static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_ob
  * path would learn.  (A collision costs speed, never a wrong row.) */
 #define FF_SIG(sig, f) ((sig) << 5 ^ (sig) >> 59 ^ (uint64_t)((f) + 1))
 
+/* The bars of a series' `s` array in ff_series_flat's copy: every bar a flat object of the
+ * six bar keys (`"k":` then the value, which must end at its separator), bars separated by
+ * a lone `,`.  sp[j..je): the `,` and `}` inside the array, in order; op: its bars' `{`, nb
+ * of them; b: where the `]` is.  Each bar's values are read in the fields' own order, as in
+ * ff_message_flat.  1: not this shape (the caller drops the rows made). */
+#define FF_FLAT_TARGET __attribute__((target("avx512bw,avx512vl,avx512vbmi2,bmi,bmi2")))
+FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint8_t *sp, unsigned j, unsigned je,
+                                              const uint8_t *op, unsigned nb, unsigned b, uint64_t *sig)
+{
+    const uint8_t *buf = d->start;
+    for (unsigned bi = 0;; bi++) {
+        unsigned prev = op[bi]; /* the bar's `{`: its place checked by the caller or below */
+        uint32_t seen = 0;
+        unsigned nm = 0;
+        uint8_t vs[F_NBAR], ve[F_NBAR];
+        for (;; j++) {
+            if (FF_UNLIKELY(j >= je)) return 1;
+            unsigned s = sp[j], k = prev + 1;
+            uint32_t w = (uint32_t)ff_load8(buf + k); /* `"k":` */
+            int f = ff_key1_bar[(uint8_t)(w >> 8)] - 1;
+            if (FF_UNLIKELY((w & 0xFFFF00FFu) != ('"' | '"' << 16 | (unsigned)':' << 24) || f < 0 ||
+                            k + 4 >= s))
+                return 1;
+            seen |= FF_BIT(f);
+            nm++;
+            *sig = FF_SIG(*sig, f);
+            vs[f] = (uint8_t)(k + 4);
+            ve[f] = (uint8_t)s;
+            prev = s;
+            if (buf[s] == '}') break;
+        }
+        j++;
+        if (FF_UNLIKELY(nm != (unsigned)__builtin_popcount(seen))) return 1;
+        ff_obj o;
+        o.seen = seen;
+        o.bad = 0;
+        for (uint32_t m = seen; m; m &= m - 1) {
+            int f = __builtin_ctz(m);
+            d->p = buf + vs[f];
+            if (ff_field(d, &o, f, 3, 0, 1) < 0 || d->p != buf + ve[f]) return 1;
+        }
+        if (ff_bar_row(d, msg, &o) < 0) return 1; /* out of memory: the general path says so */
+        if (bi + 1 == nb) return prev + 1 != b || j != je; /* the last bar's `}`, then `]` */
+        /* `},{` between bars: the `,` is the next separator, the `{` the next bar's */
+        if (FF_UNLIKELY(j >= je || sp[j] != prev + 1 || buf[prev + 1] != ',' || op[bi + 1] != prev + 2)) return 1;
+        j++;
+    }
+}
+
+/* A series' array, for ff_flat_values: the separators inside it are sp[ia..ib), its bars'
+ * `{` op[0..nb), its `]` at b; nb 0: the frame holds none. */
+typedef struct {
+    const uint8_t *sp, *op;
+    unsigned ia, ib, nb, b;
+} ff_flat_array;
+
+/* The second step of ff_message_flat and ff_series_flat: the values of the fields seen, read
+ * in the fields' own order (a symbol, a timestamp, then prices: the same branches in the
+ * same order every message) from the copy, each of which must end where its member does
+ * (vs, ve); the bars of arr by ff_bars_flat; then the message's row.  1: not
+ * the shape, no row made, and the caller reads the frame the general way. */
+static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *rc, unsigned n, uint32_t seen,
+                                                                const uint8_t *vs, const uint8_t *ve, uint64_t sig,
+                                                                const ff_flat_array arr)
+{
+    uint8_t *buf = d->flatbuf;
+    ff_obj o;
+    o.seen = seen;
+    o.bad = 0;
+    size_t bars_start = d->bars.len;
+    const uint8_t *start = d->start, *end = d->end;
+    d->start = buf; /* positions in errors are the same: the copy starts where the frame does */
+    d->end = buf + n;
+    int ok = 1;
+    for (uint32_t m = seen; ok && m; m &= m - 1) {
+        int f = __builtin_ctz(m);
+        if (arr.nb && f == F_S) {
+            ok = ff_bars_flat(d, &o, arr.sp, arr.ia, arr.ib, arr.op, arr.nb, arr.b, &sig) == 0;
+        } else {
+            d->p = buf + vs[f];
+            ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
+        }
+    }
+    if (ok) {
+        d->p = d->end;
+        d->flat_total++;
+        d->flat_sig = sig;
+        *rc = ff_message_end(d, &o, buf, bars_start);
+    } else {
+        d->bars.len = bars_start;
+    }
+    d->start = start; /* (a code's text is copied when it is new to its table) */
+    d->p = d->end = end;
+    return !ok;
+}
+
 /* A frame of 16..128 bytes that is one flat message object whose keys come in no fixed
  * order (a bank whose learned bytes keep missing), read in two steps so that the order never
  * steers a branch: with keys in any order, each message's order is information a branching
@@ -2001,77 +2097,7 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     }
     if (prev != n - 1) return 1; /* the last separator is the object's `}` */
 
-    ff_obj o;
-    o.seen = seen;
-    o.bad = 0;
-    size_t bars_start = d->bars.len;
-    const uint8_t *start = d->start, *end = d->end;
-    d->start = buf; /* positions in errors are the same: the copy starts where the frame does */
-    d->end = buf + n;
-    int ok = 1;
-    for (uint32_t m = seen; ok && m; m &= m - 1) {
-        int f = __builtin_ctz(m);
-        d->p = buf + vs[f];
-        ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
-    }
-    if (ok) {
-        d->p = d->end;
-        d->flat_total++;
-        d->flat_sig = sig;
-        *rc = ff_message_end(d, &o, buf, bars_start);
-    }
-    d->start = start; /* (a code's text is copied when it is new to its table) */
-    d->p = d->end = end;
-    return !ok;
-}
-
-/* The bars of a series' `s` array in ff_series_flat's copy: every bar a flat object of the
- * six bar keys (`"k":` then the value, which must end at its separator), bars separated by
- * a lone `,`.  sp[j..je): the `,` and `}` inside the array, in order; op: its bars' `{`, nb
- * of them; b: where the `]` is.  Each bar's values are read in the fields' own order, as in
- * ff_message_flat.  1: not this shape (the caller drops the rows made). */
-#define FF_FLAT_TARGET __attribute__((target("avx512bw,avx512vl,avx512vbmi2,bmi,bmi2")))
-FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint8_t *sp, unsigned j, unsigned je,
-                                              const uint8_t *op, unsigned nb, unsigned b, uint64_t *sig)
-{
-    const uint8_t *buf = d->start;
-    for (unsigned bi = 0;; bi++) {
-        unsigned prev = op[bi]; /* the bar's `{`: its place checked by the caller or below */
-        uint32_t seen = 0;
-        unsigned nm = 0;
-        uint8_t vs[F_NBAR], ve[F_NBAR];
-        for (;; j++) {
-            if (FF_UNLIKELY(j >= je)) return 1;
-            unsigned s = sp[j], k = prev + 1;
-            uint32_t w = (uint32_t)ff_load8(buf + k); /* `"k":` */
-            int f = ff_key1_bar[(uint8_t)(w >> 8)] - 1;
-            if (FF_UNLIKELY((w & 0xFFFF00FFu) != ('"' | '"' << 16 | (unsigned)':' << 24) || f < 0 ||
-                            k + 4 >= s))
-                return 1;
-            seen |= FF_BIT(f);
-            nm++;
-            *sig = FF_SIG(*sig, f);
-            vs[f] = (uint8_t)(k + 4);
-            ve[f] = (uint8_t)s;
-            prev = s;
-            if (buf[s] == '}') break;
-        }
-        j++;
-        if (FF_UNLIKELY(nm != (unsigned)__builtin_popcount(seen))) return 1;
-        ff_obj o;
-        o.seen = seen;
-        o.bad = 0;
-        for (uint32_t m = seen; m; m &= m - 1) {
-            int f = __builtin_ctz(m);
-            d->p = buf + vs[f];
-            if (ff_field(d, &o, f, 3, 0, 1) < 0 || d->p != buf + ve[f]) return 1;
-        }
-        if (ff_bar_row(d, msg, &o) < 0) return 1; /* out of memory: the general path says so */
-        if (bi + 1 == nb) return prev + 1 != b || j != je; /* the last bar's `}`, then `]` */
-        /* `},{` between bars: the `,` is the next separator, the `{` the next bar's */
-        if (FF_UNLIKELY(j >= je || sp[j] != prev + 1 || buf[prev + 1] != ',' || op[bi + 1] != prev + 2)) return 1;
-        j++;
-    }
+    return ff_flat_values(d, rc, (unsigned)n, seen, vs, ve, sig, (ff_flat_array){0});
 }
 
 /* ff_message_flat for a frame of 16..256 bytes that may hold one array, the `s` of a series
@@ -2158,34 +2184,7 @@ FF_FLAT_TARGET static inline __attribute__((always_inline)) int ff_series_flat_w
     /* the array is the value of `s`, all of it */
     if (no > 1 && (!(seen & FF_BIT(F_S)) || vs[F_S] != a || ve[F_S] != b + 1)) return 1;
 
-    ff_obj o;
-    o.seen = seen;
-    o.bad = 0;
-    size_t bars_start = d->bars.len;
-    const uint8_t *start = d->start, *end = d->end;
-    d->start = buf;
-    d->end = buf + n;
-    int ok = 1;
-    for (uint32_t m = seen; ok && m; m &= m - 1) {
-        int f = __builtin_ctz(m);
-        if (f == F_S && no > 1) {
-            ok = ff_bars_flat(d, &o, sp, ia, ib, op + 2, nb, b, &sig) == 0;
-        } else {
-            d->p = buf + vs[f];
-            ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
-        }
-    }
-    if (ok) {
-        d->p = d->end;
-        d->flat_total++;
-        d->flat_sig = sig;
-        *rc = ff_message_end(d, &o, buf, bars_start);
-    } else {
-        d->bars.len = bars_start;
-    }
-    d->start = start;
-    d->p = d->end = end;
-    return !ok;
+    return ff_flat_values(d, rc, n, seen, vs, ve, sig, (ff_flat_array){sp, op + 2, ia, ib, no > 1 ? nb : 0, b});
 }
 
 FF_FLAT_TARGET static int ff_series_flat(ff_dec *d, int *rc)
