@@ -410,8 +410,8 @@ typedef struct {
     ff_lastcode last_code[FF_NROLES]; /* by role (FF_ROLE_STATUS, FF_ROLE_BAR_TYPE; not symbols) */
     uint32_t lit_hits, lit_misses; /* in this frame: learned bytes matched, general parses */
     uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
-    uint64_t flat_total;           /* frames ff_message_flat decoded (tests: it ran) */
-    uint64_t flat_sig;             /* the order of the keys of the frame it decoded */
+    uint64_t flat_total;           /* frames the flat paths decoded (tests: they ran) */
+    uint64_t flat_sig;             /* the order of the keys of the last frame they decoded */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
     /* ff_message_flat, ff_series_flat: the frame's bytes, then at least 64 zeros (the copy's
