@@ -180,6 +180,7 @@ class LogRelay:
         self._readers: dict[Any, str] = {}  # read end -> the child it is from, once known
         self._pending: dict[Any, bytearray] = {}  # read end -> the start of a record
         self._ended: set[Any] = set()  # read ends whose end mark came
+        self._configs: dict[Any, ChildLogging] = {}  # read end -> what its child was given
         self._closing: float | None = None  # the deadline close() set
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -190,11 +191,13 @@ class LogRelay:
         """A pipe for one child to be started (call :meth:`ChildLogging.started` once it is)."""
         r, w = self._ctx.Pipe(duplex=False)
         os.set_blocking(r.fileno(), False)  # see _receive
+        cfg = ChildLogging(w, self.level)
         with self._lock:
             self._readers[r] = _SOMEONE
             self._pending[r] = bytearray()
+            self._configs[r] = cfg
         self._wake()
-        return ChildLogging(w, self.level)
+        return cfg
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full: it is awake already
@@ -205,6 +208,7 @@ class LogRelay:
             self._readers.pop(r, None)
             self._pending.pop(r, None)
             self._ended.discard(r)
+            self._configs.pop(r, None)
         with contextlib.suppress(OSError):
             r.close()
 
@@ -213,7 +217,9 @@ class LogRelay:
             with self._lock:
                 readers = list(self._readers)
                 deadline = self._closing
-            if deadline is not None and (not readers or time.monotonic() >= deadline):
+                # a pipe whose process never started holds no one up at the stop
+                waiting = [r for r in readers if r not in self._configs or self._configs[r].conn.closed]
+            if deadline is not None and (not waiting or time.monotonic() >= deadline):
                 for r in readers:
                     self._abandon(r)
                 return
@@ -232,7 +238,12 @@ class LogRelay:
             if r not in self._readers:  # it ended just now, and _receive told what it had to
                 return
             who, pending, ended = self._readers[r], len(self._pending[r]), r in self._ended
-        if not ended:
+            cfg = self._configs.get(r)
+        if cfg is not None and not cfg.conn.closed:
+            # the parent still holds the write end: its process never started (the caller
+            # reported that), so nothing was or will be logged through it
+            cfg.started()
+        elif not ended:
             self.abandoned += 1
             log.warning("stopped reading the log records of %s, still running at the stop "
                         "(%d bytes of a record pending): what it logs from now on is lost",

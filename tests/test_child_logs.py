@@ -355,3 +355,17 @@ def test_children_that_exited_before_the_stop_are_not_told_abandoned(caplog):
     relay.close(timeout=5)
     assert relay.abandoned == 0 and relay.unended == 0
     assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
+
+
+def test_a_pipe_whose_process_never_started_is_dropped_quietly_at_once(caplog):
+    """A child configured but never started (its start failed, or a command stopped on a
+    missing setting first): close() neither waits for its pipe nor warns about it."""
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    cfg = relay.config()
+    t0 = time.monotonic()
+    relay.close(timeout=5)
+    assert time.monotonic() - t0 < 2
+    assert relay.abandoned == 0 and relay.unended == 0
+    assert cfg.conn.closed
+    assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
