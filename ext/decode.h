@@ -2195,23 +2195,32 @@ FF_FLAT_TARGET static int ff_series_flat(ff_dec *d, int *rc)
     return n <= 192 ? ff_series_flat_w(d, rc, 3) : ff_series_flat_w(d, rc, 4);
 }
 
-static int ff_series_flat_ok = -1; /* ... and VBMI2 */
-static int ff_series_flat_check(void)
-{
-    ff_series_flat_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
-    return ff_series_flat_ok;
-}
-#define FF_SERIES_FLAT_OK() (FF_LIKELY(ff_series_flat_ok >= 0) ? ff_series_flat_ok : ff_series_flat_check())
-
-static int ff_flat_ok = -1; /* the CPU has AVX-512 BW and VL and BMI2: set at the first frame */
+/* What the CPU can run, set at the first frame: 0 neither flat path, 1 ff_message_flat
+ * (AVX-512 BW and VL, BMI2), 2 ff_series_flat too (and VBMI2). */
+static int ff_flat_level = -1;
 static int ff_flat_check(void)
 {
-    ff_flat_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                 __builtin_cpu_supports("bmi2");
-    return ff_flat_ok;
+    int base = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("bmi2");
+    ff_flat_level = base ? 1 + __builtin_cpu_supports("avx512vbmi2") : 0;
+    return ff_flat_level;
 }
-#define FF_FLAT_OK() (FF_LIKELY(ff_flat_ok >= 0) ? ff_flat_ok : ff_flat_check())
+#define FF_FLAT_LEVEL() (FF_LIKELY(ff_flat_level >= 0) ? ff_flat_level : ff_flat_check())
+#define FF_FLAT_OK() (FF_FLAT_LEVEL() >= 1)
+#define FF_SERIES_FLAT_OK() (FF_FLAT_LEVEL() >= 2)
+
+/* A frame of 16..256 bytes that begins with `{`, by the flat paths: FF_FLAT_TOOK (*rc is the
+ * frame's outcome) or FF_FLAT_REFUSED (no row made; the general path reads it). */
+static int ff_flat(ff_dec *d, int *rc)
+{
+    const uint8_t *p = d->start;
+    size_t n = (size_t)(d->end - p);
+    int refused = n <= 128 ? ff_message_flat(d, rc) &&
+                                 /* a short series (it holds `[`): ff_series_flat's shape */
+                                 (!memchr(p, '[', n) || !FF_SERIES_FLAT_OK() || ff_series_flat(d, rc))
+                           : ff_series_flat(d, rc);
+    return refused ? FF_FLAT_REFUSED : FF_FLAT_TOOK;
+}
 #else
 #define FF_FLAT_OK() 0
 #define FF_SERIES_FLAT_OK() 0
@@ -2238,6 +2247,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
      * frames that took it: one odd frame (keys in another order) that unlearned some bytes
      * must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
+    int flat_able = 0; /* the flat paths could take this frame, were the learned bytes off */
     if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes: their 16-byte loads
                                * (ff_load16_upto) would reach outside the frame */
         unsigned cls = (p[5] == ' ') | (p[2] != 'c') << 1;
@@ -2263,7 +2273,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
          * be settling.  Not where a flat path can take the frame instead: there the keys'
          * order says so, and matches say little (every frame of a stream whose keys are
          * shuffled after a fixed first one matches the object's start, and its bars' too). */
-        int flat_able = p[0] == '{' && (n <= 128 ? FF_FLAT_OK() : n <= 256 && FF_SERIES_FLAT_OK());
+        flat_able = p[0] == '{' && (n <= 128 ? FF_FLAT_OK() : n <= 256 && FF_SERIES_FLAT_OK());
         d->lits_on = d->learn || (B->hits > 0 && (!flat_able || B->flat == FF_FLAT_REFUSED));
     } else {
         d->learn = d->lits_on = 0;
@@ -2275,27 +2285,10 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         rc = ff_fail(d, d->p, "empty frame");
     } else if (*d->p == '{') {
 #if defined(FF_HAVE_FLAT)
-        if (!d->lits_on && n >= 16 && n <= 128 && d->p == p && FF_FLAT_OK()) {
-            /* a short series (it holds `[`): ff_series_flat's shape */
-            if (ff_message_flat(d, &rc) &&
-                (!memchr(p, '[', n) || !FF_SERIES_FLAT_OK() || ff_series_flat(d, &rc))) {
-                d->p = p;
-                rc = ff_message(d, 0);
-                flat = FF_FLAT_REFUSED;
-            } else {
-                flat = FF_FLAT_TOOK;
-            }
-        } else if (!d->lits_on && n > 128 && n <= 256 && d->p == p && FF_SERIES_FLAT_OK()) {
-            if (ff_series_flat(d, &rc)) {
-                d->p = p;
-                rc = ff_message(d, 0);
-                flat = FF_FLAT_REFUSED;
-            } else {
-                flat = FF_FLAT_TOOK;
-            }
-        } else
+        if (flat_able && !d->lits_on && (flat = ff_flat(d, &rc)) == FF_FLAT_REFUSED)
+            d->p = p; /* (p[0] is the `{`: no whitespace before it) */
 #endif
-        rc = ff_message(d, 0);
+        if (flat != FF_FLAT_TOOK) rc = ff_message(d, 0);
     } else if (*d->p == '[') {
         /* An array of messages; each element that is not a message object is a control
          * message.  `[]` holds no message at all. */
