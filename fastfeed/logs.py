@@ -218,7 +218,7 @@ class LogRelay:
                 readers = list(self._readers)
                 deadline = self._closing
                 # a pipe whose process never started holds no one up at the stop
-                waiting = [r for r in readers if r not in self._configs or self._configs[r].conn.closed]
+                waiting = [r for r in readers if not self._never_started(r)]
             if deadline is not None and (not waiting or time.monotonic() >= deadline):
                 for r in readers:
                     self._abandon(r)
@@ -230,6 +230,11 @@ class LogRelay:
                     continue
                 self._receive(r)
 
+    def _never_started(self, r: Any) -> bool:
+        """The parent still holds the pipe's write end: its process never started (under
+        self._lock; every reader has its config)."""
+        return not self._configs[r].conn.closed
+
     def _abandon(self, r: Any) -> None:
         """close() stops waiting for this pipe: hand over what it holds now, and say so if
         its child had not sent the end mark (it is still running, or hung)."""
@@ -238,11 +243,9 @@ class LogRelay:
             if r not in self._readers:  # it ended just now, and _receive told what it had to
                 return
             who, pending, ended = self._readers[r], len(self._pending[r]), r in self._ended
-            cfg = self._configs.get(r)
-        if cfg is not None and not cfg.conn.closed:
-            # the parent still holds the write end: its process never started (the caller
-            # reported that), so nothing was or will be logged through it
-            cfg.started()
+            never = self._never_started(r)
+        if never:  # nothing was or will be logged through it (the caller reported the failure)
+            self._configs[r].started()
         elif not ended:
             self.abandoned += 1
             log.warning("stopped reading the log records of %s, still running at the stop "
