@@ -53,7 +53,7 @@
 #define FF_ONES 0x0101010101010101ULL
 #define FF_HIGHS 0x8080808080808080ULL
 
-static inline uint64_t ff_load8(const uint8_t *p)
+static inline __attribute__((always_inline)) uint64_t ff_load8(const uint8_t *p)
 {
     uint64_t w;
     memcpy(&w, p, 8);
@@ -62,21 +62,21 @@ static inline uint64_t ff_load8(const uint8_t *p)
 
 /* High bit set in the lowest byte that is '"', '\\', a control character or
  * non-ASCII (bytes above the first flagged one may be flagged spuriously). */
-static inline uint64_t ff_str_stops(uint64_t w)
+static inline __attribute__((always_inline)) uint64_t ff_str_stops(uint64_t w)
 {
     uint64_t q = w ^ (FF_ONES * '"');
     uint64_t b = w ^ (FF_ONES * '\\');
     return (((q - FF_ONES) & ~q) | ((b - FF_ONES) & ~b) | ((w - FF_ONES * 0x20) & ~w) | w) & FF_HIGHS;
 }
 
-static inline int ff_all_digits8(uint64_t w)
+static inline __attribute__((always_inline)) int ff_all_digits8(uint64_t w)
 {
     return ((w & 0xF0F0F0F0F0F0F0F0ULL) | (((w + FF_ONES * 6) & 0xF0F0F0F0F0F0F0F0ULL) >> 4)) ==
            FF_ONES * 0x33;
 }
 
 /* Eight ASCII digits, first in the lowest byte, to their value. */
-static inline uint32_t ff_digits8(uint64_t w)
+static inline __attribute__((always_inline)) uint32_t ff_digits8(uint64_t w)
 {
     w = ((w & 0x0F0F0F0F0F0F0F0FULL) * 2561) >> 8;               /* pairs of digits */
     w = ((w & 0x00FF00FF00FF00FFULL) * 6553601) >> 16;           /* groups of four */
@@ -85,7 +85,7 @@ static inline uint32_t ff_digits8(uint64_t w)
 
 /* How many of the eight bytes, from the lowest, are ASCII digits before the first
  * that is not. */
-static inline unsigned ff_ndigits8(uint64_t w)
+static inline __attribute__((always_inline)) unsigned ff_ndigits8(uint64_t w)
 {
     /* x = byte - '0': a digit leaves 0..9, whose high bit stays clear even after + 0x76;
      * anything else sets it in x or in x + 0x76.  Borrows and carries only run upward,
@@ -96,7 +96,7 @@ static inline unsigned ff_ndigits8(uint64_t w)
 }
 
 /* The first n (1..8) digits of w as a number. */
-static inline uint64_t ff_lead_digits(uint64_t w, unsigned n)
+static inline __attribute__((always_inline)) uint64_t ff_lead_digits(uint64_t w, unsigned n)
 {
     return ff_digits8(w << (64 - 8 * n));
 }
@@ -114,7 +114,7 @@ static const double ff_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
 /* Eight bytes from p, of which those at or past e read as zero (a zero byte ends
  * any number).  Near the end of a frame it loads the last eight bytes of the
  * frame and shifts, so it never touches memory outside [lo, e). */
-static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const uint8_t *lo)
+static inline __attribute__((always_inline)) uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const uint8_t *lo)
 {
     ptrdiff_t left = e - p;
     if (FF_LIKELY(left >= 8)) return ff_load8(p);
@@ -127,7 +127,7 @@ static inline uint64_t ff_load_upto(const uint8_t *p, const uint8_t *e, const ui
 
 /* The 16 bytes at p as two words, those at or past e read as zero; the frame [lo, e) holds
  * at least 16 bytes.  Near the frame's end it loads the frame's last 16 and shifts. */
-static inline void ff_load16_upto(const uint8_t *p, const uint8_t *e, const uint8_t *lo, uint64_t *w0,
+static inline __attribute__((always_inline)) void ff_load16_upto(const uint8_t *p, const uint8_t *e, const uint8_t *lo, uint64_t *w0,
                                   uint64_t *w1)
 {
     (void)lo;
@@ -160,7 +160,7 @@ typedef struct {
 } ff_numv;
 
 /* The first n (0..7) digits of w as a number (0 for none). */
-static inline uint64_t ff_lead_digits0(uint64_t w, unsigned n)
+static inline __attribute__((always_inline)) uint64_t ff_lead_digits0(uint64_t w, unsigned n)
 {
     return ff_digits8((w << (56 - 8 * n)) << 8);
 }
@@ -434,7 +434,7 @@ static int ff_vec_reserve(ff_vec *v, size_t extra)
     return 0;
 }
 
-static inline void *ff_vec_push(ff_vec *v)
+static inline __attribute__((always_inline)) void *ff_vec_push(ff_vec *v)
 {
     if (FF_UNLIKELY(v->len == v->cap) && ff_vec_reserve(v, 1) < 0) return NULL;
     return v->data + (v->len++) * v->itemsize;
@@ -485,7 +485,7 @@ static int ff_fail_msg(ff_dec *d, const uint8_t *at, const char *what)
 /* ---- lexical pieces ----------------------------------------------------- */
 
 /* High bit set in each byte of w equal to c (exact: no borrow crosses a byte). */
-static inline uint64_t ff_eq_bytes(uint64_t w, uint8_t c)
+static inline __attribute__((always_inline)) uint64_t ff_eq_bytes(uint64_t w, uint8_t c)
 {
     uint64_t x = w ^ (FF_ONES * c);
     return ~(((x & ~FF_HIGHS) + ~FF_HIGHS) | x) & FF_HIGHS;
@@ -509,7 +509,7 @@ static const uint8_t *ff_ws_run(const uint8_t *p, const uint8_t *e)
 
 #if defined(__SSE2__)
 /* Bits set for the bytes of p[0..15] that are not JSON whitespace (SSE2: every x86-64). */
-static inline unsigned ff_nonws16(const uint8_t *p)
+static inline __attribute__((always_inline)) unsigned ff_nonws16(const uint8_t *p)
 {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m128i ws = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')),
@@ -1044,7 +1044,7 @@ static const ff_keyfast ff_keyfast_msg[1024] = {
 #undef FF_KF1
 #undef FF_KF2
 
-static inline int ff_key2_msg(unsigned k)
+static inline __attribute__((always_inline)) int ff_key2_msg(unsigned k)
 {
     uint32_t e = ff_key2_tab[FF_K2_AT(k & 0xFF, k >> 8)];
     return (e >> 8) == k ? (int)(e & 0xFF) - 1 : -1;
@@ -1357,7 +1357,7 @@ static inline __attribute__((always_inline)) double ff_conv_double(ff_dec *d, co
 
 /* A number field (present) as exact int64 units of 10**-scale, half to even, from its
  * decimal digits (never through a binary float).  -1: outside int64. */
-static inline int ff_conv_fixed(ff_dec *d, const ff_numv *v, int scale, int64_t *out)
+static inline __attribute__((always_inline)) int ff_conv_fixed(ff_dec *d, const ff_numv *v, int scale, int64_t *out)
 {
     if (FF_LIKELY(v->how == FF_NUM_FAST)) {
         int k = scale - (int)v->nfrac;
@@ -1386,7 +1386,7 @@ static inline int ff_conv_fixed(ff_dec *d, const ff_numv *v, int scale, int64_t 
 #define FF_F64(d, o, f) ((o).seen & FF_BIT(f) ? ff_conv_double(d, &(o).num[f]) : NAN)
 
 /* A timestamp field as int64 (NaT when absent); -1 with d->err set when outside int64. */
-static inline int ff_ts_field(ff_dec *d, const ff_obj *o, int f, int scale, int64_t *out,
+static inline __attribute__((always_inline)) int ff_ts_field(ff_dec *d, const ff_obj *o, int f, int scale, int64_t *out,
                               const char *key)
 {
     if (!(o->seen & FF_BIT(f))) {
@@ -1434,7 +1434,7 @@ static const char *const ff_role_plural[FF_NROLES] = {"symbols", "statuses", "ba
 /* The largest id each role's row field holds: sym i4, status u1, bar_type i2. */
 static const int32_t ff_role_limit[FF_NROLES] = {INT32_MAX, UINT8_MAX, INT16_MAX};
 
-static inline ff_symtab *ff_table(ff_dec *d, int role)
+static inline __attribute__((always_inline)) ff_symtab *ff_table(ff_dec *d, int role)
 {
     return role == FF_ROLE_SYM ? &d->symbols : role == FF_ROLE_STATUS ? &d->statuses : &d->bar_types;
 }
@@ -1829,7 +1829,7 @@ static int ff_series_array(ff_dec *d, ff_obj *o, size_t bars_start, int depth)
 }
 
 /* The code of string field f (present: the caller checked) as an id or placeholder. */
-static inline int32_t ff_lookup_field(ff_dec *d, int role, const ff_obj *o, int f)
+static inline __attribute__((always_inline)) int32_t ff_lookup_field(ff_dec *d, int role, const ff_obj *o, int f)
 {
     return ff_lookup_str(d, role, &o->str[f]);
 }
