@@ -1942,6 +1942,7 @@ static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_ob
  * a lone `,`.  sp[j..je): the `,` and `}` inside the array, in order; op: its bars' `{`, nb
  * of them; b: where the `]` is.  Each bar's values are read in the fields' own order, as in
  * ff_message_flat.  1: not this shape (the caller drops the rows made). */
+#define FF_BAR_FIELDS (FF_BIT(F_T) | FF_BIT(F_V) | FF_BIT(F_O) | FF_BIT(F_H) | FF_BIT(F_L) | FF_BIT(F_CL))
 #define FF_FLAT_TARGET __attribute__((target("avx512bw,avx512vl,avx512vbmi2,bmi,bmi2")))
 FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint8_t *sp, unsigned j, unsigned je,
                                               const uint8_t *op, unsigned nb, unsigned b, uint64_t *sig)
@@ -1973,11 +1974,14 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
         ff_obj o;
         o.seen = seen;
         o.bad = 0;
-        for (uint32_t m = seen; m; m &= m - 1) {
-            int f = __builtin_ctz(m);
-            d->p = buf + vs[f];
-            if (ff_field(d, &o, f, 3, 0, 1) < 0 || d->p != buf + ve[f]) return 1;
+#define FF_V(f) (d->p = buf + vs[f], ff_field(d, &o, f, 3, 0, 1) == 0 && d->p == buf + ve[f])
+        if (seen == FF_BAR_FIELDS) {
+            if (!(FF_V(F_T) && FF_V(F_V) && FF_V(F_O) && FF_V(F_H) && FF_V(F_L) && FF_V(F_CL))) return 1;
+        } else {
+            for (uint32_t m = seen; m; m &= m - 1)
+                if (!FF_V(__builtin_ctz(m))) return 1;
         }
+#undef FF_V
         if (ff_bar_row(d, msg, &o) < 0) return 1; /* out of memory: the general path says so */
         if (bi + 1 == nb) return prev + 1 != b || j != je; /* the last bar's `}`, then `]` */
         /* `},{` between bars: the `,` is the next separator, the `{` the next bar's */
@@ -2011,15 +2015,27 @@ static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *
     d->start = buf; /* positions in errors are the same: the copy starts where the frame does */
     d->end = buf + n;
     int ok = 1;
-    for (uint32_t m = seen; ok && m; m &= m - 1) {
-        int f = __builtin_ctz(m);
-        if (arr.nb && f == F_S) {
-            ok = ff_bars_flat(d, &o, arr.sp, arr.ia, arr.ib, arr.op, arr.nb, arr.b, &sig) == 0;
-        } else {
-            d->p = buf + vs[f];
-            ok = ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f];
+    /* the usual sets of fields, each a run of calls with the field known where it is compiled */
+#define FF_V(f) (d->p = buf + vs[f], ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f])
+    if (seen == FF_TICK_USED) {
+        ok = FF_V(F_C) && FF_V(F_T) && FF_V(F_P) && FF_V(F_V);
+    } else if (seen == (FF_QUOTE_USED & ~FF_BIT(F_SS))) {
+        ok = FF_V(F_C) && FF_V(F_V) && FF_V(F_LT) && FF_V(F_LP) && FF_V(F_A) && FF_V(F_B) && FF_V(F_AS) &&
+             FF_V(F_BS);
+    } else if (seen == FF_SERIES_USED && arr.nb) {
+        ok = FF_V(F_C) && FF_V(F_BE) && FF_V(F_LU) && FF_V(F_BT) &&
+             ff_bars_flat(d, &o, arr.sp, arr.ia, arr.ib, arr.op, arr.nb, arr.b, &sig) == 0;
+    } else {
+        for (uint32_t m = seen; ok && m; m &= m - 1) {
+            int f = __builtin_ctz(m);
+            if (arr.nb && f == F_S) {
+                ok = ff_bars_flat(d, &o, arr.sp, arr.ia, arr.ib, arr.op, arr.nb, arr.b, &sig) == 0;
+            } else {
+                ok = FF_V(f);
+            }
         }
     }
+#undef FF_V
     if (ok) {
         d->p = d->end;
         d->flat_total++;
