@@ -448,16 +448,20 @@ class Feed:
         again after a crash."""
         assert self._pool is not None and self._relay is not None
         names, log_cfg = self._pool.ring_names, self._relay.config()
-        if self.source is not None:
-            from .sources import SourceProcess
+        try:
+            if self.source is not None:
+                from .sources import SourceProcess
 
-            child: Any = SourceProcess(self.source, names, log=log_cfg)
-        else:
-            assert self.settings is not None
-            child = SessionProcess(self.settings, names, log=log_cfg)
-        if self._control is not None:
-            child.send_control_to(self._control.name)
-        child.start()
+                child: Any = SourceProcess(self.source, names, log=log_cfg)
+            else:
+                assert self.settings is not None
+                child = SessionProcess(self.settings, names, log=log_cfg)
+            if self._control is not None:
+                child.send_control_to(self._control.name)
+            child.start()
+        except BaseException:
+            self._relay.discard(log_cfg)
+            raise
         self._session = child
         if self.network_cpus is not None:
             set_affinity(child.pid, self.network_cpus, "network_cpus")

@@ -181,6 +181,7 @@ class LogRelay:
         self._pending: dict[Any, bytearray] = {}  # read end -> the start of a record
         self._ended: set[Any] = set()  # read ends whose end mark came
         self._configs: dict[Any, ChildLogging] = {}  # read end -> what its child was given
+        self._quiet: set[Any] = set()  # read ends whose process did not start (discard())
         self._closing: float | None = None  # the deadline close() set
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -199,6 +200,22 @@ class LogRelay:
         self._wake()
         return cfg
 
+    def discard(self, cfg: ChildLogging) -> None:
+        """The process ``cfg`` was made for did not start (its start raised): close the
+        parent's write end now, and drop the pipe without a word once it ends. Without this
+        both ends stayed open until :meth:`close`: two descriptors for each failed start, a
+        supervisor's restarts included."""
+        with self._lock:
+            self._quiet.update(r for r, c in self._configs.items() if c is cfg)
+        cfg.started()  # the parent's copy was the only one: the pipe ends for the reader
+        self._wake()
+
+    @property
+    def open_pipes(self) -> int:
+        """Children's pipes still read (configured, not yet ended)."""
+        with self._lock:
+            return len(self._readers)
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full: it is awake already
             os.write(self._wake_w, b"\0")
@@ -209,6 +226,7 @@ class LogRelay:
             self._pending.pop(r, None)
             self._ended.discard(r)
             self._configs.pop(r, None)
+            self._quiet.discard(r)
         with contextlib.suppress(OSError):
             r.close()
 
@@ -265,7 +283,9 @@ class LogRelay:
             chunk = b""
         buf = self._pending[r]
         if not chunk:  # the child ended: every copy of the write end is closed
-            if buf:
+            if r in self._quiet:  # it never started (discard): its caller told the failure
+                pass
+            elif buf:
                 who = self._readers[r]
                 self.cut += 1
                 log.warning("the log records of %s broke off in the middle of one (%d bytes "

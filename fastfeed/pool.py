@@ -260,10 +260,15 @@ class WorkerPool:
                 self._state[W0 + i, F_RESTARTS] += 1  # a life after the first
             # a log pipe of its own for each start (see fastfeed.logs)
             cfg = self._log.config() if self._log is not None else None
-            p = self._ctx.Process(target=worker_main,
-                                  args=(dataclasses.replace(self._specs[i], log=cfg),),
-                                  name=f"fastfeed-{self.name}-w{i}", daemon=True)
-            p.start()
+            try:
+                p = self._ctx.Process(target=worker_main,
+                                      args=(dataclasses.replace(self._specs[i], log=cfg),),
+                                      name=f"fastfeed-{self.name}-w{i}", daemon=True)
+                p.start()
+            except BaseException:
+                if cfg is not None:
+                    self._log.discard(cfg)
+                raise
             if cfg is not None:
                 cfg.started()
             self._state[W0 + i, F_STATE] = S_RUNNING

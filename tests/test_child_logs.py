@@ -369,3 +369,50 @@ def test_a_pipe_whose_process_never_started_is_dropped_quietly_at_once(caplog):
     assert relay.abandoned == 0 and relay.unended == 0
     assert cfg.conn.closed
     assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
+
+
+def _never_runs(cfg, fn) -> None:
+    raise AssertionError("this child was not to start")
+
+
+def test_a_failed_start_closes_its_pipe_at_once_and_quietly(caplog):
+    """A start that raises (here a real one: a spawned child's arguments do not pickle) hands
+    its pipe back with ``discard``: the parent's write end is closed at once, the relay drops
+    the pipe without a word and before any stop (before, both ends stayed open until close():
+    two descriptors a failed start, a supervisor's retries included)."""
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    try:
+        cfgs = [relay.config() for _ in range(3)]
+        for cfg in cfgs:
+            p = mp.get_context("spawn").Process(target=_never_runs, args=(cfg, lambda: 0), daemon=True)
+            with contextlib.suppress(Exception):
+                p.start()
+            assert p.pid is None, "the start was to fail"
+            relay.discard(cfg)
+            assert cfg.conn.closed
+        wait_until(lambda: relay.open_pipes == 0, 10, "the pipes of the failed starts dropped")
+    finally:
+        relay.close(timeout=5)
+    assert relay.abandoned == 0 and relay.unended == 0 and relay.cut == 0
+    assert not [r for r in caplog.records if r.name == "fastfeed.logs"]
+
+
+def test_a_child_that_started_is_still_told_when_another_start_failed(caplog):
+    """discard() quiets only the pipe of the start that failed: a child killed beside it is
+    still told."""
+    caplog.set_level(logging.WARNING)
+    relay = LogRelay(mp.get_context("spawn"), logging.WARNING)
+    try:
+        failed = relay.config()
+        relay.discard(failed)
+        p = start_child(relay, _one_then_sleep, daemon=True)
+        wait_until(lambda: [r for r in caplog.records if r.name == "tests.one"], 30, "its record")
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        wait_until(lambda: relay.unended == 1, 10, "the killed child told")
+        assert relay.open_pipes == 0
+    finally:
+        relay.close(timeout=5)
+    told = [r.getMessage() for r in caplog.records if r.name == "fastfeed.logs"]
+    assert len(told) == 1 and f"pid {p.pid}" in told[0], told
