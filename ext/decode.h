@@ -367,6 +367,7 @@ typedef struct {
  * frame takes never changes what it decodes to, only how often the learned bytes match. */
 #define FF_LIT_BANKS 64 /* 16 lengths x 4 classes of first bytes */
 enum { FF_FLAT_TOOK = 1, FF_FLAT_REFUSED = 2 };
+enum { FF_SIMD_NONE, FF_SIMD_AVX2, FF_SIMD_AVX512, FF_SIMD_AVX512VBMI2 };
 typedef struct {
     ff_lit lit[2][FF_LIT_SLOTS]; /* [message or bar object][slot] */
     uint32_t hits;               /* learned bytes matched in the last frame that took this bank */
@@ -411,6 +412,8 @@ typedef struct {
     uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
     uint64_t flat_total;           /* frames the flat paths decoded (tests: they ran) */
     uint64_t flat_sig;             /* the order of the keys of the last frame they decoded */
+    int simd_limit;                /* 0: the flat paths use what the CPU has; else at most the
+                                    * FF_SIMD_* level simd_limit - 1 */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
     /* ff_message_flat, ff_series_flat: the frame's bytes, then at least 64 zeros (the copy's
@@ -2061,30 +2064,18 @@ static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *
  * followed by zeros, so that no read asks where in the frame it is.  1: not this path's shape
  * (nested values, whitespace, escapes, UTF-8, keys we skip or repeat, a value that does not
  * end at its separator): no row was made, and the caller reads the frame the general way. */
-__attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat(ff_dec *d, int *rc)
+/* ff_message_flat's second half, whichever vector unit found the frame's bytes: k0, k1 the
+ * frame's bytes in its two 64-byte words; e (`}`), s (separators: `,` and `}`) and o (the odd
+ * bytes: `{` `[` `\` `]`, whitespace, controls, UTF-8) as bits by position. */
+__attribute__((target("bmi,bmi2"))) static inline __attribute__((always_inline)) int
+ff_message_members(ff_dec *d, int *rc, size_t n, uint64_t k0, uint64_t k1, uint64_t e0, uint64_t e1, uint64_t s0,
+                   uint64_t s1, uint64_t o0, uint64_t o1)
 {
-    const uint8_t *p = d->start;
-    size_t n = (size_t)(d->end - p);
-    assert(n >= 16 && n <= 128);
-    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
-    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
-    __m512i v0 = _mm512_maskz_loadu_epi8(k0, p), v1 = _mm512_maskz_loadu_epi8(k1, p + 64);
     uint8_t *buf = d->flatbuf;
-    _mm512_storeu_si512((void *)buf, v0);
-    _mm512_storeu_si512((void *)(buf + 64), v1);
-    /* and 64 zeros past byte 128: ff_series_flat may have left a longer frame's bytes there */
-    _mm512_storeu_si512((void *)(buf + 128), _mm512_setzero_si512());
-    const __m512i comma = _mm512_set1_epi8(','), close = _mm512_set1_epi8('}');
-    const __m512i open = _mm512_set1_epi8('{'), lbr = _mm512_set1_epi8('['), two = _mm512_set1_epi8(2);
-    const __m512i bang = _mm512_set1_epi8('!');
-#define FF_ODD(v) (_mm512_cmpeq_epi8_mask(v, open) | _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, lbr), two) | \
-                   _mm512_cmplt_epi8_mask(v, bang))
-    uint64_t e0 = _mm512_cmpeq_epi8_mask(v0, close), e1 = _mm512_cmpeq_epi8_mask(v1, close);
-    uint64_t s0 = _mm512_cmpeq_epi8_mask(v0, comma) | e0, s1 = _mm512_cmpeq_epi8_mask(v1, comma) | e1;
-    uint64_t o0 = FF_ODD(v0) & k0, o1 = FF_ODD(v1) & k1;
-#undef FF_ODD
+    (void)k0;
     /* `{` at byte 0 only (the caller saw it), `}` at the last byte only */
-    if (o0 != 1 || o1 || (n > 64 ? e0 || e1 != 1ULL << (n - 65) : e0 != 1ULL << (n - 1))) return 1;
+    if ((o0 & k0) != 1 || (o1 & k1) || (n > 64 ? e0 || e1 != 1ULL << (n - 65) : e0 != 1ULL << (n - 1)))
+        return 1;
     /* A separator inside a string (`"c":"A,B"`) is taken for one here, and the members come
      * out wrong; no string is told apart first, because each is checked: a key must be
      * exactly `"k":` or `"kk":` of ours, and a string value must end at its separator, or
@@ -2113,6 +2104,77 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     if (prev != n - 1) return 1; /* the last separator is the object's `}` */
 
     return ff_flat_values(d, rc, (unsigned)n, seen, vs, ve, sig, (ff_flat_array){0});
+}
+
+
+__attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat(ff_dec *d, int *rc)
+{
+    const uint8_t *p = d->start;
+    size_t n = (size_t)(d->end - p);
+    assert(n >= 16 && n <= 128);
+    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
+    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
+    __m512i v0 = _mm512_maskz_loadu_epi8(k0, p), v1 = _mm512_maskz_loadu_epi8(k1, p + 64);
+    uint8_t *buf = d->flatbuf;
+    _mm512_storeu_si512((void *)buf, v0);
+    _mm512_storeu_si512((void *)(buf + 64), v1);
+    /* and 64 zeros past byte 128: ff_series_flat may have left a longer frame's bytes there */
+    _mm512_storeu_si512((void *)(buf + 128), _mm512_setzero_si512());
+    const __m512i comma = _mm512_set1_epi8(','), close = _mm512_set1_epi8('}');
+    const __m512i open = _mm512_set1_epi8('{'), lbr = _mm512_set1_epi8('['), two = _mm512_set1_epi8(2);
+    const __m512i bang = _mm512_set1_epi8('!');
+#define FF_ODD(v) (_mm512_cmpeq_epi8_mask(v, open) | _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, lbr), two) | \
+                   _mm512_cmplt_epi8_mask(v, bang))
+    uint64_t e0 = _mm512_cmpeq_epi8_mask(v0, close), e1 = _mm512_cmpeq_epi8_mask(v1, close);
+    uint64_t s0 = _mm512_cmpeq_epi8_mask(v0, comma) | e0, s1 = _mm512_cmpeq_epi8_mask(v1, comma) | e1;
+    uint64_t o0 = FF_ODD(v0), o1 = FF_ODD(v1);
+#undef FF_ODD
+    return ff_message_members(d, rc, n, k0, k1, e0, e1, s0, s1, o0, o1);
+}
+
+/* ff_message_flat on a CPU with AVX2 but not AVX-512, which has no masked loads: the frame
+ * in four 32-byte loads at 0, 32, 64 and 96, each moved back to end at the frame's end if it
+ * would pass it (overlapping loads, nothing past the frame read), and stored in the copy at
+ * the same places; a frame under 32 bytes is copied first. */
+__attribute__((target("avx2,bmi,bmi2,popcnt"))) static int ff_message_flat_avx2(ff_dec *d, int *rc)
+{
+    const uint8_t *p = d->start;
+    size_t n = (size_t)(d->end - p);
+    assert(n >= 16 && n <= 128);
+    uint8_t *buf = d->flatbuf;
+    const __m256i zero = _mm256_setzero_si256();
+    if (FF_UNLIKELY(n < 32)) {
+        _mm256_storeu_si256((__m256i *)buf, zero);
+        memcpy(buf, p, n);
+        p = buf;
+    }
+    const __m256i comma = _mm256_set1_epi8(','), close = _mm256_set1_epi8('}'), open = _mm256_set1_epi8('{');
+    const __m256i lbr = _mm256_set1_epi8('['), bsl = _mm256_set1_epi8('\\'), rbr = _mm256_set1_epi8(']');
+    const __m256i bang = _mm256_set1_epi8('!');
+    unsigned last = n < 32 ? 0 : (unsigned)n - 32;
+    unsigned __int128 e = 0, sep = 0, odd = 0;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned at = 32 * i < last ? 32 * i : last;
+        __m256i v = _mm256_loadu_si256((const __m256i *)(p + at));
+        _mm256_storeu_si256((__m256i *)(buf + at), v);
+        __m256i ce = _mm256_cmpeq_epi8(v, close);
+        __m256i cs = _mm256_or_si256(ce, _mm256_cmpeq_epi8(v, comma));
+        /* `{` `[` `\` `]`, and whitespace, controls and UTF-8 (signed: below `!`) */
+        __m256i co = _mm256_or_si256(
+            _mm256_or_si256(_mm256_cmpeq_epi8(v, open), _mm256_cmpeq_epi8(v, lbr)),
+            _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(v, bsl), _mm256_cmpeq_epi8(v, rbr)),
+                            _mm256_cmpgt_epi8(bang, v)));
+        e |= (unsigned __int128)(uint32_t)_mm256_movemask_epi8(ce) << at;
+        sep |= (unsigned __int128)(uint32_t)_mm256_movemask_epi8(cs) << at;
+        odd |= (unsigned __int128)(uint32_t)_mm256_movemask_epi8(co) << at;
+    }
+    /* 64 zeros past the frame (a longer frame's bytes may be there) */
+    _mm256_storeu_si256((__m256i *)(buf + n), zero);
+    _mm256_storeu_si256((__m256i *)(buf + n + 32), zero);
+    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
+    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
+    return ff_message_members(d, rc, n, k0, k1, (uint64_t)e, (uint64_t)(e >> 64), (uint64_t)sep,
+                              (uint64_t)(sep >> 64), (uint64_t)odd, (uint64_t)(odd >> 64));
 }
 
 /* ff_message_flat for a frame of 16..256 bytes that may hold one array, the `s` of a series
@@ -2210,35 +2272,45 @@ FF_FLAT_TARGET static int ff_series_flat(ff_dec *d, int *rc)
     return n <= 192 ? ff_series_flat_w(d, rc, 3) : ff_series_flat_w(d, rc, 4);
 }
 
-/* What the CPU can run, set at the first frame: 0 neither flat path, 1 ff_message_flat
- * (AVX-512 BW and VL, BMI2), 2 ff_series_flat too (and VBMI2). */
-static int ff_flat_level = -1;
-static int ff_flat_check(void)
+/* The vector units the structure-first paths use, best last (FF_SIMD_*, ff_dec.simd_limit):
+ * none of them; ff_message_flat_avx2; ff_message_flat (AVX-512 BW and VL); and
+ * ff_series_flat too (VBMI2 besides).  What the CPU has is found at the first frame. */
+static int ff_simd_cpu = -1;
+static int ff_simd_check(void)
 {
-    int base = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("bmi2");
-    ff_flat_level = base ? 1 + __builtin_cpu_supports("avx512vbmi2") : 0;
-    return ff_flat_level;
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") &&
+               __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    ff_simd_cpu = !avx2 ? FF_SIMD_NONE : !avx512 ? FF_SIMD_AVX2
+                  : __builtin_cpu_supports("avx512vbmi2") ? FF_SIMD_AVX512VBMI2 : FF_SIMD_AVX512;
+    return ff_simd_cpu;
 }
-#define FF_FLAT_LEVEL() (FF_LIKELY(ff_flat_level >= 0) ? ff_flat_level : ff_flat_check())
-#define FF_FLAT_OK() (FF_FLAT_LEVEL() >= 1)
-#define FF_SERIES_FLAT_OK() (FF_FLAT_LEVEL() >= 2)
+#define FF_SIMD_CPU() (FF_LIKELY(ff_simd_cpu >= 0) ? ff_simd_cpu : ff_simd_check())
+/* this decoder's: what the CPU has, or less if it was told so (tests, FASTFEED_SIMD) */
+static inline int ff_simd(const ff_dec *d)
+{
+    int cpu = FF_SIMD_CPU(), limit = d->simd_limit - 1;
+    return d->simd_limit && limit < cpu ? limit : cpu;
+}
 
 /* A frame of 16..256 bytes that begins with `{`, by the flat paths: FF_FLAT_TOOK (*rc is the
  * frame's outcome) or FF_FLAT_REFUSED (no row made; the general path reads it). */
-static int ff_flat(ff_dec *d, int *rc)
+static int ff_flat(ff_dec *d, int *rc, int simd)
 {
     const uint8_t *p = d->start;
     size_t n = (size_t)(d->end - p);
-    int refused = n <= 128 ? ff_message_flat(d, rc) &&
+    int refused = n <= 128 ? (simd >= FF_SIMD_AVX512 ? ff_message_flat(d, rc) : ff_message_flat_avx2(d, rc)) &&
                                  /* a short series (it holds `[`): ff_series_flat's shape */
-                                 (!memchr(p, '[', n) || !FF_SERIES_FLAT_OK() || ff_series_flat(d, rc))
+                                 (!memchr(p, '[', n) || simd < FF_SIMD_AVX512VBMI2 || ff_series_flat(d, rc))
                            : ff_series_flat(d, rc);
     return refused ? FF_FLAT_REFUSED : FF_FLAT_TOOK;
 }
 #else
-#define FF_FLAT_OK() 0
-#define FF_SERIES_FLAT_OK() 0
+static inline int ff_simd(const ff_dec *d)
+{
+    (void)d;
+    return FF_SIMD_NONE;
+}
 #endif
 
 /* One frame.  0: decoded (rows appended, and d->ncontrol counting the control messages
@@ -2263,6 +2335,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
      * must not stop the frames after it from learning them back. */
     ff_litbank *B = NULL;
     int flat_able = 0; /* the flat paths could take this frame, were the learned bytes off */
+    int simd = FF_SIMD_NONE;
     if (FF_LIKELY(n >= 16)) { /* shorter frames never try learned bytes: their 16-byte loads
                                * (ff_load16_upto) would reach outside the frame */
         unsigned cls = (p[5] == ' ') | (p[2] != 'c') << 1;
@@ -2285,7 +2358,8 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
          * be settling.  Not where a flat path can take the frame instead: there the keys'
          * order says so, and matches say little (every frame of a stream whose keys are
          * shuffled after a fixed first one matches the object's start, and its bars' too). */
-        flat_able = p[0] == '{' && (n <= 128 ? FF_FLAT_OK() : n <= 256 && FF_SERIES_FLAT_OK());
+        simd = ff_simd(d);
+        flat_able = p[0] == '{' && (n <= 128 ? simd >= FF_SIMD_AVX2 : n <= 256 && simd >= FF_SIMD_AVX512VBMI2);
         d->lits_on = d->learn || (B->hits > 0 && (!flat_able || B->flat == FF_FLAT_REFUSED));
     } else {
         d->learn = d->lits_on = 0;
@@ -2297,7 +2371,7 @@ static int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_t
         rc = ff_fail(d, d->p, "empty frame");
     } else if (*d->p == '{') {
 #if defined(FF_HAVE_FLAT)
-        if (flat_able && !d->lits_on && (flat = ff_flat(d, &rc)) == FF_FLAT_REFUSED)
+        if (flat_able && !d->lits_on && (flat = ff_flat(d, &rc, simd)) == FF_FLAT_REFUSED)
             d->p = p; /* (p[0] is the `{`: no whitespace before it) */
 #endif
         if (flat != FF_FLAT_TOOK) rc = ff_message(d, 0);

@@ -11,6 +11,7 @@ cimport cython
 cimport numpy as cnp
 
 import collections
+import os
 
 import numpy as np
 
@@ -79,8 +80,10 @@ cdef extern from "decode.h":
         void *fix
         uint64_t lit_hits_total
         uint64_t flat_total
+        int simd_limit
         char err[200]
     int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
+    int ff_simd(const ff_dec *d)
 
 
 TICK_DTYPE = np.dtype(
@@ -384,6 +387,25 @@ cdef cnp.ndarray _as_i64(object arr, Py_ssize_t n, str what):
 
 # The limits of a Decoder's own tables (each a keyword argument; README's decoder section).
 DEFAULT_MAX_SYMBOLS = 65536
+
+# The vector units the decoder's structure-first paths (keys in any order) may use, least
+# first (ext/decode.h, FF_SIMD_*): it takes the best the CPU has, or at most the one the
+# environment variable FASTFEED_SIMD names, read when this module is imported (and so in
+# every worker, which inherits the environment).
+SIMD_LEVELS = ("none", "avx2", "avx512", "avx512vbmi2")
+
+
+def _simd_limit_from_env():
+    name = os.environ.get("FASTFEED_SIMD", "").strip().lower()
+    if not name:
+        return 0
+    if name not in SIMD_LEVELS:
+        raise ValueError(f"FASTFEED_SIMD={name!r}: expected one of {', '.join(SIMD_LEVELS)} "
+                         "(the most the decoder's structure-first paths may use), or unset")
+    return SIMD_LEVELS.index(name) + 1
+
+
+_SIMD_LIMIT = _simd_limit_from_env()
 DEFAULT_MAX_BAR_TYPES = 4096
 MAX_STATUSES = 256       # ids of `status` (u1), "" (absent) included
 MAX_BAR_TYPES = 32768    # ids of `bar_type` (i2), "" (absent) included
@@ -435,6 +457,7 @@ cdef class Decoder:
                   max_symbols=DEFAULT_MAX_SYMBOLS, max_statuses=MAX_STATUSES,
                   max_bar_types=DEFAULT_MAX_BAR_TYPES):
         memset(&self.d, 0, sizeof(ff_dec))
+        self.d.simd_limit = _SIMD_LIMIT
         self._pool = _RowPool.__new__(_RowPool)
         self.d.ticks.itemsize = sizeof(ff_tick)
         self.d.quotes.itemsize = sizeof(ff_quote)
@@ -550,6 +573,19 @@ cdef class Decoder:
         """Members whose key was matched by learned bytes, over all frames so far: how tests
         know that the learned path ran (ext/decode.h, ff_lit)."""
         return self.d.lit_hits_total
+
+    @property
+    def simd(self) -> str:
+        """The vector unit this decoder's structure-first paths use (one of
+        ``SIMD_LEVELS``): the best the CPU has, or less when ``FASTFEED_SIMD`` says so."""
+        return SIMD_LEVELS[ff_simd(&self.d)]
+
+    def _limit_simd(self, level: str) -> None:
+        """At most ``level`` for this decoder's structure-first paths (tests: every level on
+        one machine)."""
+        if level not in SIMD_LEVELS:
+            raise ValueError(f"simd level {level!r}: expected one of {', '.join(SIMD_LEVELS)}")
+        self.d.simd_limit = SIMD_LEVELS.index(level) + 1
 
     @property
     def _flat_frames(self) -> int:

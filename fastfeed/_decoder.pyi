@@ -18,6 +18,7 @@ DEFAULT_MAX_BAR_TYPES: int
 MAX_STATUSES: int
 MAX_BAR_TYPES: int
 MAX_CODE_BYTES: int
+SIMD_LEVELS: tuple[str, ...]
 
 def now_us() -> int:
     """The current CLOCK_REALTIME time in int64 microseconds, as stamped on frames."""
@@ -86,6 +87,11 @@ class Decoder:
     def decode_region(self, buffer: Buffer, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
                       recv_ts: npt.ArrayLike, count: int = -1) -> Batch: ...
     def stats(self) -> dict[str, Any]: ...
+    @property
+    def simd(self) -> str:
+        """The vector unit the structure-first paths use: one of ``SIMD_LEVELS``, the best
+        the CPU has or at most what ``FASTFEED_SIMD`` names."""
+        ...
 
 def record_latency(counts: npt.NDArray[np.int64], now: int, rows: npt.NDArray[np.void],
                    log_growth: float, field: str = "recv_ts") -> tuple[int, int]:

@@ -61,7 +61,23 @@ MAX_LEN = 1 << 16  # longer inputs are cut here
 NPREFIX = 64       # prefixes decoded per input
 
 DEC = Decoder(error_store=0)
-FLATDEC = Decoder(error_store=0)  # primed before each input: see _primers
+# Primed before each input (see _primers), one for each vector unit this CPU has, from AVX2
+# up: each level has structure-first paths of its own (ext/decode.h, FF_SIMD_*).
+def _primed(level: str) -> Decoder:
+    dec = Decoder(error_store=0)
+    dec._limit_simd(level)
+    return dec
+
+
+def _flat_levels() -> list[str]:
+    from fastfeed._decoder import SIMD_LEVELS
+
+    best = SIMD_LEVELS.index(DEC.simd)
+    return list(SIMD_LEVELS[1:best + 1])
+
+
+FLATDECS = {level: _primed(level) for level in _flat_levels()}
+FLATIN = dict.fromkeys(FLATDECS, 0)  # inputs each level's structure-first paths took
 # Errors for the decoder's documented limits (a code over 65535 bytes, a full table).
 LIMITS = ("code too long", "table full")
 GUARD = guardpage.GuardedRegion(MAX_LEN)
@@ -93,8 +109,7 @@ def _reference(data: bytes) -> dict | None:
         return None
 
 
-FLAT = [0, 0, 0]  # inputs so far; frames of decoders before DEC the flat paths took; inputs
-                  # they took on FLATDEC
+FLAT = [0, 0]  # inputs so far; frames of decoders before DEC the flat paths took
 
 
 def _full(dec: Decoder) -> bool:
@@ -103,19 +118,21 @@ def _full(dec: Decoder) -> bool:
 
 def _decoder() -> Decoder:
     """DEC, or a fresh one when a table of it is nearly full: a frame that needs a new code
-    in a full table fails, where the reference (no tables) accepts it (FLATDEC likewise)."""
-    global DEC, FLATDEC
+    in a full table fails, where the reference (no tables) accepts it (FLATDECS likewise)."""
+    global DEC
     FLAT[0] += 1
-    if FLAT[0] % 50_000 == 0:  # the run shows that the AVX-512 paths, where there are, ran
+    if FLAT[0] % 50_000 == 0:  # the run shows that the vector paths, where there are, ran
+        by_level = ", ".join(f"{k} {v}" for k, v in FLATIN.items()) or "none: no AVX2"
         print(f"fuzz_guard: {FLAT[0]} inputs, {FLAT[1] + DEC._flat_frames} frames through "
-              "the structure-first paths (ff_message_flat, ff_series_flat), "
-              f"{FLAT[2]} inputs through them on the primed decoder",
+              "the structure-first paths (ff_message_flat, ff_series_flat); inputs through "
+              f"them on the primed decoders: {by_level}",
               file=sys.stderr, flush=True)
     if _full(DEC):
         FLAT[1] += DEC._flat_frames
         DEC = Decoder(error_store=0)
-    if _full(FLATDEC):
-        FLATDEC = Decoder(error_store=0)
+    for level, dec in FLATDECS.items():
+        if _full(dec):
+            FLATDECS[level] = _primed(level)
     return DEC
 
 
@@ -163,11 +180,12 @@ def one_input(data: bytes) -> None:
         assert (len(batch.ticks), len(batch.quotes), len(batch.bars)) == (
             len(ref["ticks"]), len(ref["quotes"]), len(ref["bars"])), data
     primers = _primers(data)
-    if primers:  # the same input on a decoder whose bank for it leaves it to the flat paths
-        FLATDEC.decode(primers, recv_ts=0)
-        f0 = FLATDEC._flat_frames
-        flat = FLATDEC.decode([view], recv_ts=0)
-        FLAT[2] += FLATDEC._flat_frames - f0
+    for level, flatdec in FLATDECS.items() if primers else ():
+        # the same input on a decoder whose bank for it leaves it to the flat paths
+        flatdec.decode(primers, recv_ts=0)
+        f0 = flatdec._flat_frames
+        flat = flatdec.decode([view], recv_ts=0)
+        FLATIN[level] += flatdec._flat_frames - f0
         assert bool(flat.errors) == got_error, (data, flat.errors, batch.errors)
         if got_error and not any(lim in batch.errors[0][1] for lim in LIMITS):
             assert flat.errors[0][1] == batch.errors[0][1], (data, flat.errors, batch.errors)
