@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import multiprocessing as mp
+import os
 import random
 import struct
+import subprocess
+import sys
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1028,3 +1033,56 @@ def test_same_frames_give_the_same_bytes_whatever_memory_held_before():
     for kind in ("ticks", "quotes", "bars"):
         x, y = getattr(want, kind), getattr(again, kind)
         assert hashlib.sha256(x.tobytes()).hexdigest() == hashlib.sha256(y.tobytes()).hexdigest()
+
+
+_SIMD_CHILD = """
+import hashlib, json, sys
+from fastfeed import Decoder
+from tests import framegen
+dec = Decoder()
+h = hashlib.sha256()
+for layout in ("shuffled", "compact", "spaced"):
+    frames = framegen.stream("mixed", layout, 400, seed=31)
+    frames += [f[:-1] for f in frames[:50]] + [f.replace(b'":', b'" :', 1) for f in frames[50:100]]
+    b = dec.decode(frames, recv_ts=0)
+    for a in (b.ticks, b.quotes, b.bars):
+        h.update(a.tobytes())
+    h.update(repr(b.errors).encode())
+print(json.dumps({"simd": dec.simd, "flat": dec._flat_frames, "hash": h.hexdigest()}))
+"""
+
+
+def _simd_child(level: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("FASTFEED_SIMD", None)
+    if level is not None:
+        env["FASTFEED_SIMD"] = level
+    root = str(Path(fastfeed.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", _SIMD_CHILD], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_fastfeed_simd_caps_the_vector_unit_and_changes_no_byte():
+    """FASTFEED_SIMD, read at import (so in every worker), caps the vector unit of the
+    decoder's structure-first paths: at every level the CPU has, the same frames (keys
+    shuffled, compact, spaced, cut short, broken) give the same rows, padding included, and
+    the same errors; from AVX2 up the structure-first paths take some of them."""
+    from fastfeed._decoder import SIMD_LEVELS
+
+    best = json.loads(_simd_child(None).stdout)
+    assert best["simd"] in SIMD_LEVELS
+    for level in SIMD_LEVELS[:SIMD_LEVELS.index(best["simd"]) + 1]:
+        proc = _simd_child(level)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout)
+        assert got["simd"] == level
+        assert got["hash"] == best["hash"], level
+        assert (got["flat"] > 0) == (level != "none"), (level, got["flat"])
+
+
+def test_fastfeed_simd_with_a_name_it_does_not_know_is_a_clear_error():
+    proc = _simd_child("avx1024")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "FASTFEED_SIMD='avx1024'" in last and "none, avx2, avx512, avx512vbmi2" in last, last
