@@ -2051,19 +2051,6 @@ static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *
     return !ok;
 }
 
-/* A frame of 16..128 bytes that is one flat message object whose keys come in no fixed
- * order (a bank whose learned bytes keep missing), read in two steps so that the order never
- * steers a branch: with keys in any order, each message's order is information a branching
- * parser must discover one mispredicted branch at a time (4.6 bits a tick, 15.3 a quote).
- * AVX-512 (chosen at run time): the frame in two masked 64-byte loads (bytes past its end are
- * neither read nor faulted on: masked off, they load as zero), one compare per class of byte
- * for the whole frame.  First where each member's key and value lie: a member runs from one
- * separator (`,`, or the closing `}`) to the next, so no value is parsed to find the next
- * member.  Then the values, read by ff_field in the fields' own order (a symbol, a timestamp,
- * then prices: the same branches in the same order every message), from a copy of the frame
- * followed by zeros, so that no read asks where in the frame it is.  1: not this path's shape
- * (nested values, whitespace, escapes, UTF-8, keys we skip or repeat, a value that does not
- * end at its separator): no row was made, and the caller reads the frame the general way. */
 /* ff_message_flat's second half, whichever vector unit found the frame's bytes: k0, k1 the
  * frame's bytes in its two 64-byte words; e (`}`), s (separators: `,` and `}`) and o (the odd
  * bytes: `{` `[` `\` `]`, whitespace, controls, UTF-8) as bits by position. */
@@ -2072,7 +2059,6 @@ ff_message_members(ff_dec *d, int *rc, size_t n, uint64_t k0, uint64_t k1, uint6
                    uint64_t s1, uint64_t o0, uint64_t o1)
 {
     uint8_t *buf = d->flatbuf;
-    (void)k0;
     /* `{` at byte 0 only (the caller saw it), `}` at the last byte only */
     if ((o0 & k0) != 1 || (o1 & k1) || (n > 64 ? e0 || e1 != 1ULL << (n - 65) : e0 != 1ULL << (n - 1)))
         return 1;
@@ -2106,7 +2092,19 @@ ff_message_members(ff_dec *d, int *rc, size_t n, uint64_t k0, uint64_t k1, uint6
     return ff_flat_values(d, rc, (unsigned)n, seen, vs, ve, sig, (ff_flat_array){0});
 }
 
-
+/* A frame of 16..128 bytes that is one flat message object whose keys come in no fixed
+ * order (a bank whose learned bytes keep missing), read in two steps so that the order never
+ * steers a branch: with keys in any order, each message's order is information a branching
+ * parser must discover one mispredicted branch at a time (4.6 bits a tick, 15.3 a quote).
+ * AVX-512 (chosen at run time): the frame in two masked 64-byte loads (bytes past its end are
+ * neither read nor faulted on: masked off, they load as zero), one compare per class of byte
+ * for the whole frame.  First where each member's key and value lie: a member runs from one
+ * separator (`,`, or the closing `}`) to the next, so no value is parsed to find the next
+ * member.  Then the values, read by ff_field in the fields' own order (a symbol, a timestamp,
+ * then prices: the same branches in the same order every message), from a copy of the frame
+ * followed by zeros, so that no read asks where in the frame it is.  1: not this path's shape
+ * (nested values, whitespace, escapes, UTF-8, keys we skip or repeat, a value that does not
+ * end at its separator): no row was made, and the caller reads the frame the general way. */
 __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat(ff_dec *d, int *rc)
 {
     const uint8_t *p = d->start;
