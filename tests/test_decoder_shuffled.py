@@ -303,3 +303,41 @@ def test_the_flat_paths_take_a_stream_again_once_its_keys_are_shuffled_again(kin
     assert not b.errors
     if HAS_SERIES_FLAT:
         assert dec._flat_frames - f0 >= 0.9 * len(shuffled[100:]), (dec._flat_frames - f0, len(shuffled))
+
+
+def _flat_message_of(n: int, order: tuple[str, ...]) -> bytes:
+    """A valid flat message of exactly n bytes (16..128), its keys in ``order`` (of c t p v;
+    fewer for the shortest), the symbol padded to length."""
+    vals = {"t": "1", "p": "2", "v": "3"}
+    keys = [k for k in order if n >= 26 or k in ("c", "t")]
+    bare = "{" + ",".join(f'"{k}":' + ('""' if k == "c" else vals[k]) for k in keys) + "}"
+    sym = "X" * (n - len(bare))
+    frame = ("{" + ",".join(f'"{k}":' + (f'"{sym}"' if k == "c" else vals[k]) for k in keys) + "}").encode()
+    assert len(frame) == n, (n, frame)
+    return frame
+
+
+def test_flat_messages_of_every_length_at_a_guard_page():
+    """Every length a flat message can have on the structure-first paths (16 to 128 bytes:
+    the AVX2 path's overlapping 32-byte loads move back at each 32-byte step, the AVX-512
+    path's masked loads at 64): the frame and each of its prefixes end at a PROT_NONE page,
+    on a decoder whose bank for that length leaves them to the flat paths, and decode as on a
+    fresh decoder; the whole frame takes the path (from 26 bytes: four keys).  Under 32
+    bytes the AVX2 path copies the frame first."""
+    orders = [("c", "t", "p", "v"), ("t", "c", "v", "p"), ("p", "v", "t", "c"), ("v", "p", "c", "t"),
+              ("t", "v", "c", "p")]
+    guard = GuardedRegion(256)
+    for n in range(16, 129):
+        primers = [_flat_message_of(n, o) for o in orders[:4]]
+        frame = _flat_message_of(n, orders[4])
+        dec = Decoder(**TRAINED_CFG)
+        for k in range(n + 1):
+            dec.decode(primers, recv_ts=0)  # each time: the bank stays one of shuffled frames
+            assert outcome_of(dec, guard.place(frame[:k])) == fresh_outcome(frame[:k]), frame[:k]
+        # (a new decoder: the one above met its bank's one-in-256 learning frame by now)
+        dec = Decoder(**TRAINED_CFG)
+        dec.decode(primers * 2, recv_ts=0)
+        f0 = dec._flat_frames
+        assert outcome_of(dec, guard.place(frame)) == fresh_outcome(frame), frame
+        if n >= 26:  # four keys (fewer repeat their orders: the bank learns them)
+            assert dec._flat_frames > f0 or not HAS_FLAT, frame
