@@ -8,6 +8,11 @@ run), so that a burst of load from elsewhere hits both alike; the table gives th
 of each and their ratio.  On a shared 2-core VM the speed drifts by 10-15 % within an hour:
 only the ratio within one run means anything.  Needs gcc, git and the Python headers.
 
+It looks inside the C; it does not decide.  ``decode_c.c`` is a small unit, and GCC inlines
+there what it leaves out of line in the extension's large one: a change this measures as
+neutral moved the extension by 5-8% (session 11).  ``bench_decode_ab.py`` times what users
+import.
+
     python benchmarks/bench_decode_c.py [--against REV] [--kinds ticks,mixed]
                                         [--layouts compact,pretty] [--messages N]
 """
