@@ -387,6 +387,11 @@ cdef cnp.ndarray _as_i64(object arr, Py_ssize_t n, str what):
 
 # The limits of a Decoder's own tables (each a keyword argument; README's decoder section).
 DEFAULT_MAX_SYMBOLS = 65536
+DEFAULT_MAX_BAR_TYPES = 4096
+MAX_STATUSES = 256       # ids of `status` (u1), "" (absent) included
+MAX_BAR_TYPES = 32768    # ids of `bar_type` (i2), "" (absent) included
+MAX_CODE_BYTES = FF_SYMTAB_MAX_CODE
+
 
 # The vector units the decoder's structure-first paths (keys in any order) may use, least
 # first (ext/decode.h, FF_SIMD_*): it takes the best the CPU has, or at most the one the
@@ -406,10 +411,6 @@ def _simd_limit_from_env():
 
 
 _SIMD_LIMIT = _simd_limit_from_env()
-DEFAULT_MAX_BAR_TYPES = 4096
-MAX_STATUSES = 256       # ids of `status` (u1), "" (absent) included
-MAX_BAR_TYPES = 32768    # ids of `bar_type` (i2), "" (absent) included
-MAX_CODE_BYTES = FF_SYMTAB_MAX_CODE
 
 
 def _limit(name: str, value, most: int) -> int:
