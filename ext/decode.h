@@ -20,9 +20,9 @@
  * from a load that ends at `end`), and a function that reads *p either checks p < end
  * itself or says that its caller did (asserted in debug builds).
  * tests/test_decoder_bounds.py and tests/fuzz/fuzz_guard.py hold frames against a
- * PROT_NONE page to prove it.  (ff_message_flat, on CPUs with AVX-512, loads a frame with
- * masked loads, which neither read nor fault on the bytes masked off past its end, into a
- * zero-padded copy of its own.)
+ * PROT_NONE page to prove it.  (The structure-first paths load a frame into a zero-padded
+ * copy of its own: with AVX-512 by masked loads, which neither read nor fault on the bytes
+ * masked off past its end; with AVX2 by 32-byte loads moved back to end at its end.)
  */
 #ifndef FF_DECODE_H
 #define FF_DECODE_H

@@ -591,8 +591,8 @@ cdef class Decoder:
     @property
     def _flat_frames(self) -> int:
         """Frames decoded by the structure-first paths for keys in any order, over all frames
-        so far (ext/decode.h, ff_message_flat and ff_series_flat; 0 on a CPU without AVX-512):
-        how tests know that they ran."""
+        so far (ext/decode.h, ff_message_flat, ff_message_flat_avx2 and ff_series_flat; 0 on
+        a CPU without AVX2, or with FASTFEED_SIMD=none): how tests know that they ran."""
         return self.d.flat_total
 
     def decode_buffer(self, data, recv_ts=None) -> Batch:

@@ -11,7 +11,7 @@ in the fields' order.  Every test here trains a decoder on a shuffled stream, gi
 that differ from the stream by a little (a byte, a key, a cut, a separator inside a string)
 and checks that its outcome for each is the one a fresh Decoder gives (which reads a first
 frame the general way): the same error text, the same rows by value, the same control
-messages.  On a CPU without AVX-512 the path does not exist; the comparisons still run.
+messages.  On a CPU without AVX2 the paths do not exist; the comparisons still run.
 """
 
 from __future__ import annotations
