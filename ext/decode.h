@@ -412,8 +412,8 @@ typedef struct {
     uint64_t lit_hits_total;       /* over all frames (tests: the learned path ran) */
     uint64_t flat_total;           /* frames the flat paths decoded (tests: they ran) */
     uint64_t flat_sig;             /* the order of the keys of the last frame they decoded */
-    int simd_limit;                /* 0: the flat paths use what the CPU has; else at most the
-                                    * FF_SIMD_* level simd_limit - 1 */
+    int simd;                      /* the flat paths' vector unit, FF_SIMD_* + 1 (0: not chosen:
+                                    * the best the CPU has, at the first frame); ff_simd_for */
     int learn;         /* learn this frame (see ff_decode_frame) */
     int lits_on;       /* try the learned bytes in this frame (else the plain loop) */
     /* ff_message_flat, ff_series_flat: the frame's bytes, then at least 64 zeros (the copy's
@@ -1945,6 +1945,16 @@ static inline __attribute__((always_inline)) int ff_message_end(ff_dec *d, ff_ob
  * of them; b: where the `]` is.  Each bar's values are read in the fields' own order, as in
  * ff_message_flat.  1: not this shape (the caller drops the rows made). */
 #define FF_BAR_FIELDS (FF_BIT(F_T) | FF_BIT(F_V) | FF_BIT(F_O) | FF_BIT(F_H) | FF_BIT(F_L) | FF_BIT(F_CL))
+
+/* Field f's value in a flat path's copy buf, from vs[f]: read, and ending at ve[f] (its
+ * member's separator).  1: so. */
+static inline __attribute__((always_inline)) int ff_flat_field(ff_dec *d, ff_obj *o, int f, const uint8_t *buf,
+                                                               const uint8_t *vs, const uint8_t *ve, int depth,
+                                                               size_t bars_start)
+{
+    d->p = buf + vs[f];
+    return ff_field(d, o, f, depth, bars_start, 1) == 0 && d->p == buf + ve[f];
+}
 #define FF_FLAT_TARGET __attribute__((target("avx512bw,avx512vl,avx512vbmi2,bmi,bmi2")))
 FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint8_t *sp, unsigned j, unsigned je,
                                               const uint8_t *op, unsigned nb, unsigned b, uint64_t *sig)
@@ -1976,7 +1986,7 @@ FF_FLAT_TARGET static inline int ff_bars_flat(ff_dec *d, ff_obj *msg, const uint
         ff_obj o;
         o.seen = seen;
         o.bad = 0;
-#define FF_V(f) (d->p = buf + vs[f], ff_field(d, &o, f, 3, 0, 1) == 0 && d->p == buf + ve[f])
+#define FF_V(f) ff_flat_field(d, &o, f, buf, vs, ve, 3, 0)
         if (seen == FF_BAR_FIELDS) {
             if (!(FF_V(F_T) && FF_V(F_V) && FF_V(F_O) && FF_V(F_H) && FF_V(F_L) && FF_V(F_CL))) return 1;
         } else {
@@ -2018,7 +2028,7 @@ static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *
     d->end = buf + n;
     int ok = 1;
     /* the usual sets of fields, each a run of calls with the field known where it is compiled */
-#define FF_V(f) (d->p = buf + vs[f], ff_field(d, &o, f, 1, bars_start, 1) == 0 && d->p == buf + ve[f])
+#define FF_V(f) ff_flat_field(d, &o, f, buf, vs, ve, 1, bars_start)
     if (seen == FF_TICK_USED) {
         ok = FF_V(F_C) && FF_V(F_T) && FF_V(F_P) && FF_V(F_V);
     } else if (seen == (FF_QUOTE_USED & ~FF_BIT(F_SS))) {
@@ -2051,14 +2061,17 @@ static inline __attribute__((always_inline)) int ff_flat_values(ff_dec *d, int *
     return !ok;
 }
 
-/* ff_message_flat's second half, whichever vector unit found the frame's bytes: k0, k1 the
- * frame's bytes in its two 64-byte words; e (`}`), s (separators: `,` and `}`) and o (the odd
- * bytes: `{` `[` `\` `]`, whitespace, controls, UTF-8) as bits by position. */
+/* ff_message_flat's second half, whichever vector unit found the frame's bytes: e (`}`), s
+ * (separators: `,` and `}`) and o (the odd bytes: `{` `[` `\` `]`, whitespace, controls,
+ * UTF-8) as bits by position in the frame's two 64-byte words (o may have bits past the
+ * frame: zeros there). */
 __attribute__((target("bmi,bmi2"))) static inline __attribute__((always_inline)) int
-ff_message_members(ff_dec *d, int *rc, size_t n, uint64_t k0, uint64_t k1, uint64_t e0, uint64_t e1, uint64_t s0,
-                   uint64_t s1, uint64_t o0, uint64_t o1)
+ff_message_members(ff_dec *d, int *rc, size_t n, uint64_t e0, uint64_t e1, uint64_t s0, uint64_t s1, uint64_t o0,
+                   uint64_t o1)
 {
     uint8_t *buf = d->flatbuf;
+    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
+    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
     /* `{` at byte 0 only (the caller saw it), `}` at the last byte only */
     if ((o0 & k0) != 1 || (o1 & k1) || (n > 64 ? e0 || e1 != 1ULL << (n - 65) : e0 != 1ULL << (n - 1)))
         return 1;
@@ -2127,7 +2140,7 @@ __attribute__((target("avx512bw,avx512vl,bmi,bmi2"))) static int ff_message_flat
     uint64_t s0 = _mm512_cmpeq_epi8_mask(v0, comma) | e0, s1 = _mm512_cmpeq_epi8_mask(v1, comma) | e1;
     uint64_t o0 = FF_ODD(v0), o1 = FF_ODD(v1);
 #undef FF_ODD
-    return ff_message_members(d, rc, n, k0, k1, e0, e1, s0, s1, o0, o1);
+    return ff_message_members(d, rc, n, e0, e1, s0, s1, o0, o1);
 }
 
 /* ff_message_flat on a CPU with AVX2 but not AVX-512, which has no masked loads: the frame
@@ -2169,10 +2182,8 @@ __attribute__((target("avx2,bmi,bmi2,popcnt"))) static int ff_message_flat_avx2(
     /* 64 zeros past the frame (a longer frame's bytes may be there) */
     _mm256_storeu_si256((__m256i *)(buf + n), zero);
     _mm256_storeu_si256((__m256i *)(buf + n + 32), zero);
-    uint64_t k0 = n >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)n);
-    uint64_t k1 = n > 64 ? _bzhi_u64(~0ULL, (unsigned)(n - 64)) : 0;
-    return ff_message_members(d, rc, n, k0, k1, (uint64_t)e, (uint64_t)(e >> 64), (uint64_t)sep,
-                              (uint64_t)(sep >> 64), (uint64_t)odd, (uint64_t)(odd >> 64));
+    return ff_message_members(d, rc, n, (uint64_t)e, (uint64_t)(e >> 64), (uint64_t)sep, (uint64_t)(sep >> 64),
+                              (uint64_t)odd, (uint64_t)(odd >> 64));
 }
 
 /* ff_message_flat for a frame of 16..256 bytes that may hold one array, the `s` of a series
@@ -2270,7 +2281,7 @@ FF_FLAT_TARGET static int ff_series_flat(ff_dec *d, int *rc)
     return n <= 192 ? ff_series_flat_w(d, rc, 3) : ff_series_flat_w(d, rc, 4);
 }
 
-/* The vector units the structure-first paths use, best last (FF_SIMD_*, ff_dec.simd_limit):
+/* The vector units the structure-first paths use, best last (FF_SIMD_*, ff_dec.simd):
  * none of them; ff_message_flat_avx2; ff_message_flat (AVX-512 BW and VL); and
  * ff_series_flat too (VBMI2 besides).  What the CPU has is found at the first frame. */
 static int ff_simd_cpu = -1;
@@ -2283,12 +2294,12 @@ static int ff_simd_check(void)
                   : __builtin_cpu_supports("avx512vbmi2") ? FF_SIMD_AVX512VBMI2 : FF_SIMD_AVX512;
     return ff_simd_cpu;
 }
-#define FF_SIMD_CPU() (FF_LIKELY(ff_simd_cpu >= 0) ? ff_simd_cpu : ff_simd_check())
-/* this decoder's: what the CPU has, or less if it was told so (tests, FASTFEED_SIMD) */
-static inline int ff_simd(const ff_dec *d)
+/* ff_dec.simd for a decoder told to use at most FF_SIMD_* level `limit` (-1: no limit):
+ * what the CPU has, or less (tests, FASTFEED_SIMD).  Chosen once, not per frame. */
+static int ff_simd_for(int limit)
 {
-    int cpu = FF_SIMD_CPU(), limit = d->simd_limit - 1;
-    return d->simd_limit && limit < cpu ? limit : cpu;
+    int cpu = ff_simd_cpu >= 0 ? ff_simd_cpu : ff_simd_check();
+    return (limit >= 0 && limit < cpu ? limit : cpu) + 1;
 }
 
 /* A frame of 16..256 bytes that begins with `{`, by the flat paths: FF_FLAT_TOOK (*rc is the
@@ -2304,12 +2315,18 @@ static int ff_flat(ff_dec *d, int *rc, int simd)
     return refused ? FF_FLAT_REFUSED : FF_FLAT_TOOK;
 }
 #else
-static inline int ff_simd(const ff_dec *d)
+static int ff_simd_for(int limit)
 {
-    (void)d;
-    return FF_SIMD_NONE;
+    (void)limit;
+    return FF_SIMD_NONE + 1;
 }
 #endif
+
+/* this decoder's vector unit for the flat paths (FF_SIMD_*) */
+static inline int ff_simd(ff_dec *d)
+{
+    return (FF_LIKELY(d->simd) ? d->simd : (d->simd = ff_simd_for(-1))) - 1;
+}
 
 /* One frame.  0: decoded (rows appended, and d->ncontrol counting the control messages
  * it held); -1: d->err says why (d->table_full when a table had no room), no row of this

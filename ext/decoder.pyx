@@ -80,10 +80,11 @@ cdef extern from "decode.h":
         void *fix
         uint64_t lit_hits_total
         uint64_t flat_total
-        int simd_limit
+        int simd
         char err[200]
     int ff_decode_frame(ff_dec *d, const uint8_t *p, size_t n, int64_t recv_ts)
-    int ff_simd(const ff_dec *d)
+    int ff_simd(ff_dec *d)
+    int ff_simd_for(int limit)
 
 
 TICK_DTYPE = np.dtype(
@@ -401,13 +402,14 @@ SIMD_LEVELS = ("none", "avx2", "avx512", "avx512vbmi2")
 
 
 def _simd_limit_from_env():
+    """The index in SIMD_LEVELS that FASTFEED_SIMD names, -1 when unset."""
     name = os.environ.get("FASTFEED_SIMD", "").strip().lower()
     if not name:
-        return 0
+        return -1
     if name not in SIMD_LEVELS:
         raise ValueError(f"FASTFEED_SIMD={name!r}: expected one of {', '.join(SIMD_LEVELS)} "
                          "(the most the decoder's structure-first paths may use), or unset")
-    return SIMD_LEVELS.index(name) + 1
+    return SIMD_LEVELS.index(name)
 
 
 _SIMD_LIMIT = _simd_limit_from_env()
@@ -458,7 +460,7 @@ cdef class Decoder:
                   max_symbols=DEFAULT_MAX_SYMBOLS, max_statuses=MAX_STATUSES,
                   max_bar_types=DEFAULT_MAX_BAR_TYPES):
         memset(&self.d, 0, sizeof(ff_dec))
-        self.d.simd_limit = _SIMD_LIMIT
+        self.d.simd = ff_simd_for(_SIMD_LIMIT)
         self._pool = _RowPool.__new__(_RowPool)
         self.d.ticks.itemsize = sizeof(ff_tick)
         self.d.quotes.itemsize = sizeof(ff_quote)
@@ -586,7 +588,7 @@ cdef class Decoder:
         one machine)."""
         if level not in SIMD_LEVELS:
             raise ValueError(f"simd level {level!r}: expected one of {', '.join(SIMD_LEVELS)}")
-        self.d.simd_limit = SIMD_LEVELS.index(level) + 1
+        self.d.simd = ff_simd_for(SIMD_LEVELS.index(level))
 
     @property
     def _flat_frames(self) -> int:
