@@ -194,6 +194,16 @@ def relayout(frames: list[bytes], layout: str, seed: int = 2) -> list[bytes]:
     return [one(f, layout) for f in frames]
 
 
+def corpora(kinds: list[str], layouts: list[str], n: int):
+    """(kind, layout, frames) for each kind in each layout (``realistic``: the mix only), a
+    kind's messages the same in every layout: what bench_decode_c and bench_decode_ab time."""
+    for kind in kinds:
+        base = corpus(n, KINDS[kind])
+        for layout in layouts:
+            if layout != "realistic" or kind == "mixed":
+                yield kind, layout, relayout(base, layout)
+
+
 def time_all(cases: dict[str, list[bytes]], contenders: list, repeat: int,
              chunks: int = 5) -> dict[tuple[str, str], float]:
     """Median seconds per (case, contender) over ``repeat`` rounds.  ``contenders``: (name,

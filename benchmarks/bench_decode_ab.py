@@ -109,15 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_decode_ab.") as tmp:
         builds = {args.against: build_revision(args.against, tmp), "this checkout": this_build()}
-        frames, names = {}, []
-        for kind in args.kinds.split(","):
-            base = bench_decode.corpus(args.messages, bench_decode.KINDS[kind])
-            for layout in args.layouts.split(","):
-                if layout == "realistic" and kind != "mixed":
-                    continue
-                name = f"{kind}/{layout}"
-                frames[name] = base if layout == "compact" else bench_decode.relayout(base, layout)
-                names.append(name)
+        frames = {f"{kind}/{layout}": fr for kind, layout, fr in
+                  bench_decode.corpora(args.kinds.split(","), args.layouts.split(","), args.messages)}
+        names = list(frames)
         corpora = os.path.join(tmp, "corpora.pickle")
         with open(corpora, "wb") as f:
             pickle.dump(frames, f)

@@ -89,25 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         build(os.path.join(ROOT, "ext"), bins["this checkout"])
 
         rows = []
-        for kind in args.kinds.split(","):
-            base = bench_decode.corpus(args.messages, bench_decode.KINDS[kind])
-            for layout in args.layouts.split(","):
-                if layout == "realistic" and kind != "mixed":
-                    continue
-                path = os.path.join(tmp, f"{kind}_{layout}.bin")
-                with open(path, "wb") as f:
-                    for frame in bench_decode.relayout(base, layout):
-                        f.write(struct.pack("<I", len(frame)) + frame)
-                best = {name: float("inf") for name in bins}
-                outcome = {}
-                for _ in range(args.rounds):
-                    for name, binary in bins.items():
-                        n, ns, failed, nrows = run(binary, path, args.passes)
-                        best[name] = min(best[name], ns)
-                        outcome[name] = (failed, nrows)
-                if len(set(outcome.values())) != 1:
-                    raise SystemExit(f"bench_decode_c: {kind}/{layout}: the two decoders disagree: {outcome}")
-                rows.append((kind, layout, best[args.against], best["this checkout"]))
+        for kind, layout, frames in bench_decode.corpora(args.kinds.split(","), args.layouts.split(","),
+                                                         args.messages):
+            path = os.path.join(tmp, f"{kind}_{layout}.bin")
+            with open(path, "wb") as f:
+                for frame in frames:
+                    f.write(struct.pack("<I", len(frame)) + frame)
+            best = {name: float("inf") for name in bins}
+            outcome = {}
+            for _ in range(args.rounds):
+                for name, binary in bins.items():
+                    n, ns, failed, nrows = run(binary, path, args.passes)
+                    best[name] = min(best[name], ns)
+                    outcome[name] = (failed, nrows)
+            if len(set(outcome.values())) != 1:
+                raise SystemExit(f"bench_decode_c: {kind}/{layout}: the two decoders disagree: {outcome}")
+            rows.append((kind, layout, best[args.against], best["this checkout"]))
 
     print(f"machine: {bench_decode.machine()}")
     print(f"ff_decode_frame alone, {args.messages} messages per corpus, best of {args.rounds} x "
