@@ -310,9 +310,11 @@ def _flat_message_of(n: int, order: tuple[str, ...]) -> bytes:
     fewer for the shortest), the symbol padded to length."""
     vals = {"t": "1", "p": "2", "v": "3"}
     keys = [k for k in order if n >= 26 or k in ("c", "t")]
-    bare = "{" + ",".join(f'"{k}":' + ('""' if k == "c" else vals[k]) for k in keys) + "}"
-    sym = "X" * (n - len(bare))
-    frame = ("{" + ",".join(f'"{k}":' + (f'"{sym}"' if k == "c" else vals[k]) for k in keys) + "}").encode()
+
+    def text(sym: str) -> str:
+        return "{" + ",".join(f'"{k}":' + (f'"{sym}"' if k == "c" else vals[k]) for k in keys) + "}"
+
+    frame = text("X" * (n - len(text("")))).encode()
     assert len(frame) == n, (n, frame)
     return frame
 

@@ -61,8 +61,8 @@ MAX_LEN = 1 << 16  # longer inputs are cut here
 NPREFIX = 64       # prefixes decoded per input
 
 DEC = Decoder(error_store=0)
-# Primed before each input (see _primers), one for each vector unit this CPU has, from AVX2
-# up: each level has structure-first paths of its own (ext/decode.h, FF_SIMD_*).
+
+
 def _primed(level: str) -> Decoder:
     dec = Decoder(error_store=0)
     dec._limit_simd(level)
@@ -76,6 +76,8 @@ def _flat_levels() -> list[str]:
     return list(SIMD_LEVELS[1:best + 1])
 
 
+# Primed before each input (see _primers), one for each vector unit this CPU has, from AVX2
+# up: each level has structure-first paths of its own (ext/decode.h, FF_SIMD_*).
 FLATDECS = {level: _primed(level) for level in _flat_levels()}
 FLATIN = dict.fromkeys(FLATDECS, 0)  # inputs each level's structure-first paths took
 # Errors for the decoder's documented limits (a code over 65535 bytes, a full table).
